@@ -1,0 +1,98 @@
+"""The contract every backend implements: one recurrent layer (all directions) per call.
+
+Legend: B batch, T time, I input size, H hidden size, P = proj_size or H, G gates (cells.py),
+D directions (1, or 2 when bidirectional), W = cell.workspace_gates * H.
+
+Forward, for one layer:
+    x_gates  [T, B, D*G*H]  input projection x @ W_ih^T + b_ih for every direction, direction-major
+                            in the last dim (columns d*G*H .. (d+1)*G*H are direction d, gate order
+                            of torch.nn); may be non-contiguous
+    h0       [D, B, P]      initial hidden state
+    c0       [D, B, H]      initial cell state (LSTM) or None
+    w_hh     [D, G*H, P]    recurrent weights
+    b_hh     [D, G*H]       recurrent bias or None (GRU: b_hn sits inside r * (W_hn h + b_hn))
+    w_hr     [D, P, H]      LSTM projection weights or None
+    lengths  [B] int64      valid steps of each sequence (1 <= length <= T, any order), on the
+                            device of x_gates, or None when every sequence has T steps
+  returns
+    output    [T, B, D*P]   h_t of every step; direction d in columns d*P .. (d+1)*P; 0 at t >= length
+    h_n       [D, B, P]     h at each sequence's own last step (direction 1 runs t = length-1 .. 0)
+    c_n       [D, B, H]     LSTM; for other cells an empty tensor
+    workspace [T, B, D, W]  what the backward needs (cells.py lists it); 0 at t >= length;
+                            dtype float32 for float16/bfloat16 inputs, else the input dtype
+
+Backward, for one layer: the gradients of the forward's inputs, given the gradients of its outputs
+(None where an output was unused) and what the forward returned:
+  returns (grad_x_gates [T, B, D*G*H], grad_h0 [D, B, P], grad_c0 [D, B, H] or empty,
+           grad_w_hh [D, G*H, P], grad_b_hh [D, G*H], grad_w_hr [D, P, H] or empty)
+Gradients take the dtype of the forward inputs; accumulate in float32 for float16/bfloat16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..cells import CellSpec
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Saved activations are kept in float32 for the half types, else in the input dtype."""
+    return torch.float32 if dtype in _HALF_TYPES else dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """What a backend may look at to decide whether it can run a layer."""
+
+    cell: CellSpec
+    device_type: str  # "cpu", "cuda", ...
+    dtype: torch.dtype
+    batch_size: int  # B
+    seq_len: int  # T
+    hidden_size: int  # H
+    proj_size: int  # P if the LSTM projects, else 0
+    num_directions: int  # D
+    variable_lengths: bool  # lengths is not None
+
+    @staticmethod
+    def of(cell: CellSpec, x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
+           w_hr: torch.Tensor | None, lengths: torch.Tensor | None) -> "LayerConfig":
+        num_directions, gate_rows, _ = w_hh.shape
+        return LayerConfig(
+            cell=cell,
+            device_type=x_gates.device.type,
+            dtype=x_gates.dtype,
+            batch_size=x_gates.shape[1],
+            seq_len=x_gates.shape[0],
+            hidden_size=gate_rows // cell.gates,
+            proj_size=0 if w_hr is None else w_hr.shape[1],
+            num_directions=num_directions,
+            variable_lengths=lengths is not None,
+        )
+
+
+class Backend:
+    """One way of running a recurrent layer. Subclasses fill in the four methods below."""
+
+    name: str = ""
+
+    def available(self) -> tuple[bool, str]:
+        """Whether this backend can run at all here (built, importable); reason when not."""
+        return True, ""
+
+    def supports(self, config: LayerConfig) -> tuple[bool, str]:
+        """Whether this backend can run this layer; the reason when it cannot."""
+        raise NotImplementedError
+
+    def forward(self, cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+        """See the module docstring. Returns (output, h_n, c_n, workspace)."""
+        raise NotImplementedError
+
+    def backward(self, cell: CellSpec, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr,
+                 lengths, output, workspace):
+        """See the module docstring. Returns the six gradients."""
+        raise NotImplementedError

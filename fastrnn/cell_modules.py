@@ -1,0 +1,168 @@
+"""Drop-in replacements for torch.nn.LSTMCell, GRUCell and RNNCell: one step of the recurrence,
+run by the same layer ops as the full modules (T = 1, D = 1). Legend: B batch, I input, H hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends import check_backend_name
+from .cells import CELLS, CellSpec
+from .modules import _converted, _kwargs_of_torch
+from .ops import LAYER_OPS
+
+
+def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight_ih: Tensor,
+              weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
+              backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """One step. input [B, I], h [B, H], c [B, H] (LSTM) -> (h' [B, H], c' [B, H] or None)."""
+    if input.size(1) != weight_ih.size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} "
+                           f"expected {weight_ih.size(1)}")
+    hidden = weight_hh.size(1)
+    for index, state in enumerate((h, c) if c is not None else (h,)):
+        if input.size(0) != state.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
+                               f"batch size {state.size(0)}")
+        if state.size(1) != hidden:
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
+                               f"expected {hidden}")
+    for tensor in (h, c, weight_ih, weight_hh):
+        if tensor is not None and tensor.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
+                               f"{_dtype_name(input.dtype)} and {_dtype_name(tensor.dtype)}")
+    cast = torch.get_autocast_dtype(input.device.type) if torch.is_autocast_enabled(input.device.type) else None
+    if cast is not None:
+        input, h = input.to(cast), h.to(cast)
+        c = None if c is None else c.to(cast)
+        weight_ih, weight_hh = weight_ih.to(cast), weight_hh.to(cast)
+        bias_ih = None if bias_ih is None else bias_ih.to(cast)
+        bias_hh = None if bias_hh is None else bias_hh.to(cast)
+    x_gates = F.linear(input, weight_ih, bias_ih).unsqueeze(0)  # [1, B, G*H]
+    _, h_n, c_n, _ = LAYER_OPS[cell.name](
+        x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0), weight_hh.unsqueeze(0),
+        None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
+        check_backend_name(backend) or "")
+    return h_n[0], (c_n[0] if c is not None else None)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+
+
+class RNNCellBase(nn.Module):
+    """The common part of the cells, mirroring torch.nn.RNNCellBase."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
+                 device=None, dtype=None, *, backend: str | None = None) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.backend = check_backend_name(backend)
+        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory_kwargs))
+        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory_kwargs))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if "bias" in self.__dict__ and self.bias is not True:
+            s += ", bias={bias}"
+        if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        if self.backend is not None:
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def _torch_kwargs(self) -> dict:
+        return _kwargs_of_torch(self)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, *, backend: str | None = None):
+        """A fastrnn cell with the hyper-parameters, weights and training mode of `module`."""
+        return _converted(cls, module, backend=backend)
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn cell, with a copy of this cell's weights."""
+        return _converted(getattr(nn, type(self).__name__), self)
+
+    def _step(self, cell: CellSpec, input: Tensor, hx, name: str):
+        """Unbatched handling, zero state and the step itself; hx is h or (h, c)."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        is_lstm = cell.has_cell_state
+        states = () if hx is None else (tuple(hx) if is_lstm else (hx,))
+        for index, state in enumerate(states):
+            if state.dim() not in (1, 2):
+                which = f"hx[{index}]" if is_lstm else "hidden"
+                raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {state.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+            states = tuple(state.unsqueeze(0) for state in states)
+        if not states:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            states = (zeros, zeros) if is_lstm else (zeros,)
+        h, c = cell_step(cell, input, states[0], states[1] if is_lstm else None, self.weight_ih,
+                         self.weight_hh, self.bias_ih, self.bias_hh, self.backend)
+        if not is_batched:
+            h, c = h.squeeze(0), (None if c is None else c.squeeze(0))
+        return (h, c) if is_lstm else h
+
+
+class LSTMCell(RNNCellBase):
+    """Drop-in torch.nn.LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None)."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: str | None = None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype,
+                         backend=backend)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return self._step(CELLS["lstm"], input, hx, "LSTMCell")
+
+
+class GRUCell(RNNCellBase):
+    """Drop-in torch.nn.GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None)."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: str | None = None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype,
+                         backend=backend)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        return self._step(CELLS["gru"], input, hx, "GRUCell")
+
+
+class RNNCell(RNNCellBase):
+    """Drop-in torch.nn.RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh',
+    device=None, dtype=None)."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device=None, dtype=None, *,
+                 backend: str | None = None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype,
+                         backend=backend)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return self._step(CELLS[f"rnn_{self.nonlinearity}"], input, hx, "RNNCell")

@@ -1,0 +1,145 @@
+"""Multi-layer, bidirectional recurrences over the per-layer ops: `lstm`, `gru`, `rnn`.
+
+They mirror torch's `_VF.lstm/gru/rnn_*`: `weights` is the flat list of a module's parameters in
+registration order (per layer and direction: w_ih, w_hh, [b_ih, b_hh], [w_hr]); `input` is
+[T, B, I] ([B, T, I] with batch_first), or the data [N, I] of a PackedSequence with its
+`batch_sizes`. Legend: B batch, T time, I input, H hidden, P proj_size or H, L layers, D directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backends import check_backend_name
+from .cells import CELLS, CellSpec
+from .ops import LAYER_OPS
+
+
+def packed_layout(batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """For PackedSequence batch_sizes [T] (CPU int64): the sequence lengths [B] and, for each
+    packed row, its flat index t * B + b in the padded [T, B] layout ([N])."""
+    batch = int(batch_sizes[0])
+    steps = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B] valid steps
+    return steps.sum(0), steps.flatten().nonzero().squeeze(1)
+
+
+def _layer_weights(weights: Sequence[Tensor], layer: int, num_layers: int, num_directions: int):
+    """The weights of one layer with every direction's stacked, as the layer ops take them."""
+    per = len(weights) // (num_layers * num_directions)
+    first = layer * num_directions * per
+    groups = [weights[first + d * per:first + (d + 1) * per] for d in range(num_directions)]
+    has_bias = per >= 4
+    has_projection = per in (3, 5)
+
+    def cat(index):  # [D * rows, cols]
+        return groups[0][index] if num_directions == 1 else torch.cat([g[index] for g in groups])
+
+    def stack(index):  # [D, rows, cols]
+        return torch.stack([g[index] for g in groups])
+
+    w_ih = cat(0)  # [D*G*H, I]
+    b_ih = cat(2) if has_bias else None  # [D*G*H]
+    w_hh = stack(1)  # [D, G*H, P]
+    b_hh = stack(3) if has_bias else None  # [D, G*H]
+    w_hr = stack(per - 1) if has_projection else None  # [D, P, H]
+    return w_ih, b_ih, w_hh, b_hh, w_hr
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
+               weights: Sequence[Tensor], *, num_layers: int, dropout: float, training: bool,
+               bidirectional: bool, batch_first: bool, batch_sizes: Tensor | None = None,
+               backend: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run a stack of recurrent layers.
+
+    input: [T, B, I] (or [B, T, I] with batch_first, or packed data [N, I] with batch_sizes [T]);
+    h0: [L*D, B, P]; c0: [L*D, B, H] for LSTM, else None.
+    Returns (output like input with P*D features, h_n [L*D, B, P], c_n [L*D, B, H] or None).
+    """
+    backend = check_backend_name(backend) or ""
+    num_directions = 2 if bidirectional else 1
+    cast = _autocast_dtype(input.device.type)
+    if cast is not None:  # like the torch ops under autocast, run in the autocast dtype
+        input, h0 = input.to(cast), h0.to(cast)
+        c0 = None if c0 is None else c0.to(cast)
+        weights = [w.to(cast) for w in weights]
+    for name, state in (("hx", h0), ("cx", c0)):
+        if state is not None and state.dtype != input.dtype:
+            raise RuntimeError(f"Expected {name} dtype {input.dtype} to match the input dtype, "
+                               f"got {state.dtype}")
+
+    lengths = rows = None
+    if batch_sizes is not None:
+        lengths, rows = packed_layout(batch_sizes)
+        seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
+        x = input.new_zeros(seq_len * batch, input.shape[1])
+        x = x.index_copy(0, rows.to(input.device), input).unflatten(0, (seq_len, batch))
+        lengths = lengths.to(input.device)
+    else:
+        x = input.transpose(0, 1) if batch_first else input
+    if x.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+    op = LAYER_OPS[cell.name]
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        w_ih, b_ih, w_hh, b_hh, w_hr = _layer_weights(weights, layer, num_layers, num_directions)
+        states = slice(layer * num_directions, (layer + 1) * num_directions)
+        x_gates = F.linear(x, w_ih, b_ih)  # [T, B, D*G*H], one GEMM for every step and direction
+        x, h_last, c_last, _ = op(x_gates, h0[states], None if c0 is None else c0[states],
+                                  w_hh, b_hh, w_hr, lengths, backend)
+        h_n.append(h_last)
+        c_n.append(c_last)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+
+    if batch_sizes is not None:
+        output = x.flatten(0, 1).index_select(0, rows.to(x.device))
+    else:
+        output = x.transpose(0, 1) if batch_first else x
+    return output, torch.cat(h_n), torch.cat(c_n) if c0 is not None else None
+
+
+def lstm(input: Tensor, hx: tuple[Tensor, Tensor], weights: Sequence[Tensor], *,
+         num_layers: int = 1, dropout: float = 0.0, training: bool = False,
+         bidirectional: bool = False, batch_first: bool = False,
+         batch_sizes: Tensor | None = None, backend: str | None = None
+         ) -> tuple[Tensor, Tensor, Tensor]:
+    """LSTM stack. hx = (h0 [L*D, B, P], c0 [L*D, B, H]). Returns (output, h_n, c_n)."""
+    return recurrence(CELLS["lstm"], input, hx[0], hx[1], weights, num_layers=num_layers,
+                      dropout=dropout, training=training, bidirectional=bidirectional,
+                      batch_first=batch_first, batch_sizes=batch_sizes, backend=backend)
+
+
+def gru(input: Tensor, hx: Tensor, weights: Sequence[Tensor], *, num_layers: int = 1,
+        dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
+        batch_first: bool = False, batch_sizes: Tensor | None = None,
+        backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """GRU stack. hx: [L*D, B, H]. Returns (output, h_n)."""
+    output, h_n, _ = recurrence(CELLS["gru"], input, hx, None, weights, num_layers=num_layers,
+                                dropout=dropout, training=training, bidirectional=bidirectional,
+                                batch_first=batch_first, batch_sizes=batch_sizes, backend=backend)
+    return output, h_n
+
+
+def rnn(input: Tensor, hx: Tensor, weights: Sequence[Tensor], *, nonlinearity: str = "tanh",
+        num_layers: int = 1, dropout: float = 0.0, training: bool = False,
+        bidirectional: bool = False, batch_first: bool = False,
+        batch_sizes: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Elman RNN stack (nonlinearity "tanh" or "relu"). hx: [L*D, B, H]. Returns (output, h_n)."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    output, h_n, _ = recurrence(CELLS[f"rnn_{nonlinearity}"], input, hx, None, weights,
+                                num_layers=num_layers, dropout=dropout, training=training,
+                                bidirectional=bidirectional, batch_first=batch_first,
+                                batch_sizes=batch_sizes, backend=backend)
+    return output, h_n

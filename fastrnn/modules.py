@@ -1,0 +1,329 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU and RNN.
+
+Same constructor, attributes, parameter names, shapes, registration order, initialisation,
+state_dict, inputs, outputs and error messages as torch.nn. They do not subclass nn.RNNBase
+(torch.compile refuses to trace those), they mirror it. Extra keyword: `backend` (see backends).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+from .backends import check_backend_name
+from .cells import CELLS_BY_MODE
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+class RNNBase(nn.Module):
+    """The common part of LSTM, GRU and RNN, mirroring torch.nn.RNNBase."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.backend = check_backend_name(backend)
+        num_directions = 2 if bidirectional else 1
+
+        if (not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1
+                or isinstance(dropout, bool)):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if mode not in _GATES:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+        gate_size = _GATES[mode] * hidden_size
+        real_hidden_size = proj_size if proj_size > 0 else hidden_size
+
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = {"weight_ih_l{}{}": (gate_size, layer_input_size),
+                          "weight_hh_l{}{}": (gate_size, real_hidden_size)}
+                if bias:
+                    shapes["bias_ih_l{}{}"] = (gate_size,)
+                    shapes["bias_hh_l{}{}"] = (gate_size,)
+                if proj_size > 0:
+                    shapes["weight_hr_l{}{}"] = (proj_size, hidden_size)
+                names = []
+                for pattern, shape in shapes.items():
+                    name = pattern.format(layer, suffix)
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Kept for drop-in compatibility; fastrnn needs no flat weight buffer."""
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.backend is not None:
+            s += ", backend={backend!r}"
+        return s.format(**self.__dict__)
+
+    # ---- input checks, with torch.nn's messages ---------------------------------------------
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        weight_dtype = self.weight_ih_l0.dtype
+        if input.dtype != weight_dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
+                f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})")
+        expected_input_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_input_dim:
+            raise RuntimeError(f"input must have {expected_input_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError("input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {input.size(-1)}")
+
+    def get_expected_hidden_size(self, input: Tensor, batch_sizes: Tensor | None
+                                 ) -> tuple[int, int, int]:
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        num_directions = 2 if self.bidirectional else 1
+        size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (self.num_layers * num_directions, mini_batch, size)
+
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None
+                               ) -> tuple[int, int, int]:
+        layers, mini_batch, _ = self.get_expected_hidden_size(input, batch_sizes)
+        return (layers, mini_batch, self.hidden_size)
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
+        self.check_input(input, batch_sizes)
+        expected = self.get_expected_hidden_size(input, batch_sizes)
+        if self.mode == "LSTM":
+            self.check_hidden_size(hidden[0], expected, "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                                   "Expected hidden[1] size {}, got {}")
+        else:
+            self.check_hidden_size(hidden, expected)
+
+    def permute_hidden(self, hx, permutation: Tensor | None):
+        if permutation is None:
+            return hx
+        if self.mode == "LSTM":
+            return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
+        return hx.index_select(1, permutation)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _zero_state(self, input: Tensor, batch: int):
+        num_directions = 2 if self.bidirectional else 1
+        layers = self.num_layers * num_directions
+        size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h0 = torch.zeros(layers, batch, size, dtype=input.dtype, device=input.device)
+        if self.mode != "LSTM":
+            return h0
+        return h0, torch.zeros(layers, batch, self.hidden_size, dtype=input.dtype,
+                               device=input.device)
+
+    def _check_state_dims(self, hx, is_batched: bool) -> None:
+        want = 3 if is_batched else 2
+        kind = "batched 3-D" if is_batched else "unbatched 2-D"
+        if self.mode == "LSTM":
+            if hx[0].dim() != want or hx[1].dim() != want:
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        elif hx.dim() != want:
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
+                               f"{hx.dim()}-D tensor")
+
+    def forward(self, input, hx=None):
+        is_packed = isinstance(input, PackedSequence)
+        is_lstm = self.mode == "LSTM"
+        if is_packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None:
+                hx = self._zero_state(data, int(batch_sizes[0]))
+                self.check_forward_args(data, hx, batch_sizes)
+            else:
+                self.check_forward_args(data, hx, batch_sizes)
+                hx = self.permute_hidden(hx, sorted_indices)
+            is_batched = True
+        else:
+            data, batch_sizes, unsorted_indices = input, None, None
+            if data.dim() not in (2, 3):
+                noun = " tensor" if self.mode.startswith("RNN") else ""
+                name = "RNN" if self.mode.startswith("RNN") else self.mode
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {data.dim()}D{noun} instead")
+            is_batched = data.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                data = data.unsqueeze(batch_dim)
+            if hx is None:
+                hx = self._zero_state(data, data.size(batch_dim))
+            else:
+                self._check_state_dims(hx, is_batched)
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if is_lstm else hx.unsqueeze(1)
+            self.check_forward_args(data, hx, batch_sizes)
+
+        output, h_n, c_n = functional.recurrence(
+            CELLS_BY_MODE[self.mode], data, hx[0] if is_lstm else hx, hx[1] if is_lstm else None,
+            self._flat_weights, num_layers=self.num_layers, dropout=self.dropout,
+            training=self.training, bidirectional=self.bidirectional,
+            batch_first=self.batch_first, batch_sizes=batch_sizes, backend=self.backend)
+        hidden = (h_n, c_n) if is_lstm else h_n
+
+        if is_packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        elif not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    # ---- conversion to and from torch.nn ----------------------------------------------------
+    def _torch_kwargs(self) -> dict:
+        kwargs = dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                      num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                      dropout=self.dropout, bidirectional=self.bidirectional)
+        if self.mode == "LSTM":
+            kwargs["proj_size"] = self.proj_size
+        if self.mode.startswith("RNN"):
+            kwargs["nonlinearity"] = self.nonlinearity
+        return kwargs
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, *, backend: str | None = None):
+        """A fastrnn module with the hyper-parameters, weights and training mode of `module`."""
+        return _converted(cls, module, backend=backend)
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn module, with a copy of this module's weights."""
+        return _converted(getattr(nn, type(self).__name__), self)
+
+
+def _converted(cls, module: nn.Module, **extra) -> nn.Module:
+    weight = next(module.parameters())
+    with warnings.catch_warnings():  # the one-layer dropout warning was given to the original
+        warnings.simplefilter("ignore", UserWarning)
+        new = cls(**module._torch_kwargs() if hasattr(module, "_torch_kwargs")
+                  else _kwargs_of_torch(module), device=weight.device, dtype=weight.dtype, **extra)
+    new.load_state_dict(module.state_dict())
+    return new.train(module.training)
+
+
+def _kwargs_of_torch(module: nn.Module) -> dict:
+    names = ["input_size", "hidden_size", "bias"]
+    if isinstance(module, nn.RNNBase):
+        names += ["num_layers", "batch_first", "dropout", "bidirectional"]
+        if module.mode == "LSTM":
+            names.append("proj_size")
+    if hasattr(module, "nonlinearity"):
+        names.append("nonlinearity")
+    return {name: getattr(module, name) for name in names}
+
+
+class LSTM(RNNBase):
+    """Drop-in torch.nn.LSTM: LSTM(input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
+    *, backend=None)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+
+class GRU(RNNBase):
+    """Drop-in torch.nn.GRU (same arguments as LSTM without proj_size)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+class RNN(RNNBase):
+    """Drop-in torch.nn.RNN: RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh',
+    bias=True, batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
+    *, backend=None)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)

@@ -1,0 +1,100 @@
+"""One `torch.library` custom op per cell for a whole layer, with a fake twin and autograd.
+
+    torch.ops.fastrnn.{cell}_layer(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend)
+        -> (output, h_n, c_n, workspace)
+    torch.ops.fastrnn.{cell}_layer_backward(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr,
+                                             lengths, output, workspace, backend)
+        -> (grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr)
+
+for cell in lstm, gru, rnn_tanh, rnn_relu. Shapes and meaning: backends/base.py. `backend` is a
+name from backends.BACKEND_NAMES, or "" for FASTRNN_BACKEND / "auto"; it is resolved when the op
+runs, so `torch.compile` sees each op as one opaque node.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends.base import LayerConfig, workspace_dtype
+from .cells import CELLS, CellSpec
+
+
+def _backend_for(cell: CellSpec, name: str, x_gates, h0, w_hh, w_hr, lengths):
+    config = LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths)
+    return backends.resolve(name or None, config)
+
+
+def _define(cell: CellSpec):
+    """Register the forward and backward ops of one cell; return the forward op."""
+
+    @torch.library.custom_op(f"fastrnn::{cell.name}_layer_backward", mutates_args=())
+    def layer_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor],
+                       grad_c_n: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                       w_hr: Optional[Tensor], lengths: Optional[Tensor], output: Tensor,
+                       workspace: Tensor, backend: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        seq_len, batch, _ = output.shape
+        x_gates_like = output.new_empty(seq_len, batch, 0)  # only its device, dtype and T, B matter
+        impl = _backend_for(cell, backend, x_gates_like, h0, w_hh, w_hr, lengths)
+        return impl.backward(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
+                             output, workspace)
+
+    @layer_backward.register_fake
+    def _(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, output, workspace, backend):
+        seq_len, batch, _ = output.shape
+        num_directions, gate_rows, out_size = w_hh.shape
+        empty = output.new_empty(0)
+        return (output.new_empty(seq_len, batch, num_directions * gate_rows),
+                output.new_empty(num_directions, batch, out_size),
+                output.new_empty(c0.shape) if cell.has_cell_state else empty,
+                output.new_empty(w_hh.shape),
+                output.new_empty(num_directions, gate_rows),
+                empty if w_hr is None else output.new_empty(w_hr.shape))
+
+    @torch.library.custom_op(f"fastrnn::{cell.name}_layer", mutates_args=())
+    def layer(x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+              b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        impl = _backend_for(cell, backend, x_gates, h0, w_hh, w_hr, lengths)
+        return impl.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
+
+    @layer.register_fake
+    def _(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend):
+        seq_len, batch, _ = x_gates.shape
+        num_directions, gate_rows, out_size = w_hh.shape
+        hidden = gate_rows // cell.gates
+        return (x_gates.new_empty(seq_len, batch, num_directions * out_size),
+                x_gates.new_empty(num_directions, batch, out_size),
+                x_gates.new_empty(num_directions, batch, hidden) if cell.has_cell_state
+                else x_gates.new_empty(0),
+                x_gates.new_empty(seq_len, batch, num_directions, cell.workspace_gates * hidden,
+                                  dtype=workspace_dtype(x_gates.dtype)))
+
+    def setup_context(ctx, inputs, output):
+        x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend = inputs
+        out, _, _, workspace = output
+        ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace)
+        ctx.has_bias = b_hh is not None
+        ctx.backend = backend
+        ctx.mark_non_differentiable(workspace)
+
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+        h0, c0, w_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
+        if not cell.has_cell_state:
+            grad_c_n = None
+        grad_x, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = layer_backward(
+            grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, out, workspace,
+            ctx.backend)
+        return (grad_x, grad_h0, grad_c0 if cell.has_cell_state else None, grad_w_hh,
+                grad_b_hh if ctx.has_bias else None, grad_w_hr if w_hr is not None else None,
+                None, None)
+
+    layer.register_autograd(backward, setup_context=setup_context)
+    return layer
+
+
+LAYER_OPS = {name: _define(cell) for name, cell in CELLS.items()}
