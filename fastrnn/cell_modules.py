@@ -31,10 +31,11 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         if state.size(1) != hidden:
             raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
                                f"expected {hidden}")
-    for tensor in (h, c, weight_ih, weight_hh):
-        if tensor is not None and tensor.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
-            raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
-                               f"{_dtype_name(input.dtype)} and {_dtype_name(tensor.dtype)}")
+    if not torch.is_autocast_enabled(input.device.type):  # torch's order: input @ W_ih, h @ W_hh
+        for operand, weight in ((input, weight_ih), (h, weight_hh), (c, weight_hh)):
+            if operand is not None and operand.dtype != weight.dtype:
+                raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
+                                   f"{_dtype_name(operand.dtype)} and {_dtype_name(weight.dtype)}")
     cast = torch.get_autocast_dtype(input.device.type) if torch.is_autocast_enabled(input.device.type) else None
     if cast is not None:
         input, h = input.to(cast), h.to(cast)

@@ -47,13 +47,12 @@ def _define(cell: CellSpec):
     def _(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, output, workspace, backend):
         seq_len, batch, _ = output.shape
         num_directions, gate_rows, out_size = w_hh.shape
-        empty = output.new_empty(0)
         return (output.new_empty(seq_len, batch, num_directions * gate_rows),
                 output.new_empty(num_directions, batch, out_size),
-                output.new_empty(c0.shape) if cell.has_cell_state else empty,
+                output.new_empty(c0.shape if cell.has_cell_state else (0,)),
                 output.new_empty(w_hh.shape),
                 output.new_empty(num_directions, gate_rows),
-                empty if w_hr is None else output.new_empty(w_hr.shape))
+                output.new_empty((0,) if w_hr is None else w_hr.shape))
 
     @torch.library.custom_op(f"fastrnn::{cell.name}_layer", mutates_args=())
     def layer(x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,

@@ -1,0 +1,1 @@
+"""Triton kernels of the `triton` backend. Import only where Triton is installed."""

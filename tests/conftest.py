@@ -1,0 +1,15 @@
+"""Test-session hooks: a summary of the float32 error ratios seen against torch.nn."""
+
+
+def pytest_terminal_summary(terminalreporter):
+    try:
+        from test_parity import FLOAT32_RATIOS
+    except ImportError:
+        return
+    if not FLOAT32_RATIOS:
+        return
+    ratios = sorted(ratio for _, ratio in FLOAT32_RATIOS)
+    worst_case = max(FLOAT32_RATIOS, key=lambda item: item[1])
+    terminalreporter.write_line(
+        f"float32 max-error ratio fastrnn/torch (vs float64) over {len(ratios)} cases: "
+        f"median {ratios[len(ratios) // 2]:.2f}, max {worst_case[1]:.2f} ({worst_case[0]})")

@@ -1,0 +1,73 @@
+"""The backend registry: names, FASTRNN_BACKEND, explicit requests that cannot run, auto."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import backends
+from fastrnn.backends.base import Backend, LayerConfig
+from fastrnn.cells import CELLS
+
+
+def test_unknown_backend_name_is_refused_at_construction():
+    with pytest.raises(ValueError, match="Unknown fastrnn backend 'tritn'"):
+        fastrnn.LSTM(3, 4, backend="tritn")
+
+
+def test_environment_variable_selects_the_backend(monkeypatch):
+    monkeypatch.setenv("FASTRNN_BACKEND", "reference")
+    assert backends.requested_backend(None) == "reference"
+    monkeypatch.setenv("FASTRNN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTRNN_BACKEND='nope' is not a fastrnn backend"):
+        fastrnn.GRU(3, 4)(torch.randn(2, 1, 3))
+
+
+def _config(device_type="cpu", dtype=torch.float32):
+    return LayerConfig(CELLS["lstm"], device_type, dtype, batch_size=2, seq_len=3, hidden_size=4,
+                       proj_size=0, num_directions=1, variable_lengths=False)
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reason(monkeypatch):
+    class Unavailable(Backend):
+        name = "cpu"
+
+        def available(self):
+            return False, "the extension was not built"
+
+    monkeypatch.setitem(backends._registry, "cpu", Unavailable())
+    with pytest.raises(RuntimeError, match="fastrnn backend 'cpu' cannot run this LSTM layer: the extension was not built"):
+        fastrnn.LSTM(3, 4, backend="cpu")(torch.randn(2, 1, 3))
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    class Unavailable(Backend):
+        name = "cpu"
+
+        def available(self):
+            return False, "the extension was not built"
+
+    monkeypatch.setitem(backends._registry, "cpu", Unavailable())
+    monkeypatch.setattr(backends, "_warned", set())
+    model = fastrnn.LSTM(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(2, 1, 3))
+        model(torch.randn(2, 1, 3))
+    messages = [str(w.message) for w in caught if "fastrnn" in str(w.message)]
+    assert messages == ["fastrnn: using backend 'reference' because 'cpu': the extension was not built"]
+
+
+def test_backend_not_in_this_build_is_named(monkeypatch):
+    monkeypatch.setitem(backends._BACKEND_MODULES, "cuda", "fastrnn.backends.not_a_module")
+    monkeypatch.delitem(backends._registry, "cuda", raising=False)
+    assert backends.why_not("cuda", _config("cuda")) == "it is not part of this build of fastrnn"
+
+
+def test_reference_is_always_available():
+    assert fastrnn.available_backends()["reference"] == ""
+    assert backends.resolve("reference", _config()).name == "reference"
+    assert backends.why_not("reference", _config(dtype=torch.int32)) != ""
