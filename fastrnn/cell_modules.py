@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
-from .modules import _converted, _kwargs_of_torch
+from .modules import _converted
 from .ops import LAYER_OPS
 
 
@@ -91,9 +91,6 @@ class RNNCellBase(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
-
-    def _torch_kwargs(self) -> dict:
-        return _kwargs_of_torch(self)
 
     @classmethod
     def from_torch(cls, module: nn.Module, *, backend: str | None = None):

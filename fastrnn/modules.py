@@ -248,16 +248,6 @@ class RNNBase(nn.Module):
         return output, self.permute_hidden(hidden, unsorted_indices)
 
     # ---- conversion to and from torch.nn ----------------------------------------------------
-    def _torch_kwargs(self) -> dict:
-        kwargs = dict(input_size=self.input_size, hidden_size=self.hidden_size,
-                      num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
-                      dropout=self.dropout, bidirectional=self.bidirectional)
-        if self.mode == "LSTM":
-            kwargs["proj_size"] = self.proj_size
-        if self.mode.startswith("RNN"):
-            kwargs["nonlinearity"] = self.nonlinearity
-        return kwargs
-
     @classmethod
     def from_torch(cls, module: nn.Module, *, backend: str | None = None):
         """A fastrnn module with the hyper-parameters, weights and training mode of `module`."""
@@ -269,18 +259,19 @@ class RNNBase(nn.Module):
 
 
 def _converted(cls, module: nn.Module, **extra) -> nn.Module:
+    """A `cls` module with the constructor arguments, weights and training mode of `module`."""
     weight = next(module.parameters())
     with warnings.catch_warnings():  # the one-layer dropout warning was given to the original
         warnings.simplefilter("ignore", UserWarning)
-        new = cls(**module._torch_kwargs() if hasattr(module, "_torch_kwargs")
-                  else _kwargs_of_torch(module), device=weight.device, dtype=weight.dtype, **extra)
+        new = cls(**_constructor_kwargs(module), device=weight.device, dtype=weight.dtype, **extra)
     new.load_state_dict(module.state_dict())
     return new.train(module.training)
 
 
-def _kwargs_of_torch(module: nn.Module) -> dict:
+def _constructor_kwargs(module: nn.Module) -> dict:
+    """The constructor arguments of a torch.nn or fastrnn recurrence or cell."""
     names = ["input_size", "hidden_size", "bias"]
-    if isinstance(module, nn.RNNBase):
+    if hasattr(module, "num_layers"):  # a whole recurrence, not a cell
         names += ["num_layers", "batch_first", "dropout", "bidirectional"]
         if module.mode == "LSTM":
             names.append("proj_size")

@@ -375,7 +375,7 @@ def _recurrence_bwd_kernel(
                 live = mask & valid[:, None]
                 keep = valid[:, None]
                 t_prev = tl.where(reverse, t_row + 1, t_row - 1)
-                first = (t_prev < 0) | (t_prev >= T) | (s == 0)  # h_{t-1}, c_{t-1} are h0, c0
+                has_prev = (t_prev >= 0) & (t_prev < T) & (s > 0)  # else h_{t-1}, c_{t-1} = h0, c0
                 go_rows = (t_row * B + rows) * (D * P)
                 if HAS_PROJ:
                     if RESIDENT:
@@ -406,11 +406,11 @@ def _recurrence_bwd_kernel(
                     o = tl.load(workspace_ptr + ws + 3 * H, mask=live, other=0.0).to(tl.float32)
                     c = tl.load(workspace_ptr + ws + 4 * H, mask=live, other=0.0).to(tl.float32)
                     ws_prev = ((t_prev * B + rows) * D + d)[:, None] * (WS * H) + 4 * H + units[None, :]
-                    c_prev = tl.load(workspace_ptr + ws_prev, mask=live & ~first[:, None],
+                    c_prev = tl.load(workspace_ptr + ws_prev, mask=live & has_prev[:, None],
                                      other=0.0).to(tl.float32)
                     c_init = tl.load(c0_ptr + (d * B + rows)[:, None] * H + units[None, :],
-                                     mask=live & first[:, None], other=0.0).to(tl.float32)
-                    c_prev = tl.where(first[:, None], c_init, c_prev)
+                                     mask=live & (has_prev == 0)[:, None], other=0.0).to(tl.float32)
+                    c_prev = tl.where(has_prev[:, None], c_prev, c_init)
                     grad_c_ptrs = grad_c_state_ptr + (d * B + rows)[:, None] * H + units[None, :]
                     grad_c_in = tl.load(grad_c_ptrs, mask=mask, other=0.0)
                     tanh_c = _tanh(c)
@@ -434,11 +434,11 @@ def _recurrence_bwd_kernel(
                     n = tl.load(workspace_ptr + ws + 2 * H, mask=live, other=0.0).to(tl.float32)
                     hn = tl.load(workspace_ptr + ws + 3 * H, mask=live, other=0.0).to(tl.float32)
                     h_prev = tl.load(output_ptr + (t_prev * B + rows)[:, None] * (D * P) + d * P
-                                     + units[None, :], mask=live & ~first[:, None],
+                                     + units[None, :], mask=live & has_prev[:, None],
                                      other=0.0).to(tl.float32)
                     h_init = tl.load(h0_ptr + (d * B + rows)[:, None] * P + units[None, :],
-                                     mask=live & first[:, None], other=0.0).to(tl.float32)
-                    h_prev = tl.where(first[:, None], h_init, h_prev)
+                                     mask=live & (has_prev == 0)[:, None], other=0.0).to(tl.float32)
+                    h_prev = tl.where(has_prev[:, None], h_prev, h_init)
                     grad_n = tl.where(keep, grad_h * (1.0 - z) * (1.0 - n * n), 0.0)
                     grad_r = tl.where(keep, grad_n * hn * r * (1.0 - r), 0.0)
                     grad_z = tl.where(keep, grad_h * (h_prev - n) * z * (1.0 - z), 0.0)
