@@ -1,0 +1,188 @@
+"""The CUDA backend: hand-written persistent kernels (csrc/cuda), the fallback where Triton is absent.
+
+Legend as in base.py. The extension is the prebuilt `fastrnn._C_cuda`, or else built once from
+csrc/cuda with torch.utils.cpp_extension.load. The kernels run the recurrence of forward and
+backward; the weight grads are GEMMs here over the saved states. FASTRNN_CUDA_STEPWISE=1 forces the
+step-wise path (one launch per step) instead of the persistent cooperative kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+from ..cells import CellSpec
+from .base import Backend, LayerConfig
+
+MAX_SIZE = 8192  # largest H and P (kFastrnnMaxSize in csrc/cuda/fastrnn_cuda.h)
+_CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SOURCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cuda"
+_SOURCES = ("binding.cpp", "forward.cu", "backward.cu")
+
+
+def _empty(like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return like.new_empty(0, dtype=dtype)
+
+
+def _stepwise() -> bool:
+    return os.environ.get("FASTRNN_CUDA_STEPWISE", "") not in ("", "0")
+
+
+def _load_extension():
+    """The compiled module: the prebuilt one, else a JIT build from csrc/cuda."""
+    try:
+        from .. import _C_cuda  # type: ignore[attr-defined]
+        return _C_cuda
+    except ImportError:
+        pass
+    sources = [_SOURCE_DIR / name for name in _SOURCES]
+    missing = [str(path) for path in sources if not path.exists()]
+    if missing:
+        raise RuntimeError(f"fastrnn._C_cuda is not built and its sources are missing: {', '.join(missing)}")
+    from torch.utils.cpp_extension import load
+    return load(name="fastrnn_cuda", sources=[str(path) for path in sources],
+                extra_include_paths=[str(_SOURCE_DIR)], extra_cuda_cflags=["-O3"], verbose=False)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self):
+        self._module = None
+        self._status: tuple[bool, str] | None = None
+
+    def available(self) -> tuple[bool, str]:
+        if self._status is None:
+            self._status = self._check()
+        return self._status
+
+    def _check(self) -> tuple[bool, str]:
+        if torch.version.cuda is None:
+            return False, "this torch build has no CUDA"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is available"
+        try:
+            self._module = _load_extension()
+        except Exception as error:  # a failed build is a reason, not a crash
+            return False, f"the CUDA extension could not be loaded or built: {error}"
+        return True, ""
+
+    def supports(self, config: LayerConfig) -> tuple[bool, str]:
+        if config.device_type != "cuda":
+            return False, f"tensors are on {config.device_type}, not cuda"
+        if config.dtype not in _DTYPES:
+            return False, f"dtype {config.dtype} is not float32, float16 or bfloat16"
+        hidden = config.hidden_size
+        out = config.proj_size or hidden
+        if hidden > MAX_SIZE or out > MAX_SIZE:
+            return False, f"hidden size {hidden} or proj size {out} exceeds {MAX_SIZE}"
+        row_bytes = 4 * max(config.cell.gates * hidden, out)
+        smem = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
+                       "shared_memory_per_block_optin", 48 * 1024)
+        if row_bytes > smem:
+            return False, f"a {row_bytes}-byte state row exceeds the {smem} bytes of shared memory per block"
+        return True, ""
+
+    def forward(self, cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+        seq_len, batch, _ = x_gates.shape
+        num_directions, gate_rows, out_size = w_hh.shape
+        hidden = gate_rows // cell.gates
+        dtype = x_gates.dtype
+        f32 = torch.float32
+        output = x_gates.new_empty(seq_len, batch, num_directions * out_size)
+        workspace = x_gates.new_empty(seq_len, batch, num_directions, cell.workspace_gates * hidden, dtype=f32)
+        h_state = x_gates.new_empty(2, num_directions, batch, out_size, dtype=f32)
+        h_state[0] = h0
+        c_state = c0.to(f32).contiguous().clone() if cell.has_cell_state else _empty(x_gates)
+        u_state = (x_gates.new_zeros(num_directions, batch, hidden, dtype=f32) if w_hr is not None
+                   else _empty(x_gates))
+        self._module.forward(
+            _CELL_CODES[cell.name], x_gates, _lengths(lengths, x_gates), w_hh.to(dtype).contiguous(),
+            _empty(x_gates, dtype) if b_hh is None else b_hh.to(dtype).contiguous(),
+            _empty(x_gates, dtype) if w_hr is None else w_hr.to(dtype).contiguous(),
+            output, workspace, h_state, c_state, u_state, _stepwise())
+        h_n = h_state[seq_len % 2].to(dtype)
+        c_n = c_state.to(dtype) if cell.has_cell_state else _empty(x_gates, dtype)
+        return output, h_n, c_n, workspace
+
+    def backward(self, cell: CellSpec, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr,
+                 lengths, output, workspace):
+        seq_len, batch, _ = output.shape
+        num_directions, gate_rows, out_size = w_hh.shape
+        hidden = gate_rows // cell.gates
+        dtype = output.dtype
+        f32 = torch.float32
+        lengths_arg = _lengths(lengths, output)
+        projected = w_hr is not None
+        carry = (grad_h_n.to(f32).contiguous().clone() if grad_h_n is not None
+                 else output.new_zeros(num_directions, batch, out_size, dtype=f32))
+        grad_c = _empty(output)
+        if cell.has_cell_state:
+            grad_c = (grad_c_n.to(f32).contiguous().clone() if grad_c_n is not None
+                      else output.new_zeros(num_directions, batch, hidden, dtype=f32))
+        grad_hg = output.new_zeros(2, num_directions, batch, gate_rows, dtype=f32)
+        grad_step = output.new_zeros(num_directions, batch, out_size, dtype=f32) if projected else _empty(output)
+        grad_proj = (output.new_empty(seq_len, batch, num_directions, out_size, dtype=f32) if projected
+                     else _empty(output))
+        grad_x = output.new_empty(seq_len, batch, num_directions, gate_rows, dtype=f32)
+        grad_h0 = output.new_empty(num_directions, batch, out_size, dtype=f32)
+        h0_f = h0.to(f32).contiguous()
+        c0_f = c0.to(f32).contiguous() if cell.has_cell_state else _empty(output)
+        workspace = workspace.to(f32).contiguous()
+        self._module.backward(
+            _CELL_CODES[cell.name], _empty(output, dtype) if grad_output is None else grad_output.to(dtype),
+            lengths_arg, w_hh.to(dtype).transpose(1, 2).contiguous(),
+            w_hr.to(dtype).transpose(1, 2).contiguous() if projected else _empty(output, dtype),
+            output.contiguous(), workspace, h0_f, c0_f, carry, grad_c, grad_hg, grad_step, grad_proj,
+            grad_x, grad_h0, _stepwise())
+        grad_w_hh, grad_b_hh, grad_w_hr = _weight_grads(
+            cell, grad_x, grad_proj if projected else None, workspace, output, h0_f, lengths)
+        grad_c0 = grad_c.to(dtype) if cell.has_cell_state else _empty(output, dtype)
+        return (grad_x.flatten(2).to(dtype), grad_h0.to(dtype), grad_c0, grad_w_hh.to(dtype),
+                grad_b_hh.to(dtype), _empty(output, dtype) if grad_w_hr is None else grad_w_hr.to(dtype))
+
+
+def _lengths(lengths, like: torch.Tensor) -> torch.Tensor:
+    """lengths as contiguous int64 on the device, or an empty tensor for 'all T'."""
+    if lengths is None:
+        return _empty(like, torch.int64)
+    return lengths.to(device=like.device, dtype=torch.int64).contiguous()
+
+
+def _weight_grads(cell: CellSpec, grad_x, grad_proj, workspace, output, h0, lengths):
+    """grad_w_hh [D, G*H, P], grad_b_hh [D, G*H], grad_w_hr [D, P, H] or None, in float32.
+
+    grad_x [T, B, D, G*H] and grad_proj [T, B, D, P] (or None) come from the kernel, zero at
+    t >= length; workspace [T, B, D, W*H]; output [T, B, D*P]; h0 [D, B, P] float32.
+    """
+    seq_len, batch, num_directions, gate_rows = grad_x.shape
+    hidden = gate_rows // cell.gates
+    grad_hg = grad_x
+    if cell.name == "gru":  # the hidden-side grad of n is r * grad of n's pre-activation
+        grad_hg = grad_x.clone()
+        grad_hg[..., 2 * hidden:] *= workspace[..., :hidden]
+    states = output.to(torch.float32).unflatten(2, (num_directions, -1))  # [T, B, D, P]
+    h_prev = torch.empty_like(states)
+    h_prev[0, :, 0] = h0[0]
+    h_prev[1:, :, 0] = states[:-1, :, 0]
+    if num_directions == 2:  # direction 1 starts from h0 at its own last step, length - 1
+        last = (torch.full((batch,), seq_len, device=output.device, dtype=torch.int64) if lengths is None
+                else lengths.to(device=output.device, dtype=torch.int64)) - 1
+        first_step = torch.arange(seq_len, device=output.device).unsqueeze(1) == last  # [T, B]
+        shifted = torch.cat([states[1:, :, 1], states.new_zeros(1, batch, states.shape[-1])])
+        h_prev[:, :, 1] = torch.where(first_step.unsqueeze(2), h0[1], shifted)
+    # [D, G*H, T*B] @ [D, T*B, P]
+    grad_w_hh = grad_hg.permute(2, 3, 0, 1).flatten(2) @ h_prev.permute(2, 0, 1, 3).flatten(1, 2)
+    grad_b_hh = grad_hg.sum(dim=(0, 1))
+    grad_w_hr = None
+    if grad_proj is not None:
+        o, c = workspace[..., 3 * hidden:4 * hidden], workspace[..., 4 * hidden:]
+        unprojected = o * c.tanh()  # [T, B, D, H]
+        grad_w_hr = grad_proj.permute(2, 3, 0, 1).flatten(2) @ unprojected.permute(2, 0, 1, 3).flatten(1, 2)
+    return grad_w_hh, grad_b_hh, grad_w_hr
+
+
+BACKEND = CudaBackend()
