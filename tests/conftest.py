@@ -1,4 +1,14 @@
-"""Test-session hooks: a summary of the float32 error ratios seen against torch.nn."""
+"""Test-session set-up: the Triton interpreter where there is no GPU, and a summary of the
+float32 error ratios seen against torch.nn."""
+
+import os
+
+import torch
+
+# Without a CUDA device the triton backend runs its kernels under the Triton interpreter on CPU
+# tensors. Triton reads this when it is first imported, so it is set before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_terminal_summary(terminalreporter):

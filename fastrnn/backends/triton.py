@@ -50,6 +50,11 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _block_k(plan: "Plan", size: int) -> int:
+    """K chunk of a matmul over `size`: all of it (as a power of two >= 16) when resident."""
+    return max(_MIN_BLOCK, _pow2(size)) if plan.resident else plan.block_k
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -89,17 +94,17 @@ def _block_r(hidden: int, out_size: int, projects: bool, block_h: int, minimum: 
     return max(minimum, _pow2(_cdiv(out_size, _cdiv(hidden, block_h))))
 
 
-def plan_layer(config: LayerConfig, device: torch.device) -> Plan:
-    """The plan for a layer: persistent with on-chip weights when they fit, else step-wise."""
+def plan_layer(config: LayerConfig, sm_count: int | None) -> Plan:
+    """The plan for a layer on a GPU with `sm_count` SMs (None: the interpreter): persistent with
+    on-chip weights when they fit and one program per SM suffices, else step-wise."""
     hidden = config.hidden_size
     projects = config.proj_size > 0
     out_size = config.proj_size or hidden
     block_b = _MIN_BLOCK if config.batch_size <= _MIN_BLOCK else 2 * _MIN_BLOCK
-    if device.type != "cuda":  # the interpreter runs programs one after another: one program
+    if sm_count is None:  # the interpreter runs programs one after another: one program
         block_h = max(_MIN_BLOCK, _pow2(hidden))
         block_r = _block_r(hidden, out_size, projects, block_h, _MIN_BLOCK)
         return Plan(block_h, block_r, block_b, resident=True, persistent=True)
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     block_h = _MIN_BLOCK
     while _cdiv(hidden, block_h) * config.num_directions > sm_count:
         block_h *= 2
@@ -110,6 +115,12 @@ def plan_layer(config: LayerConfig, device: torch.device) -> Plan:
     block_h = 2 * _MIN_BLOCK
     block_r = _block_r(hidden, out_size, projects, block_h, _MIN_BLOCK)
     return Plan(block_h, block_r, block_b, resident=False, persistent=False)
+
+
+def _sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _dot_options(dtype: torch.dtype) -> dict:
@@ -164,8 +175,8 @@ def forward_layer(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, pl
         HAS_BIAS=b_hh is not None, HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None,
         RESIDENT=plan.resident, BLOCK_B=plan.block_b, BLOCK_H=plan.block_h,
         BLOCK_R=plan.block_r,
-        BLOCK_K=_pow2(out_size) if plan.resident else plan.block_k,
-        BLOCK_KH=_pow2(hidden) if plan.resident else plan.block_k,
+        BLOCK_K=_block_k(plan, out_size),
+        BLOCK_KH=_block_k(plan, hidden),
         **_dot_options(dtype),
     )
     h_n = h_state[seq_len % 2].to(dtype, copy=True)
@@ -230,8 +241,8 @@ def backward_layer(cell: CellSpec, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh
         HAS_GRAD_OUTPUT=grad_output is not None, HAS_PROJ=w_hr is not None,
         HAS_LENGTHS=lengths is not None, RESIDENT=plan.resident, BLOCK_B=plan.block_b,
         BLOCK_H=plan.block_h, BLOCK_R=plan.block_r,
-        BLOCK_K=_pow2(gate_rows) if plan.resident else plan.block_k,
-        BLOCK_KP=_pow2(out_size) if plan.resident else plan.block_k,
+        BLOCK_K=_block_k(plan, gate_rows),
+        BLOCK_KP=_block_k(plan, out_size),
         **_dot_options(dtype),
     )
     grad_h0 = grad_h_state[seq_len % 2].to(dtype, copy=True)
@@ -280,14 +291,14 @@ class TritonBackend(Backend):
 
     def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
         config = LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths)
-        plan = plan_layer(config, x_gates.device)
+        plan = plan_layer(config, _sm_count(x_gates.device))
         return forward_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, plan)
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
                  output, workspace):
         seq_len, batch, _ = output.shape
         config = LayerConfig.of(cell, output.new_empty(seq_len, batch, 0), h0, w_hh, w_hr, lengths)
-        plan = plan_layer(config, output.device)
+        plan = plan_layer(config, _sm_count(output.device))
         return backward_layer(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
                               output, workspace, plan)
 

@@ -29,10 +29,10 @@ State exchanged between programs lives in small float32 global buffers.
 import triton
 import triton.language as tl
 
-CELL_LSTM = 0
-CELL_GRU = 1
-CELL_RNN_TANH = 2
-CELL_RNN_RELU = 3
+CELL_LSTM = tl.constexpr(0)
+CELL_GRU = tl.constexpr(1)
+CELL_RNN_TANH = tl.constexpr(2)
+CELL_RNN_RELU = tl.constexpr(3)
 
 # Runtime sizes are not specialized on, so no batch size or sequence length compiles anew.
 _RUNTIME_INTS = ["B", "T", "H", "P", "phase_begin", "phase_end", "num_programs"]
@@ -65,9 +65,12 @@ def _arrive(counter_ptr):
 
 
 @triton.jit
-def _step_rows(lengths_ptr, b0, s, T, B, reverse, HAS_LENGTHS: tl.constexpr,
-               BLOCK_B: tl.constexpr):
-    """Rows b0 .. b0+BLOCK_B at step s: (rows, in range, has step s, t_row as int64)."""
+def _step_rows(lengths_ptr, b0, s, T, B, d, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Rows b0 .. b0+BLOCK_B at step s of direction d: (rows, in range, has step s, t_row int64).
+
+    (Scalars are broadcast before combining with row masks: the interpreter turns bool & scalar
+    bool into integers.)
+    """
     rows = b0 + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     if HAS_LENGTHS:
@@ -75,7 +78,7 @@ def _step_rows(lengths_ptr, b0, s, T, B, reverse, HAS_LENGTHS: tl.constexpr,
     else:
         seq_len = tl.zeros([BLOCK_B], tl.int32) + T
     valid = row_mask & (s < seq_len)
-    t_row = tl.where(valid & reverse, seq_len - 1 - s, s).to(tl.int64)
+    t_row = tl.where(valid & (rows * 0 + d == 1), seq_len - 1 - s, s).to(tl.int64)
     return rows, row_mask, valid, t_row
 
 
@@ -171,7 +174,6 @@ def _recurrence_fwd_kernel(
     j = tl.program_id(0)
     d = tl.program_id(1)
     D = tl.num_programs(1)
-    reverse = d == 1
     PHASES: tl.constexpr = 2 if HAS_PROJ else 1
     units = j * BLOCK_H + tl.arange(0, BLOCK_H)  # own hidden units
     cols = j * BLOCK_R + tl.arange(0, BLOCK_R)  # own output columns (projection phase)
@@ -197,7 +199,7 @@ def _recurrence_fwd_kernel(
         h_next_ptr = h_state_ptr + (((s + 1) % 2) * D + d) * B * P
         if ph % PHASES == 0:  # cell phase: own units of every row
             for b0 in range(0, B, BLOCK_B):
-                rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, reverse,
+                rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
                                                           HAS_LENGTHS, BLOCK_B)
                 mask = row_mask[:, None] & (units < H)[None, :]
                 keep = valid[:, None]
@@ -288,29 +290,30 @@ def _recurrence_fwd_kernel(
                              tl.where(keep, h_new, h_own), mask=mask)
                     tl.store(out_ptrs, tl.where(keep, h_new, 0.0).to(output_ptr.dtype.element_ty),
                              mask=mask)
-        else:  # projection phase: own output columns h_t = W_hr m_t
-            m_ptr = m_state_ptr + d * B * H
-            for b0 in range(0, B, BLOCK_B):
-                rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, reverse,
-                                                          HAS_LENGTHS, BLOCK_B)
-                mask = row_mask[:, None] & (cols < P)[None, :]
-                keep = valid[:, None]
-                m_rows = rows * H
-                if RESIDENT:
-                    m = _load_rows(m_ptr, m_rows, m_ptr, m_rows, valid, row_mask, k_hidden, H,
-                                   False)
-                    h_new = _dot(m, w_proj, tl.zeros([BLOCK_B, BLOCK_R], tl.float32),
-                                 DOT_FP32, INPUT_PRECISION)
-                else:
-                    h_new = _streamed_matmul(m_ptr, m_rows, m_ptr, m_rows, valid, row_mask, H,
-                                             w_proj_ptr, 1, cols, P, H, False, BLOCK_B, BLOCK_R,
-                                             BLOCK_KH, DOT_FP32, INPUT_PRECISION)
-                h_cols = (rows * P)[:, None] + cols[None, :]
-                h_own = tl.load(h_prev_ptr + h_cols, mask=mask, other=0.0)
-                tl.store(h_next_ptr + h_cols, tl.where(keep, h_new, h_own), mask=mask)
-                out_ptrs = output_ptr + (t_row * B + rows)[:, None] * (D * P) + d * P + cols[None, :]
-                tl.store(out_ptrs, tl.where(keep, h_new, 0.0).to(output_ptr.dtype.element_ty),
-                         mask=mask)
+        if HAS_PROJ:  # compiled only with a projection
+            if ph % 2 == 1:  # projection phase: own output columns h_t = W_hr m_t
+                m_ptr = m_state_ptr + d * B * H
+                for b0 in range(0, B, BLOCK_B):
+                    rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
+                                                              HAS_LENGTHS, BLOCK_B)
+                    mask = row_mask[:, None] & (cols < P)[None, :]
+                    keep = valid[:, None]
+                    m_rows = rows * H
+                    if RESIDENT:
+                        m = _load_rows(m_ptr, m_rows, m_ptr, m_rows, valid, row_mask, k_hidden, H,
+                                       False)
+                        h_new = _dot(m, w_proj, tl.zeros([BLOCK_B, BLOCK_R], tl.float32),
+                                     DOT_FP32, INPUT_PRECISION)
+                    else:
+                        h_new = _streamed_matmul(m_ptr, m_rows, m_ptr, m_rows, valid, row_mask, H,
+                                                 w_proj_ptr, 1, cols, P, H, False, BLOCK_B, BLOCK_R,
+                                                 BLOCK_KH, DOT_FP32, INPUT_PRECISION)
+                    h_cols = (rows * P)[:, None] + cols[None, :]
+                    h_own = tl.load(h_prev_ptr + h_cols, mask=mask, other=0.0)
+                    tl.store(h_next_ptr + h_cols, tl.where(keep, h_new, h_own), mask=mask)
+                    out_ptrs = output_ptr + (t_row * B + rows)[:, None] * (D * P) + d * P + cols[None, :]
+                    tl.store(out_ptrs, tl.where(keep, h_new, 0.0).to(output_ptr.dtype.element_ty),
+                             mask=mask)
         _arrive(counter_ptr + d)
 
 
@@ -345,7 +348,6 @@ def _recurrence_bwd_kernel(
     j = tl.program_id(0)
     d = tl.program_id(1)
     D = tl.num_programs(1)
-    reverse = d == 1
     GH = G * H
     units = j * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = j * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -369,13 +371,13 @@ def _recurrence_bwd_kernel(
         grad_out_ptr = grad_h_state_ptr + (((ph // 2 + 1) % 2) * D + d) * B * P
         if ph % 2 == 0:  # cell phase: own units
             for b0 in range(0, B, BLOCK_B):
-                rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, reverse,
+                rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
                                                           HAS_LENGTHS, BLOCK_B)
                 mask = row_mask[:, None] & (units < H)[None, :]
                 live = mask & valid[:, None]
                 keep = valid[:, None]
-                t_prev = tl.where(reverse, t_row + 1, t_row - 1)
-                has_prev = (t_prev >= 0) & (t_prev < T) & (s > 0)  # else h_{t-1}, c_{t-1} = h0, c0
+                t_prev = t_row - 1 + 2 * d  # the step before, in the direction's order
+                has_prev = (t_prev >= 0) & (t_prev < T) & (t_prev * 0 + s > 0)  # else h_{t-1}, c_{t-1} = h0, c0
                 go_rows = (t_row * B + rows) * (D * P)
                 if HAS_PROJ:
                     if RESIDENT:
@@ -460,7 +462,7 @@ def _recurrence_bwd_kernel(
                     tl.store(hg_ptrs, grad_pre, mask=mask)
         else:  # hidden phase: own columns of grad h_{t-1}
             for b0 in range(0, B, BLOCK_B):
-                rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, reverse,
+                rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
                                                           HAS_LENGTHS, BLOCK_B)
                 mask = row_mask[:, None] & (cols < P)[None, :]
                 keep = valid[:, None]
