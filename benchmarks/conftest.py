@@ -1,0 +1,168 @@
+"""pytest-benchmark setup: options, the cases to time, and the fastrnn/torch.nn ratio report.
+
+Run with `pytest benchmarks/` (add `--quick` for a short CPU run). See test_rnn_speed.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastrnn
+import rnn_cases
+
+TIMINGS = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastrnn benchmarks")
+    group.addoption("--quick", action="store_true",
+                    help="fewer configs and rounds (a CPU run takes a few minutes)")
+    group.addoption("--backends", default="",
+                    help="comma-separated fastrnn backends to time (default: every available one; "
+                         "'reference' only on small configs unless named here)")
+    group.addoption("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device to time on (default: cuda when present, else cpu)")
+    group.addoption("--threads", type=int, default=0,
+                    help="torch CPU threads (default: torch's default)")
+    group.addoption("--rounds", type=int, default=0,
+                    help="timed rounds per benchmark (default: as many as fit a time budget)")
+    group.addoption("--results-dir", default=str(Path(__file__).parent / "results"),
+                    help="where ratios.json and ratios.png are written")
+
+
+def _requested_backends(config) -> tuple[list[str], bool]:
+    """The fastrnn backends to time and whether the user named them."""
+    available = fastrnn.available_backends()
+    names = [name for name in config.getoption("--backends").split(",") if name]
+    for name in names:
+        if name not in available:
+            raise pytest.UsageError(f"--backends: {name!r} is not part of this build of fastrnn "
+                                    f"(it has {', '.join(available)})")
+        if available[name]:
+            raise pytest.UsageError(f"--backends: {name!r} is not available: {available[name]}")
+    if names:
+        return names, True
+    return [name for name, reason in available.items() if not reason], False
+
+
+def pytest_configure(config):
+    config.stash[TIMINGS] = {}
+    if config.getoption("--threads", 0):
+        torch.set_num_threads(config.getoption("--threads"))
+
+
+def _device_description(config) -> str:
+    device = torch.device(config.getoption("--device"))
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"{device} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def pytest_report_header(config):
+    lines = [f"fastrnn benchmarks: torch {torch.__version__} on {_device_description(config)}"]
+    for backend, reason in fastrnn.available_backends().items():
+        lines.append(f"  fastrnn backend {backend}: {'available' if not reason else reason}")
+    return lines
+
+
+def _configs(config) -> list[rnn_cases.Config]:
+    device = torch.device(config.getoption("--device"))
+    if device.type == "cuda":
+        return rnn_cases.gpu_configs()
+    return rnn_cases.cpu_configs(config.getoption("--quick"))
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    backends, named = _requested_backends(metafunc.config)
+    cases, ids = [], []
+    for bench_config in _configs(metafunc.config):
+        for dtype in bench_config.dtypes:
+            for pass_name in bench_config.passes:
+                timed = [name for name in backends
+                         if name != "reference" or named or bench_config.small]
+                for implementation in ["torch", *timed]:
+                    cases.append((bench_config, dtype, pass_name, implementation))
+                    ids.append(f"{bench_config.label}-{dtype}-{pass_name}-{implementation}")
+    metafunc.parametrize("case", cases, ids=ids)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    device = torch.device(pytestconfig.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda but CUDA is not available", returncode=4)
+    return device
+
+
+_current: dict = {}
+
+
+@pytest.fixture
+def yardstick(case, device) -> rnn_cases.Yardstick:
+    """The config's problem and torch.nn's results on it; built once per run of a config's cases."""
+    key = (case[0], device)
+    if _current.get("key") != key:
+        _current.clear()
+        _current.update(key=key, yardstick=rnn_cases.Yardstick(rnn_cases.make_problem(*key)))
+    return _current["yardstick"]
+
+
+@pytest.fixture
+def record_timing(request):
+    """Store the (min, median) seconds of a benchmark for the end-of-session ratio report."""
+
+    def record(case, seconds: tuple[float, float]) -> None:
+        bench_config, dtype, pass_name, implementation = case
+        key = (bench_config.label, dtype, pass_name)
+        request.config.stash[TIMINGS].setdefault(key, {})[implementation] = seconds
+
+    return record
+
+
+@pytest.fixture
+def timing_plan(pytestconfig, device):
+    """(warm-up rounds, timed rounds) for a pass that took `seconds_once` when first run."""
+    quick = pytestconfig.getoption("--quick")
+    fixed_rounds = pytestconfig.getoption("--rounds")
+    warmup = 2 if device.type == "cuda" else 0
+
+    def plan(seconds_once: float) -> tuple[int, int]:
+        if fixed_rounds:
+            return warmup, fixed_rounds
+        budget, minimum = (0.5, 2) if quick else (3.0, 3)
+        return warmup, max(minimum, min(200, math.floor(budget / max(seconds_once, 1e-6))))
+
+    return plan
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    timings = config.stash.get(TIMINGS, {})
+    if not timings:
+        return
+    rows = rnn_cases.ratio_rows(timings)
+    meta = {"device": _device_description(config),
+            "torch": torch.__version__, "python": sys.version.split()[0],
+            "date": datetime.date.today().isoformat(),
+            "command": "pytest " + " ".join(config.invocation_params.args),
+            "ratio": "fastrnn min time / torch.nn min time over the timed rounds; < 1: fastrnn is faster"}
+    results_dir = Path(config.getoption("--results-dir"))
+    rnn_cases.write_json(results_dir / "ratios.json", rows, meta)
+    note = rnn_cases.write_plot(results_dir / "ratios.png", rows,
+                                f"fastrnn / torch.nn on {meta['device']}, torch {meta['torch']}")
+    terminalreporter.section("fastrnn / torch.nn time ratios")
+    terminalreporter.write_line(f"{meta['ratio']} ({meta['device']}, torch {meta['torch']})")
+    terminalreporter.write_line(rnn_cases.ratio_table(rows))
+    terminalreporter.write_line(f"written: {results_dir / 'ratios.json'}"
+                                + ("" if note else f", {results_dir / 'ratios.png'}"))
+    if note:
+        terminalreporter.write_line(note)

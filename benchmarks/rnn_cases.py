@@ -1,0 +1,302 @@
+"""Benchmark configurations, the timed workloads, the correctness gate and the ratio report.
+
+Legend: B batch, T time steps, I input size, H hidden size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fastrnn
+from fastrnn.backends import LayerConfig, why_not
+from fastrnn.cells import CELLS_BY_MODE
+
+PASSES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Largest normalised error (max |fastrnn - torch| / max |torch|) accepted before timing.
+TOLERANCE = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmarked layer shape."""
+
+    suite: str  # where the shape comes from: "fastrnns", "deepbench-train", ...
+    mode: str  # "LSTM", "GRU" or "RNN" (tanh)
+    batch: int
+    seq: int
+    hidden: int
+    input: int = 0  # 0: same as hidden
+    layers: int = 1
+    bidirectional: bool = False
+    packed: bool = False  # lengths uniform in [T/3, T]
+    passes: tuple[str, ...] = PASSES
+    dtypes: tuple[str, ...] = ("fp32",)
+    small: bool = False  # cheap enough to time the reference backend by default
+
+    @property
+    def input_size(self) -> int:
+        return self.input or self.hidden
+
+    @property
+    def label(self) -> str:
+        parts = [self.suite, self.mode.lower()]
+        if self.layers > 1:
+            parts.append(f"{self.layers}L")
+        if self.bidirectional:
+            parts.append("bi")
+        if self.packed:
+            parts.append("packed")
+        parts.append(f"B{self.batch}-T{self.seq}-I{self.input_size}-H{self.hidden}")
+        return "-".join(parts)
+
+
+def gpu_configs() -> list[Config]:
+    half = ("fp32", "bf16", "fp16")
+    configs = [Config("fastrnns", "LSTM", 64, 100, 512, dtypes=half)]
+    configs += [Config("deepbench-train", "LSTM", batch, 25, hidden, dtypes=half)
+                for hidden in (512, 1024, 2048) for batch in (16, 64)]
+    configs += [Config("deepbench-infer", "LSTM", batch, 25, 512, passes=("fwd",), dtypes=half,
+                       small=True) for batch in (1, 4)]
+    configs += [
+        Config("long", "LSTM", 16, 1024, 768, dtypes=half),
+        Config("packed", "LSTM", 64, 100, 512, packed=True, dtypes=half),
+        Config("bidir", "LSTM", 64, 100, 512, layers=2, bidirectional=True, dtypes=half),
+        Config("gru", "GRU", 64, 100, 512, dtypes=half),
+        Config("rnn", "RNN", 64, 100, 512, dtypes=half),
+        Config("latency", "LSTM", 1, 100, 256, dtypes=half, small=True),
+    ]
+    return configs
+
+
+def cpu_configs(quick: bool) -> list[Config]:
+    small = [Config("cpu-small", mode, 16, 50, 256, small=True) for mode in ("LSTM", "GRU", "RNN")]
+    small += [Config("cpu-small", "LSTM", 16, 50, 256, dtypes=("bf16",), small=True),
+              Config("cpu-small", "LSTM", 16, 50, 256, packed=True, small=True)]
+    if quick:
+        return small + [Config("fastrnns", "LSTM", 64, 100, 512, passes=("fwd",))]
+    return small + [Config("fastrnns", mode, 64, 100, 512) for mode in ("LSTM", "GRU", "RNN")]
+
+
+def layer_config(config: Config, dtype: str, device: torch.device) -> LayerConfig:
+    """What a backend sees of the first layer of `config`."""
+    return LayerConfig(cell=CELLS_BY_MODE["RNN_TANH" if config.mode == "RNN" else config.mode],
+                       device_type=device.type, dtype=DTYPES[dtype], batch_size=config.batch,
+                       seq_len=config.seq, hidden_size=config.hidden, proj_size=0,
+                       num_directions=2 if config.bidirectional else 1,
+                       variable_lengths=config.packed)
+
+
+def _round_through_bf16(tensor: torch.Tensor) -> torch.Tensor:
+    """Values every benchmarked dtype holds exactly, so all dtypes solve the same problem."""
+    return tensor.to(torch.bfloat16).float()
+
+
+@dataclasses.dataclass
+class Problem:
+    """A float32 torch.nn module, its input and an output gradient, on one device."""
+
+    module: nn.Module
+    input: torch.Tensor | PackedSequence
+    grad_output: torch.Tensor
+
+
+def make_problem(config: Config, device: torch.device, seed: int = 0) -> Problem:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    module = getattr(nn, config.mode)(config.input_size, config.hidden, config.layers,
+                                      bidirectional=config.bidirectional)
+    with torch.no_grad():
+        for weight in module.parameters():
+            weight.copy_(_round_through_bf16(weight))
+    module = module.to(device)
+    x = _round_through_bf16(torch.randn(config.seq, config.batch, config.input_size,
+                                        generator=generator))
+    if config.packed:
+        low = math.ceil(config.seq / 3)
+        lengths = torch.randint(low, config.seq + 1, (config.batch,), generator=generator)
+        lengths[0] = config.seq
+        x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        x = PackedSequence(x.data.to(device), x.batch_sizes, x.sorted_indices.to(device),
+                           x.unsorted_indices.to(device))
+        rows = x.data.shape[0]
+    else:
+        x = x.to(device)
+        rows = None
+    directions = 2 if config.bidirectional else 1
+    out_shape = ((rows, directions * config.hidden) if rows is not None
+                 else (config.seq, config.batch, directions * config.hidden))
+    grad_output = _round_through_bf16(torch.randn(out_shape, generator=generator)).to(device)
+    return Problem(module, x, grad_output)
+
+
+def _input_as(x, dtype: torch.dtype, requires_grad: bool):
+    if isinstance(x, PackedSequence):
+        return PackedSequence(_input_as(x.data, dtype, requires_grad), x.batch_sizes,
+                              x.sorted_indices, x.unsorted_indices)
+    return x.detach().to(dtype, copy=True).requires_grad_(requires_grad)
+
+
+def _data(x):
+    return x.data if isinstance(x, PackedSequence) else x
+
+
+class Workload:
+    """One implementation of one config in one dtype, ready to run a pass."""
+
+    def __init__(self, problem: Problem, implementation: str, dtype: str):
+        torch_dtype = DTYPES[dtype]
+        module = copy.deepcopy(problem.module).to(torch_dtype)
+        if implementation != "torch":
+            module = getattr(fastrnn, type(module).__name__).from_torch(module,
+                                                                        backend=implementation)
+        self.module = module
+        self.device = problem.grad_output.device
+        self.input = _input_as(problem.input, torch_dtype, requires_grad=False)
+        self.input_with_grad = _input_as(problem.input, torch_dtype, requires_grad=True)
+        self.grad_output = problem.grad_output.to(torch_dtype)
+        self.grad_targets = [_data(self.input_with_grad), *self.module.parameters()]
+
+    def forward(self):
+        with torch.no_grad():
+            return self.module(self.input)
+
+    def forward_backward(self):
+        output, _ = self.module(self.input_with_grad)
+        return torch.autograd.grad(_data(output), self.grad_targets, self.grad_output)
+
+    def runner(self, pass_name: str):
+        """A callable running one pass, synchronised on CUDA."""
+        step = self.forward if pass_name == "fwd" else self.forward_backward
+        if self.device.type != "cuda":
+            return step
+
+        def synchronised():
+            result = step()
+            torch.cuda.synchronize(self.device)
+            return result
+
+        return synchronised
+
+
+class Yardstick:
+    """A problem and torch.nn's float32 results on it, computed on first use: what the
+    correctness gate compares fastrnn with."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self._expected: dict[str, list[torch.Tensor]] = {}
+
+    def expected(self, pass_name: str) -> list[torch.Tensor]:
+        if pass_name not in self._expected:
+            workload = Workload(self.problem, "torch", "fp32")
+            if pass_name == "fwd":
+                output, hidden = workload.forward()
+                hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]
+                self._expected[pass_name] = [_data(output), *hidden]
+            else:
+                self._expected[pass_name] = list(workload.forward_backward())
+        return self._expected[pass_name]
+
+
+def mismatch(workload: Workload, pass_name: str, expected: list[torch.Tensor], dtype: str) -> str:
+    """Why `workload` disagrees with torch.nn, or "" when it agrees within the loose tolerance."""
+    if pass_name == "fwd":
+        output, hidden = workload.forward()
+        hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]
+        got, names = [_data(output), *hidden], ["output", "h_n", "c_n"]
+    else:
+        got = list(workload.forward_backward())
+        names = ["grad_input"] + [name for name, _ in workload.module.named_parameters()]
+    for name, value, want in zip(names, got, expected):
+        scale = want.abs().max().item() or 1.0
+        error = (value.float() - want).abs().max().item() / scale
+        if not error <= TOLERANCE[dtype]:
+            return f"{name} differs from torch.nn: normalised max error {error:.3g} > {TOLERANCE[dtype]}"
+    return ""
+
+
+def unsupported(config: Config, dtype: str, device: torch.device, backend: str) -> str:
+    """Why fastrnn `backend` cannot run this config, or ""."""
+    return why_not(backend, layer_config(config, dtype, device))
+
+
+# ---- the report ------------------------------------------------------------------------------
+def ratio_rows(timings: dict[tuple[str, str, str], dict[str, tuple[float, float]]]) -> list[dict]:
+    """One row per (config, dtype, pass) from (min, median) seconds per implementation: torch.nn's
+    times and each fastrnn backend's times and ratio of fastest rounds to torch.nn's."""
+    rows = []
+    for (label, dtype, pass_name), times in timings.items():
+        torch_min, torch_median = times.get("torch", (None, None))
+        backends = {name: {"min_ms": 1e3 * fastest, "median_ms": 1e3 * median,
+                           "ratio": fastest / torch_min if torch_min else None}
+                    for name, (fastest, median) in times.items() if name != "torch"}
+        rows.append({"config": label, "dtype": dtype, "pass": pass_name,
+                     "torch_min_ms": None if torch_min is None else 1e3 * torch_min,
+                     "torch_median_ms": None if torch_median is None else 1e3 * torch_median,
+                     "backends": backends})
+    return rows
+
+
+def ratio_table(rows: list[dict]) -> str:
+    backends = sorted({name for row in rows for name in row["backends"]})
+    header = ["config", "dtype", "pass", "torch min ms"] + [f"{name} ratio" for name in backends]
+    lines = [header]
+    for row in rows:
+        torch_ms = row["torch_min_ms"]
+        cells = [row["config"], row["dtype"], row["pass"],
+                 "-" if torch_ms is None else f"{torch_ms:.2f}"]
+        for name in backends:
+            ratio = row["backends"].get(name, {}).get("ratio")
+            cells.append("-" if ratio is None else f"{ratio:.2f}")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)
+                      for i, (cell, width) in enumerate(zip(line, widths))) for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    return "\n".join(text)
+
+
+def write_json(path, rows: list[dict], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+
+
+def write_plot(path, rows: list[dict], title: str) -> str:
+    """Draw the ratios as horizontal bars; returns a note when it could not."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot written (pip install matplotlib)"
+    rows = [row for row in rows if any(b["ratio"] for b in row["backends"].values())]
+    if not rows:
+        return "no fastrnn/torch ratio measured: no plot written"
+    backends = sorted({name for row in rows for name in row["backends"]})
+    labels = [f"{row['config']} {row['dtype']} {row['pass']}" for row in rows]
+    bar = 0.8 / len(backends)
+    figure, axes = plt.subplots(figsize=(10, 1.5 + 0.3 * len(rows) * len(backends)))
+    for i, name in enumerate(backends):
+        ratios = [row["backends"].get(name, {}).get("ratio") or float("nan") for row in rows]
+        axes.barh([y + i * bar for y in range(len(rows))], [r - 1 for r in ratios], left=1,
+                  height=bar, label=name)
+    axes.axvline(1.0, color="black", linewidth=1)
+    axes.set_xscale("log")
+    axes.set_yticks([y + 0.4 - bar / 2 for y in range(len(rows))], labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("fastrnn time / torch.nn time (fastest round; < 1 is faster)")
+    axes.set_title(title, fontsize=9)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return ""
