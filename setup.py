@@ -1,5 +1,43 @@
-"""Build script: the package is pure Python until the C++/CUDA extensions in csrc/ are added."""
+"""Build script: the Python package plus the compiled backends.
+
+- `fastrnn._C_cpu` (csrc/cpu): the fused CPU kernel, built whenever torch is importable.
+- `fastrnn._C_cuda` (csrc/cuda): the CUDA kernels, built only when the installed torch has CUDA
+  (a CUDAExtension cannot even be constructed against the CPU wheel) and FASTRNN_SKIP_CUDA_BUILD
+  is unset. MAX_JOBS limits the parallel compile jobs; TORCH_CUDA_ARCH_LIST picks the GPUs.
+
+Torch must be importable when building (`pip install --no-build-isolation -e .`); without it the
+package is installed without extensions and the backends compile them on first use instead.
+"""
+
+import os
+import sys
 
 from setuptools import setup
 
-setup()
+
+def extension_setup() -> dict:
+    """setup() arguments that build the extensions, or {} when torch is not importable."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("fastrnn: torch is not importable, building without the extensions", file=sys.stderr)
+        return {}
+    extensions = [CppExtension(
+        "fastrnn._C_cpu",
+        ["csrc/cpu/rnn_cpu.cpp"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )]
+    if torch.version.cuda is not None and not os.environ.get("FASTRNN_SKIP_CUDA_BUILD"):
+        from torch.utils.cpp_extension import CUDAExtension
+        extensions.append(CUDAExtension(
+            "fastrnn._C_cuda",
+            ["csrc/cuda/binding.cpp", "csrc/cuda/forward.cu", "csrc/cuda/backward.cu"],
+            include_dirs=[os.path.abspath("csrc/cuda")],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        ))
+    return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**extension_setup())

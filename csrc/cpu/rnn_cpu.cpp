@@ -1,0 +1,730 @@
+// Fused CPU recurrence for one layer (all directions) of an LSTM, GRU or Elman RNN, forward and
+// backward (BPTT), following the contract of fastrnn/backends/base.py.
+//
+// Legend: B batch, T time, H hidden, P proj_size or H, G gates, D directions, W workspace width.
+// Forward step: one parallel pass in which each thread multiplies h by its own block of W_hh rows
+// (a one-thread GEMM into a preallocated buffer) and runs the fused, vectorised cell on its block
+// of hidden units. Backward step: a fused cell pass over B*H, then grad h_prev = grad_gates W_hh by
+// blocks of columns. The backward ends with one GEMM per weight over all steps.
+// bfloat16/float16 inputs run in float32 and are rounded on output.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace fastrnn_cpu {
+namespace {
+
+using at::Tensor;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTRNN_CLONES
+#endif
+#define FASTRNN_INLINE inline __attribute__((always_inline))
+// Loops marked ivdep write each column of distinct buffers once: no dependence between columns.
+
+// A new tensor for a large buffer. On Linux its whole 2 MiB pages are advised to be huge pages
+// before anything touches them: first-touch faults on 4 KiB pages otherwise cost more than the
+// cell passes for large layers.
+Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor result = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(result.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + result.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return result;
+}
+
+enum class Cell { kLstm, kGru, kRnnTanh, kRnnRelu };
+
+struct CellInfo {
+  Cell cell;
+  int64_t gates;            // G
+  int64_t workspace_gates;  // W / H
+};
+
+CellInfo cell_info(std::string_view name) {
+  if (name == "lstm") return {Cell::kLstm, 4, 5};
+  if (name == "gru") return {Cell::kGru, 3, 4};
+  if (name == "rnn_tanh") return {Cell::kRnnTanh, 1, 0};
+  if (name == "rnn_relu") return {Cell::kRnnRelu, 1, 0};
+  TORCH_CHECK(false, "fastrnn cpu: unknown cell ", name);
+}
+
+// exp for float: Cody-Waite range reduction and a degree-6 polynomial, branch-free so that loops
+// over it vectorise; relative error about 2 ulp. Double precision uses the C library.
+FASTRNN_INLINE float exp_fast(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+FASTRNN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+// tanh for float: Eigen's rational approximation (odd degree 13 over even degree 6) on
+// [-7.9, 7.9], tanh(x) = x below 4e-4; error below 7 ulp, also relative for small |x|.
+FASTRNN_INLINE float tanh_(float x) {
+  constexpr float kLimit = 7.90531110763549805f;
+  const float xc = x < -kLimit ? -kLimit : (x > kLimit ? kLimit : x);
+  const float x2 = xc * xc;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  const float result = p * xc / q;
+  return std::fabs(x) < 4e-4f ? x : result;
+}
+FASTRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+FASTRNN_INLINE double tanh_(double x) { return std::tanh(x); }
+
+// What the cell pass of one forward step reads and writes; rows are batch entries. The recurrent
+// term comes per block of hidden units: [B, G, units] for units first_unit .. first_unit+units-1.
+template <typename T>
+struct ForwardStep {
+  int64_t hidden;                // H
+  int64_t t;                     // time step
+  const int64_t* lengths;        // [B] or null
+  const T* x_gates;              // [B, G*H] rows x_gates_row apart
+  int64_t x_gates_row;
+  const T* h_gates;              // [B, G, units] W_hh h of this block of units, contiguous
+  int64_t units;
+  int64_t first_unit;
+  const T* bias;                 // [G*H] b_hh (zeros when the layer has none)
+  T* workspace;                  // [B, W] rows workspace_row apart
+  int64_t workspace_row;
+  const T* h_prev;               // [B, P] h before the step
+  T* h_next;                     // [B, P] h after the step; null when projecting
+  T* c_state;                    // [B, H] LSTM c, updated in place
+  T* output;                     // [B, P] rows output_row apart; written when nothing projects
+  int64_t output_row;
+  T* h_unprojected;              // [B, H] LSTM with projection: o * tanh(c); else null
+};
+
+// Hidden units [j0, j1) of row b of one forward step (inside the step's block of units).
+template <typename T>
+FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t b, int64_t j0,
+                                    int64_t j1) {
+  const int64_t H = s.hidden, n = j1 - j0, U = s.units;
+  const bool valid = s.lengths == nullptr || s.t < s.lengths[b];
+  const bool projects = s.h_unprojected != nullptr;
+  // Without projection P == H, so h rows are H apart.
+  T* __restrict ws = s.workspace + b * s.workspace_row + j0;
+  T* __restrict out = s.output + b * s.output_row + j0;
+  const T* __restrict h = projects ? nullptr : s.h_prev + b * H + j0;
+  T* __restrict h_next = projects ? nullptr : s.h_next + b * H + j0;
+  if (!valid) {  // past the sequence's end: zeros out, the state stays
+    const int64_t saved_gates = cell == Cell::kLstm ? 5 : (cell == Cell::kGru ? 4 : 0);
+    for (int64_t k = 0; k < saved_gates; ++k) std::fill(ws + k * H, ws + k * H + n, T(0));
+    if (!projects) {
+      std::fill(out, out + n, T(0));
+      std::copy(h, h + n, h_next);
+    }
+    return;
+  }
+  const int64_t G = cell == Cell::kLstm ? 4 : (cell == Cell::kGru ? 3 : 1);
+  const T* __restrict xg = s.x_gates + b * s.x_gates_row + j0;
+  const T* __restrict hg = s.h_gates + b * G * U + (j0 - s.first_unit);
+  const T* __restrict bias = s.bias + j0;
+  switch (cell) {
+    case Cell::kLstm: {
+      T* __restrict c = s.c_state + b * H + j0;
+      T* __restrict hu = projects ? s.h_unprojected + b * H + j0 : h_next;
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) {
+        const T i = sigmoid(xg[j] + hg[j] + bias[j]);
+        const T f = sigmoid(xg[H + j] + hg[U + j] + bias[H + j]);
+        const T g = tanh_(xg[2 * H + j] + hg[2 * U + j] + bias[2 * H + j]);
+        const T o = sigmoid(xg[3 * H + j] + hg[3 * U + j] + bias[3 * H + j]);
+        const T c_new = f * c[j] + i * g;
+        const T h_new = o * tanh_(c_new);
+        ws[j] = i;
+        ws[H + j] = f;
+        ws[2 * H + j] = g;
+        ws[3 * H + j] = o;
+        ws[4 * H + j] = c_new;
+        c[j] = c_new;
+        hu[j] = h_new;
+      }
+      if (!projects) std::copy(h_next, h_next + n, out);
+      break;
+    }
+    case Cell::kGru:
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) {
+        const T r = sigmoid(xg[j] + hg[j] + bias[j]);
+        const T z = sigmoid(xg[H + j] + hg[U + j] + bias[H + j]);
+        const T hn = hg[2 * U + j] + bias[2 * H + j];
+        const T n_gate = tanh_(xg[2 * H + j] + r * hn);
+        const T h_new = n_gate + z * (h[j] - n_gate);
+        ws[j] = r;
+        ws[H + j] = z;
+        ws[2 * H + j] = n_gate;
+        ws[3 * H + j] = hn;
+        h_next[j] = h_new;
+        out[j] = h_new;
+      }
+      break;
+    case Cell::kRnnTanh:
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) {
+        const T h_new = tanh_(xg[j] + hg[j] + bias[j]);
+        h_next[j] = h_new;
+        out[j] = h_new;
+      }
+      break;
+    case Cell::kRnnRelu:
+      #pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) {
+        const T pre = xg[j] + hg[j] + bias[j];
+        const T h_new = pre > T(0) ? pre : T(0);
+        h_next[j] = h_new;
+        out[j] = h_new;
+      }
+      break;
+  }
+}
+
+// What the cell pass of one backward step reads and writes.
+template <typename T>
+struct BackwardStep {
+  int64_t hidden;                // H
+  int64_t out_size;              // P
+  int64_t seq_len;               // T
+  int64_t t;
+  bool reverse;                  // direction 1
+  const int64_t* lengths;        // [B] or null
+  const T* grad_h;               // [B, H] gradient of the step's unprojected h, rows grad_h_row apart
+  int64_t grad_h_row;
+  const T* grad_output;          // [B, P] rows grad_output_row apart, added to grad_h; or null
+  int64_t grad_output_row;
+  const T* grad_h_carry;         // [B, P] gradient of h after the step (carried at padded steps)
+  T* grad_h_next;                // [B, P] out: the part of grad h_prev not through W_hh
+  T* grad_c;                     // [B, H] LSTM, in: after the step, out: before it
+  const T* workspace;            // [T, B, W] of this direction, rows workspace_row apart
+  int64_t workspace_row;
+  int64_t workspace_step;
+  const T* c_initial;            // [B, H] LSTM c0
+  const T* output;               // [T, B, P] h of this direction, rows output_row apart
+  int64_t output_row;
+  int64_t output_step;
+  const T* h_initial;            // [B, P] h0
+  T* grad_x_gates;               // [B, G*H] rows grad_x_gates_row apart
+  int64_t grad_x_gates_row;
+  T* grad_h_gates;               // [B, G*H] GRU (differs from grad_x_gates in n), contiguous
+  T* h_unprojected;              // [B, H] LSTM with projection: o * tanh(c) (0 when padded)
+};
+
+template <typename T>
+FASTRNN_INLINE void backward_segment(Cell cell, const BackwardStep<T>& s, int64_t b, int64_t j0,
+                                     int64_t j1) {
+  const int64_t H = s.hidden;
+  const int64_t G = cell == Cell::kLstm ? 4 : (cell == Cell::kGru ? 3 : 1);
+  const int64_t length = s.lengths == nullptr ? s.seq_len : s.lengths[b];
+  T* __restrict gx = s.grad_x_gates + b * s.grad_x_gates_row;
+  T* __restrict gh_next = s.grad_h_next + b * s.out_size;
+  if (s.t >= length) {  // padded step: no gradient flows into it, the carried ones pass by
+    for (int64_t k = 0; k < G; ++k) std::fill(gx + k * H + j0, gx + k * H + j1, T(0));
+    if (cell == Cell::kGru) {
+      T* gh = s.grad_h_gates + b * G * H;
+      for (int64_t k = 0; k < G; ++k) std::fill(gh + k * H + j0, gh + k * H + j1, T(0));
+    }
+    if (s.h_unprojected != nullptr) std::fill(s.h_unprojected + b * H + j0, s.h_unprojected + b * H + j1, T(0));
+    // grad_h_next has P columns; segments cover H columns, so the row is copied by its first
+    // segment (P <= H) when it is a projected LSTM.
+    if (s.h_unprojected == nullptr) {
+      std::copy(s.grad_h_carry + b * s.out_size + j0, s.grad_h_carry + b * s.out_size + j1, gh_next + j0);
+    } else if (j0 == 0) {
+      std::copy(s.grad_h_carry + b * s.out_size, s.grad_h_carry + (b + 1) * s.out_size, gh_next);
+    }
+    return;
+  }
+  const bool prev_is_initial = s.reverse ? s.t + 1 >= length : s.t == 0;
+  const int64_t prev_t = s.reverse ? s.t + 1 : s.t - 1;
+  const T* __restrict gh_in = s.grad_h + b * s.grad_h_row;
+  const T* __restrict go = s.grad_output == nullptr ? nullptr : s.grad_output + b * s.grad_output_row;
+  const T* __restrict ws = s.workspace + s.t * s.workspace_step + b * s.workspace_row;
+  switch (cell) {
+    case Cell::kLstm: {
+      T* __restrict dc = s.grad_c + b * H;
+      const T* __restrict c_prev = prev_is_initial
+          ? s.c_initial + b * H
+          : s.workspace + prev_t * s.workspace_step + b * s.workspace_row + 4 * H;
+      #pragma GCC ivdep
+      for (int64_t j = j0; j < j1; ++j) {
+        const T dh = go == nullptr ? gh_in[j] : gh_in[j] + go[j];
+        const T i = ws[j], f = ws[H + j], g = ws[2 * H + j], o = ws[3 * H + j], c = ws[4 * H + j];
+        const T tc = tanh_(c);
+        const T dcv = dc[j] + dh * o * (T(1) - tc * tc);
+        gx[j] = dcv * g * i * (T(1) - i);
+        gx[H + j] = dcv * c_prev[j] * f * (T(1) - f);
+        gx[2 * H + j] = dcv * i * (T(1) - g * g);
+        gx[3 * H + j] = dh * tc * o * (T(1) - o);
+        dc[j] = dcv * f;
+      }
+      if (s.h_unprojected != nullptr) {
+        T* __restrict hu = s.h_unprojected + b * H;
+        #pragma GCC ivdep
+        for (int64_t j = j0; j < j1; ++j) hu[j] = ws[3 * H + j] * tanh_(ws[4 * H + j]);
+        if (j0 == 0) std::fill(gh_next, gh_next + s.out_size, T(0));
+      } else {
+        std::fill(gh_next + j0, gh_next + j1, T(0));
+      }
+      break;
+    }
+    case Cell::kGru: {
+      T* __restrict gh = s.grad_h_gates + b * G * H;
+      const T* __restrict h_prev = prev_is_initial
+          ? s.h_initial + b * H
+          : s.output + prev_t * s.output_step + b * s.output_row;
+      #pragma GCC ivdep
+      for (int64_t j = j0; j < j1; ++j) {
+        const T dh = go == nullptr ? gh_in[j] : gh_in[j] + go[j];
+        const T r = ws[j], z = ws[H + j], n = ws[2 * H + j], hn = ws[3 * H + j];
+        const T dn = dh * (T(1) - z) * (T(1) - n * n);
+        const T dr = dn * hn * r * (T(1) - r);
+        const T dz = dh * (h_prev[j] - n) * z * (T(1) - z);
+        gx[j] = dr;
+        gx[H + j] = dz;
+        gx[2 * H + j] = dn;
+        gh[j] = dr;
+        gh[H + j] = dz;
+        gh[2 * H + j] = dn * r;
+        gh_next[j] = dh * z;
+      }
+      break;
+    }
+    case Cell::kRnnTanh:
+    case Cell::kRnnRelu: {
+      const T* __restrict h_new = s.output + s.t * s.output_step + b * s.output_row;
+      #pragma GCC ivdep
+      for (int64_t j = j0; j < j1; ++j) {
+        const T dh = go == nullptr ? gh_in[j] : gh_in[j] + go[j];
+        gx[j] = cell == Cell::kRnnTanh ? dh * (T(1) - h_new[j] * h_new[j])
+                                       : (h_new[j] > T(0) ? dh : T(0));
+        gh_next[j] = T(0);
+      }
+      break;
+    }
+  }
+}
+
+FASTRNN_CLONES void forward_segment_f32(Cell cell, const ForwardStep<float>& s, int64_t b,
+                                        int64_t j0, int64_t j1) {
+  forward_segment(cell, s, b, j0, j1);
+}
+void forward_segment_f64(Cell cell, const ForwardStep<double>& s, int64_t b, int64_t j0,
+                         int64_t j1) {
+  forward_segment(cell, s, b, j0, j1);
+}
+FASTRNN_CLONES void backward_segment_f32(Cell cell, const BackwardStep<float>& s, int64_t b,
+                                         int64_t j0, int64_t j1) {
+  backward_segment(cell, s, b, j0, j1);
+}
+void backward_segment_f64(Cell cell, const BackwardStep<double>& s, int64_t b, int64_t j0,
+                          int64_t j1) {
+  backward_segment(cell, s, b, j0, j1);
+}
+
+void run_segment(Cell cell, const ForwardStep<float>& s, int64_t b, int64_t j0, int64_t j1) {
+  forward_segment_f32(cell, s, b, j0, j1);
+}
+void run_segment(Cell cell, const ForwardStep<double>& s, int64_t b, int64_t j0, int64_t j1) {
+  forward_segment_f64(cell, s, b, j0, j1);
+}
+void run_segment(Cell cell, const BackwardStep<float>& s, int64_t b, int64_t j0, int64_t j1) {
+  backward_segment_f32(cell, s, b, j0, j1);
+}
+void run_segment(Cell cell, const BackwardStep<double>& s, int64_t b, int64_t j0, int64_t j1) {
+  backward_segment_f64(cell, s, b, j0, j1);
+}
+
+// Elements of B*H below which a backward cell pass stays on one thread.
+constexpr int64_t kCellGrain = 2048;
+
+// One backward cell pass over every (row, hidden unit), split over threads in row segments.
+template <typename Step>
+void cell_pass(Cell cell, const Step& step, int64_t batch, int64_t hidden) {
+  at::parallel_for(0, batch * hidden, kCellGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin / hidden; b * hidden < end; ++b) {
+      const int64_t j0 = std::max(begin - b * hidden, int64_t(0));
+      const int64_t j1 = std::min(end - b * hidden, hidden);
+      run_segment(cell, step, b, j0, j1);
+    }
+  });
+}
+
+// lengths as a contiguous CPU int64 tensor (undefined when absent), checked against T and B.
+Tensor checked_lengths(const std::optional<Tensor>& lengths, int64_t seq_len, int64_t batch) {
+  if (!lengths.has_value()) return Tensor();
+  TORCH_CHECK(lengths->device().is_cpu() && lengths->scalar_type() == at::kLong &&
+                  lengths->dim() == 1 && lengths->size(0) == batch,
+              "fastrnn cpu: lengths must be a CPU int64 tensor of shape [B]");
+  Tensor result = lengths->contiguous();
+  const int64_t* data = result.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(data[b] >= 1 && data[b] <= seq_len, "fastrnn cpu: lengths must lie in [1, T]");
+  }
+  return result;
+}
+
+const int64_t* lengths_data(const Tensor& lengths) {
+  return lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+}
+
+// Hidden units (or columns of h) per block of a step: one block per thread, each with its own
+// rows (forward) or columns (backward) of W_hh and a one-thread GEMM; one-thread GEMMs on blocks
+// scale better over the threads than one small GEMM split by the BLAS library.
+int64_t units_per_block(int64_t hidden) {
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), hidden / 64));
+  const int64_t units = (hidden + blocks - 1) / blocks;
+  return blocks == 1 ? hidden : (units + 15) / 16 * 16;
+}
+
+template <typename T>
+void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0, const Tensor& c0,
+                  const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr,
+                  const int64_t* lengths, Tensor& output, Tensor& h_n, Tensor& c_n,
+                  Tensor& workspace) {
+  const int64_t T_ = x_gates.size(0), B = x_gates.size(1);
+  const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), G = info.gates;
+  const int64_t H = GH / G, W = info.workspace_gates * H;
+  const bool lstm = info.cell == Cell::kLstm;
+  const bool projects = w_hr.defined();
+  // With a projection the whole step is one block: the projection needs every unit's h.
+  const int64_t block_units = projects ? H : units_per_block(H);
+  const int64_t blocks = (H + block_units - 1) / block_units;
+  Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, x_gates.options());
+  Tensor h_unprojected = projects ? at::empty({B, H}, x_gates.options()) : Tensor();
+  Tensor h_other = at::empty({B, P}, x_gates.options());
+  std::vector<Tensor> h_gates(blocks), w_block_t(blocks);  // [B, G*units], [P, G*units]
+  std::vector<ForwardStep<T>> steps(blocks);
+  for (int64_t d = 0; d < D; ++d) {
+    const bool reverse = d == 1;
+    Tensor h_state = h_n[d];  // [B, P], double-buffered with h_other; left holding h_n
+    Tensor h_next = h_other;
+    h_state.copy_(h0[d]);
+    Tensor c_state = lstm ? c_n[d] : Tensor();
+    if (lstm) c_state.copy_(c0[d]);
+    Tensor w_hr_t = projects ? w_hr[d].t() : Tensor();  // [H, P]
+    for (int64_t k = 0; k < blocks; ++k) {
+      const int64_t first = k * block_units, units = std::min(block_units, H - first);
+      Tensor w_block = blocks == 1
+          ? w_hh[d]
+          : w_hh[d].view({G, H, P}).narrow(1, first, units).reshape({G * units, P});
+      w_block_t[k] = w_block.t();
+      if (!h_gates[k].defined()) h_gates[k] = at::empty({B, G * units}, x_gates.options());
+      ForwardStep<T>& step = steps[k];
+      step.hidden = H;
+      step.lengths = lengths;
+      step.x_gates_row = x_gates.stride(1);
+      step.h_gates = h_gates[k].data_ptr<T>();
+      step.units = units;
+      step.first_unit = first;
+      step.bias = b_hh.defined() ? b_hh[d].data_ptr<T>() : zero_bias.data_ptr<T>();
+      step.workspace_row = D * W;
+      step.c_state = lstm ? c_state.data_ptr<T>() : nullptr;
+      step.output_row = D * P;
+      step.h_unprojected = projects ? h_unprojected.data_ptr<T>() : nullptr;
+    }
+    const T* x_gates_base = x_gates.data_ptr<T>() + d * GH;
+    T* workspace_base = workspace.data_ptr<T>() + d * W;
+    T* output_base = output.data_ptr<T>() + d * P;
+    for (int64_t s = 0; s < T_; ++s) {
+      const int64_t t = reverse ? T_ - 1 - s : s;
+      for (ForwardStep<T>& step : steps) {
+        step.t = t;
+        step.x_gates = x_gates_base + t * x_gates.stride(0);
+        step.workspace = workspace_base + t * B * D * W;
+        step.output = output_base + t * B * D * P;
+        step.h_prev = h_state.data_ptr<T>();
+        step.h_next = projects ? nullptr : h_next.data_ptr<T>();
+      }
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;  // worker threads start with grad mode on
+        for (int64_t k = begin; k < end; ++k) {
+          at::mm_out(h_gates[k], h_state, w_block_t[k]);
+          const ForwardStep<T>& step = steps[k];
+          for (int64_t b = 0; b < B; ++b) {
+            run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
+          }
+        }
+      });
+      if (projects) {  // h = W_hr (o * tanh(c)) where the sequence runs, else the state stays
+        T* out = output_base + t * B * D * P;
+        Tensor out_t = output[t].narrow(1, d * P, P);  // [B, P]
+        at::mm_out(out_t, h_unprojected, w_hr_t);
+        T* state = h_state.data_ptr<T>();
+        for (int64_t b = 0; b < B; ++b) {
+          T* row = out + b * D * P;
+          if (lengths == nullptr || t < lengths[b]) {
+            std::copy(row, row + P, state + b * P);
+          } else {
+            std::fill(row, row + P, T(0));
+          }
+        }
+      } else {
+        std::swap(h_state, h_next);
+      }
+    }
+    if (h_state.data_ptr() != h_n[d].data_ptr()) {
+      h_n[d].copy_(h_state);
+      h_other = h_state;
+    } else {
+      h_other = h_next;
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor& grad_h_n,
+                   const Tensor& grad_c_n, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                   const Tensor& w_hr, const int64_t* lengths, const Tensor& output,
+                   const Tensor& workspace, Tensor& grad_x_gates, Tensor& grad_h0,
+                   Tensor& grad_c0, Tensor& grad_w_hh, Tensor& grad_b_hh, Tensor& grad_w_hr) {
+  const int64_t T_ = output.size(0), B = output.size(1);
+  const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), H = GH / info.gates;
+  const int64_t W = info.workspace_gates * H;
+  const bool lstm = info.cell == Cell::kLstm, gru = info.cell == Cell::kGru;
+  const bool projects = w_hr.defined();
+  auto options = output.options();
+  const int64_t block_columns = units_per_block(P);
+  const int64_t column_blocks = (P + block_columns - 1) / block_columns;
+  Tensor grad_h_gates_all = gru ? empty_large({T_, B, GH}, options) : Tensor();  // [T, B, G*H]
+  Tensor grad_step_all = projects ? empty_large({T_, B, P}, options) : Tensor();
+  Tensor h_unprojected_all = projects ? empty_large({T_, B, H}, options) : Tensor();
+  Tensor grad_unprojected = projects ? at::empty({B, H}, options) : Tensor();
+  for (int64_t d = 0; d < D; ++d) {
+    const bool reverse = d == 1;
+    Tensor grad_h = grad_h0[d];  // [B, P], the running gradient of h; double-buffered
+    Tensor grad_h_next = at::empty({B, P}, options);
+    if (grad_h_n.defined()) grad_h.copy_(grad_h_n[d]); else grad_h.zero_();
+    Tensor grad_c = lstm ? grad_c0[d] : Tensor();
+    if (lstm) {
+      if (grad_c_n.defined()) grad_c.copy_(grad_c_n[d]); else grad_c.zero_();
+    }
+    Tensor weight = w_hh[d];  // [G*H, P]
+    Tensor grad_x_d = grad_x_gates.narrow(2, d * GH, GH);  // [T, B, G*H]
+    Tensor grad_h_gates_d = gru ? grad_h_gates_all : grad_x_d;
+    Tensor output_d = output.narrow(2, d * P, P);  // [T, B, P]
+    BackwardStep<T> step{};
+    step.hidden = H;
+    step.out_size = P;
+    step.seq_len = T_;
+    step.reverse = reverse;
+    step.lengths = lengths;
+    step.grad_output_row = D * P;
+    step.workspace = workspace.data_ptr<T>() + d * W;
+    step.workspace_row = D * W;
+    step.workspace_step = B * D * W;
+    step.c_initial = lstm ? c0[d].data_ptr<T>() : nullptr;
+    step.output = output_d.data_ptr<T>();
+    step.output_row = D * P;
+    step.output_step = B * D * P;
+    step.h_initial = h0[d].data_ptr<T>();
+    step.grad_x_gates_row = D * GH;
+    step.grad_c = lstm ? grad_c.data_ptr<T>() : nullptr;
+    const T* grad_output_d = grad_output.defined() ? grad_output.data_ptr<T>() + d * P : nullptr;
+    for (int64_t s = 0; s < T_; ++s) {
+      const int64_t t = reverse ? s : T_ - 1 - s;
+      const T* grad_output_t = grad_output_d == nullptr ? nullptr : grad_output_d + t * B * D * P;
+      step.t = t;
+      step.grad_h_carry = grad_h.data_ptr<T>();
+      step.grad_h_next = grad_h_next.data_ptr<T>();
+      step.grad_x_gates = grad_x_d.data_ptr<T>() + t * B * D * GH;
+      step.grad_h_gates = gru ? grad_h_gates_all.data_ptr<T>() + t * B * GH : nullptr;
+      if (projects) {  // grad of the projected h, then through W_hr to the unprojected h
+        T* grad_step = grad_step_all.data_ptr<T>() + t * B * P;
+        const T* carry = grad_h.data_ptr<T>();
+        for (int64_t b = 0; b < B; ++b) {
+          const bool valid = lengths == nullptr || t < lengths[b];
+          for (int64_t k = 0; k < P; ++k) {
+            grad_step[b * P + k] = carry[b * P + k] +
+                (valid && grad_output_t != nullptr ? grad_output_t[b * D * P + k] : T(0));
+          }
+        }
+        at::mm_out(grad_unprojected, grad_step_all[t], w_hr[d]);
+        step.grad_h = grad_unprojected.data_ptr<T>();
+        step.grad_h_row = H;
+        step.grad_output = nullptr;
+        step.h_unprojected = h_unprojected_all.data_ptr<T>() + t * B * H;
+      } else {
+        step.grad_h = grad_h.data_ptr<T>();
+        step.grad_h_row = P;
+        step.grad_output = grad_output_t;
+        step.h_unprojected = nullptr;
+      }
+      cell_pass(info.cell, step, B, H);
+      // grad h_prev += grad_h_gates W_hh, one block of columns per thread with its own columns of W_hh
+      const Tensor grad_h_gates_t = grad_h_gates_d[t];  // [B, G*H]
+      at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;  // worker threads start with grad mode on
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
+          grad_h_next.narrow(1, first, columns).addmm_(grad_h_gates_t, weight.narrow(1, first, columns));
+        }
+      });
+      std::swap(grad_h, grad_h_next);
+    }
+    if (grad_h.data_ptr() != grad_h0[d].data_ptr()) grad_h0[d].copy_(grad_h);
+
+    // Weight gradients over all steps: the step whose h_prev is h0 pairs with h0, the others
+    // with the neighbouring output (0 where that neighbour is padding, as h0 is then used).
+    Tensor first;  // [B, G*H] the gradient of each sequence's first processed step
+    if (!reverse) {
+      first = grad_h_gates_d[0];
+    } else if (lengths == nullptr) {
+      first = grad_h_gates_d[T_ - 1];
+    } else {
+      first = at::empty({B, GH}, options);
+      for (int64_t b = 0; b < B; ++b) first[b].copy_(grad_h_gates_d[lengths[b] - 1][b]);
+    }
+    Tensor grad_w_hh_d = grad_w_hh[d];
+    at::mm_out(grad_w_hh_d, first.t(), h0[d]);
+    if (T_ > 1) {
+      Tensor inner = grad_h_gates_d.narrow(0, reverse ? 0 : 1, T_ - 1).flatten(0, 1);
+      Tensor h_prev = output_d.narrow(0, reverse ? 1 : 0, T_ - 1).flatten(0, 1);
+      grad_w_hh_d.addmm_(inner.t(), h_prev);
+    }
+    Tensor grad_b_hh_d = grad_b_hh[d];
+    at::sum_out(grad_b_hh_d, grad_h_gates_d.flatten(0, 1), at::IntArrayRef{0});
+    if (projects) {
+      Tensor grad_w_hr_d = grad_w_hr[d];
+      at::mm_out(grad_w_hr_d, grad_step_all.flatten(0, 1).t(), h_unprojected_all.flatten(0, 1));
+    }
+  }
+}
+
+at::ScalarType compute_type(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 || dtype == at::kHalf ? at::kFloat : dtype;
+}
+
+Tensor to_compute(const Tensor& t, at::ScalarType compute) {
+  return t.defined() ? t.to(compute).contiguous() : t;
+}
+
+Tensor value_or_undefined(const std::optional<Tensor>& t) {
+  return t.has_value() ? *t : Tensor();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
+    std::string_view cell, const Tensor& x_gates, const Tensor& h0, const std::optional<Tensor>& c0,
+    const Tensor& w_hh, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& lengths) {
+  const CellInfo info = cell_info(cell);
+  const auto dtype = x_gates.scalar_type();
+  const auto compute = compute_type(dtype);
+  TORCH_CHECK(compute == at::kFloat || compute == at::kDouble,
+              "fastrnn cpu: unsupported dtype ", dtype);
+  const int64_t T_ = x_gates.size(0), B = x_gates.size(1);
+  const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), H = GH / info.gates;
+  const Tensor valid_steps = checked_lengths(lengths, T_, B);
+  Tensor x = x_gates.to(compute);
+  if (x.stride(2) != 1) x = x.contiguous();
+  auto options = x.options();
+  Tensor output = empty_large({T_, B, D * P}, options);
+  Tensor workspace = empty_large({T_, B, D, info.workspace_gates * H}, options);
+  Tensor h_n = at::empty({D, B, P}, options);
+  Tensor c_n = info.cell == Cell::kLstm ? at::empty({D, B, H}, options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(compute, "fastrnn_cpu_layer_forward", [&] {
+    forward_impl<scalar_t>(info, x, to_compute(h0, compute),
+                           to_compute(value_or_undefined(c0), compute), to_compute(w_hh, compute),
+                           to_compute(value_or_undefined(b_hh), compute),
+                           to_compute(value_or_undefined(w_hr), compute),
+                           lengths_data(valid_steps), output,
+                           h_n, c_n, workspace);
+  });
+  if (compute != dtype) {
+    output = output.to(dtype);
+    h_n = h_n.to(dtype);
+    c_n = c_n.to(dtype);
+  }
+  return {output, h_n, c_n, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
+    std::string_view cell, const std::optional<Tensor>& grad_output,
+    const std::optional<Tensor>& grad_h_n, const std::optional<Tensor>& grad_c_n, const Tensor& h0,
+    const std::optional<Tensor>& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& workspace) {
+  const CellInfo info = cell_info(cell);
+  const auto dtype = output.scalar_type();
+  const auto compute = compute_type(dtype);
+  TORCH_CHECK(compute == at::kFloat || compute == at::kDouble,
+              "fastrnn cpu: unsupported dtype ", dtype);
+  TORCH_CHECK(workspace.scalar_type() == compute, "fastrnn cpu: workspace must be ", compute);
+  const int64_t T_ = output.size(0), B = output.size(1);
+  const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), H = GH / info.gates;
+  const Tensor valid_steps = checked_lengths(lengths, T_, B);
+  const bool lstm = info.cell == Cell::kLstm;
+  auto options = output.options().dtype(compute);
+  Tensor grad_x_gates = empty_large({T_, B, D * GH}, options);
+  Tensor grad_h0 = at::empty({D, B, P}, options);
+  Tensor grad_c0 = lstm ? at::empty({D, B, H}, options) : at::empty({0}, options);
+  Tensor grad_w_hh = at::empty({D, GH, P}, options);
+  Tensor grad_b_hh = at::empty({D, GH}, options);
+  Tensor grad_w_hr = w_hr.has_value() ? at::empty({D, P, H}, options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES(compute, "fastrnn_cpu_layer_backward", [&] {
+    backward_impl<scalar_t>(
+        info, to_compute(value_or_undefined(grad_output), compute),
+        to_compute(value_or_undefined(grad_h_n), compute),
+        lstm ? to_compute(value_or_undefined(grad_c_n), compute) : Tensor(),
+        to_compute(h0, compute), to_compute(value_or_undefined(c0), compute),
+        to_compute(w_hh, compute), to_compute(value_or_undefined(w_hr), compute),
+        lengths_data(valid_steps), to_compute(output, compute),
+        workspace.contiguous(), grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr);
+  });
+  if (compute != dtype) {
+    return {grad_x_gates.to(dtype), grad_h0.to(dtype), grad_c0.to(dtype), grad_w_hh.to(dtype),
+            grad_b_hh.to(dtype), grad_w_hr.to(dtype)};
+  }
+  return {grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace
+}  // namespace fastrnn_cpu
+
+TORCH_LIBRARY(fastrnn_cpu, m) {
+  m.def("layer_forward(str cell, Tensor x_gates, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
+        "Tensor? w_hr, Tensor? lengths) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_backward(str cell, Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
+        "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor output, "
+        "Tensor workspace) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
+  m.impl("layer_forward", &fastrnn_cpu::layer_forward);
+  m.impl("layer_backward", &fastrnn_cpu::layer_backward);
+}

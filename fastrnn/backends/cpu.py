@@ -1,0 +1,76 @@
+"""The cpu backend: the fused C++ kernel of csrc/cpu/rnn_cpu.cpp, one layer (all directions) per
+call. It is the extension `fastrnn._C_cpu` built by setup.py; when that is missing it is compiled
+on first use from the sources next to the package (torch.utils.cpp_extension.load).
+
+Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import torch
+
+from .base import Backend, LayerConfig
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "rnn_cpu.cpp"
+
+
+def _load_kernels() -> str:
+    """Register the torch.ops.fastrnn_cpu ops; "" on success, else why they are not there."""
+    if hasattr(torch.ops.fastrnn_cpu, "layer_forward"):
+        return ""
+    spec = importlib.util.find_spec("fastrnn._C_cpu")
+    if spec is not None and spec.origin is not None:
+        try:
+            torch.ops.load_library(spec.origin)
+            return ""
+        except OSError as error:
+            built_error = f"the built extension {spec.origin} does not load ({error})"
+    else:
+        built_error = "the extension fastrnn._C_cpu is not built"
+    if not _SOURCE.exists():
+        return f"{built_error} and its source {_SOURCE} is not there to compile"
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="fastrnn_cpu_jit", sources=[str(_SOURCE)],
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False)
+    except Exception as error:  # a compiler error of any kind means: not available here
+        return f"{built_error} and compiling it failed: {error}"
+    return ""
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._unavailable: str | None = None  # None until the kernels were looked for
+
+    def available(self) -> tuple[bool, str]:
+        if self._unavailable is None:
+            self._unavailable = _load_kernels()
+        return not self._unavailable, self._unavailable
+
+    def supports(self, config: LayerConfig) -> tuple[bool, str]:
+        if config.device_type != "cpu":
+            return False, f"it runs on CPU tensors only, not {config.device_type}"
+        if config.dtype not in _DTYPES:
+            return False, f"dtype {config.dtype} is not one of float32, float64, bfloat16"
+        return True, ""
+
+    def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+        return tuple(torch.ops.fastrnn_cpu.layer_forward(cell.name, x_gates, h0, c0, w_hh, b_hh,
+                                                         w_hr, lengths))
+
+    def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
+                 output, workspace):
+        return tuple(torch.ops.fastrnn_cpu.layer_backward(
+            cell.name, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, output,
+            workspace))
+
+
+BACKEND = CpuBackend()

@@ -1,0 +1,293 @@
+"""The cpu backend (fused C++ kernel) against the reference backend, the oracle.
+
+Every comparison is made against the reference computed in float64 on the same (rounded) inputs.
+Uninitialised memory is poisoned: with deterministic algorithms on, torch fills every `empty`
+tensor with NaN, so anything the kernel forgets to write shows. The extension must be built
+(setup.py) or compile on first use; if neither works these tests fail.
+
+Legend: B batch, T time, H hidden, P proj_size or H, G gates, D directions.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastrnn
+from fastrnn import backends
+from fastrnn.backends import cpu, reference
+from fastrnn.backends.base import LayerConfig
+from fastrnn.cells import CELLS
+from fastrnn.ops import LAYER_OPS
+
+CPU = cpu.BACKEND
+REFERENCE = reference.BACKEND
+DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+# Largest error allowed, relative to max(1, largest magnitude of the float64 reference).
+TOLERANCE = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+MODULES = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU, "rnn_tanh": fastrnn.RNN, "rnn_relu": fastrnn.RNN}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels():
+    """Load (or compile) the extension; every test fails when that is impossible."""
+    ok, reason = CPU.available()
+    assert ok, f"the cpu backend is not available: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty():
+    """Fill every uninitialised tensor (also the kernel's own buffers and outputs) with NaN."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+def test_extension_is_available():
+    ok, reason = CPU.available()
+    assert ok, f"the cpu backend is not available: {reason}"
+
+
+def test_supports_and_auto_choice():
+    cell = CELLS["lstm"]
+    base = dict(cell=cell, device_type="cpu", dtype=torch.float32, batch_size=2, seq_len=3,
+                hidden_size=4, proj_size=0, num_directions=1, variable_lengths=False)
+    assert CPU.supports(LayerConfig(**base)) == (True, "")
+    for dtype in DTYPES:
+        assert CPU.supports(LayerConfig(**{**base, "dtype": dtype}))[0]
+    assert not CPU.supports(LayerConfig(**{**base, "dtype": torch.float16}))[0]
+    assert not CPU.supports(LayerConfig(**{**base, "device_type": "cuda"}))[0]
+    assert backends.resolve("auto", LayerConfig(**base)) is CPU
+
+
+def layer_inputs(cell_name, directions, proj, variable, bias, T=6, B=4, H=5, seed=0):
+    """Random inputs of one layer in float64: x_gates, h0, c0, w_hh, b_hh, w_hr, lengths."""
+    cell = CELLS[cell_name]
+    generator = torch.Generator().manual_seed(seed)
+    G, P = cell.gates, proj or H
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    x_gates = randn(T, B, directions * G * H)
+    h0 = randn(directions, B, P, scale=0.5)
+    c0 = randn(directions, B, H, scale=0.5) if cell.has_cell_state else None
+    w_hh = randn(directions, G * H, P, scale=P ** -0.5)
+    b_hh = randn(directions, G * H, scale=0.3) if bias else None
+    w_hr = randn(directions, P, H, scale=H ** -0.5) if proj else None
+    lengths = None
+    if variable:  # unsorted, with a full-length and a length-1 sequence
+        lengths = torch.randint(1, T + 1, (B,), generator=generator)
+        lengths[0], lengths[-1] = 1, T
+    return x_gates, h0, c0, w_hh, b_hh, w_hr, lengths
+
+
+def output_grads(cell, forward, seed=1):
+    """Random gradients for output, h_n and c_n (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    output, h_n, c_n, _ = forward
+
+    def randn(t):
+        return torch.randn(t.shape, generator=generator, dtype=torch.float64)
+
+    return randn(output), randn(h_n), randn(c_n) if cell.has_cell_state else None
+
+
+def relative_error(actual, expected):
+    expected = expected.double()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    if actual.shape != expected.shape:
+        return float("inf")
+    if actual.numel() == 0:
+        return 0.0
+    return ((actual.double() - expected).abs().max() / scale).item()
+
+
+def cast(tensors, dtype):
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def check_layer(cell_name, directions, proj, variable, bias, dtype, T=6, B=4, H=5,
+                grads=("output", "h_n", "c_n")):
+    """Forward and backward of the cpu backend in `dtype` against the float64 reference."""
+    cell = CELLS[cell_name]
+    inputs = cast(layer_inputs(cell_name, directions, proj, variable, bias, T, B, H), dtype)
+    x_gates, h0, c0, w_hh, b_hh, w_hr, lengths = inputs
+    exact_inputs = cast(inputs, torch.float64)  # the same rounded values, in float64
+
+    ours = CPU.forward(cell, *inputs)
+    exact = REFERENCE.forward(cell, *exact_inputs)
+    names = ("output", "h_n", "c_n", "workspace")
+    for name, got, want in zip(names, ours, exact):
+        assert not got.isnan().any(), f"{name} has unwritten (NaN) entries"
+        expected_dtype = torch.float32 if name == "workspace" and dtype == torch.bfloat16 else dtype
+        assert got.dtype == expected_dtype, name
+        error = relative_error(got, want)
+        assert error <= TOLERANCE[dtype], f"{name}: error {error:.2e}"
+    if lengths is not None:  # exact zeros past each sequence's end
+        padded = torch.arange(T).unsqueeze(1) >= lengths  # [T, B]
+        assert (ours[0][padded] == 0).all() and (ours[3][padded] == 0).all()
+
+    grad_output, grad_h_n, grad_c_n = output_grads(cell, exact)
+    grad_output = grad_output if "output" in grads else None
+    grad_h_n = grad_h_n if "h_n" in grads else None
+    grad_c_n = grad_c_n if "c_n" in grads else None
+    ours_grads = CPU.backward(cell, *cast((grad_output, grad_h_n, grad_c_n), dtype), h0, c0, w_hh,
+                              w_hr, lengths, ours[0], ours[3])
+    exact_grads = REFERENCE.backward(cell, grad_output, grad_h_n, grad_c_n, *exact_inputs[1:4],
+                                     exact_inputs[5], lengths, exact[0], exact[3])
+    names = ("grad_x_gates", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr")
+    errors = {}
+    for name, got, want in zip(names, ours_grads, exact_grads):
+        assert not got.isnan().any(), f"{name} has unwritten (NaN) entries"
+        assert got.dtype == dtype, name
+        errors[name] = relative_error(got, want)
+        assert errors[name] <= TOLERANCE[dtype], f"{name}: error {errors[name]:.2e}"
+    return errors
+
+
+LAYER_CASES = [
+    (cell, directions, proj, variable, bias)
+    for cell, directions, proj, variable, bias in itertools.product(
+        CELLS, (1, 2), (0, 3), (False, True), (True, False))
+    if cell == "lstm" or proj == 0
+]
+
+
+def case_id(case):
+    cell, directions, proj, variable, bias = case
+    return "-".join([cell, "bi" if directions == 2 else "uni", f"proj{proj}" if proj else "",
+                     "varlen" if variable else "padded", "bias" if bias else "nobias"]).replace("--", "-")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=case_id)
+def test_layer_matches_reference(case, dtype):
+    check_layer(*case, dtype)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_bfloat16_error_is_that_of_the_rounding(cell):
+    """bfloat16 through the kernel is no further from float64 than the reference run in bfloat16."""
+    inputs = cast(layer_inputs(cell, 2, 0, True, True, T=8, B=5, H=16), torch.bfloat16)
+    exact = REFERENCE.forward(CELLS[cell], *cast(inputs, torch.float64))
+    ours = CPU.forward(CELLS[cell], *inputs)
+    rounded = REFERENCE.forward(CELLS[cell], *inputs)
+    for got, baseline, want in zip(ours[:2], rounded[:2], exact[:2]):
+        assert relative_error(got, want) <= 2 * relative_error(baseline, want) + 1e-3
+
+
+@pytest.mark.parametrize("T, B, H", [(1, 1, 1), (1, 3, 7), (4, 1, 7), (3, 2, 1), (2, 3, 33)])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_odd_sizes(cell, T, B, H):
+    for directions, variable in ((1, False), (2, True)):
+        check_layer(cell, directions, 0, variable, True, torch.float64, T=T, B=B, H=H)
+    if cell == "lstm" and H > 1:
+        check_layer(cell, 2, 1, True, True, torch.float64, T=T, B=B, H=H)
+
+
+@pytest.mark.parametrize("grads", [("output",), ("h_n",), ("c_n",), ()], ids=str)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_unused_outputs(cell, grads):
+    if grads == ("c_n",) and cell != "lstm":
+        return
+    check_layer(cell, 2, 3 if cell == "lstm" else 0, True, True, torch.float64, grads=grads)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_blocks_of_units_over_threads(threads):
+    """Each thread runs its own block of hidden units (uneven blocks: H=300 over 3 threads)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for cell in CELLS:
+            check_layer(cell, 2, 0, True, True, torch.float32, T=3, B=40, H=300)
+        check_layer("lstm", 2, 70, True, True, torch.float32, T=3, B=9, H=150)
+    finally:
+        torch.set_num_threads(was)
+
+
+def test_noncontiguous_x_gates():
+    cell = CELLS["gru"]
+    x_gates, h0, c0, w_hh, b_hh, w_hr, lengths = layer_inputs("gru", 2, 0, True, True)
+    strided = torch.stack([x_gates, x_gates], dim=3)[..., 0]  # last-dim stride 2
+    wide = torch.cat([x_gates, torch.zeros_like(x_gates)], dim=2)[:, :, :x_gates.shape[2]]
+    expected = CPU.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
+    for variant in (strided, wide):
+        got = CPU.forward(cell, variant, h0, c0, w_hh, b_hh, w_hr, lengths)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variable", [False, True], ids=["padded", "varlen"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_opcheck(cell, variable):
+    x_gates, h0, c0, w_hh, b_hh, w_hr, lengths = cast(
+        layer_inputs(cell, 2, 2 if cell == "lstm" else 0, variable, True, T=3, B=3, H=4),
+        torch.float32)
+    args = [t.requires_grad_() if t is not None and t.is_floating_point() else t
+            for t in (x_gates, h0, c0, w_hh, b_hh, w_hr)]
+    torch.library.opcheck(LAYER_OPS[cell], (*args, lengths, "cpu"))
+
+
+MODULE_CASES = [
+    # cell, layers, bidirectional, proj_size, bias, batch_first, packed
+    ("lstm", 2, True, 0, True, False, True),
+    ("lstm", 2, True, 3, True, True, False),
+    ("lstm", 1, False, 2, False, False, True),
+    ("gru", 2, True, 0, True, True, True),
+    ("gru", 1, False, 0, False, False, False),
+    ("rnn_tanh", 2, True, 0, True, False, True),
+    ("rnn_relu", 2, False, 0, False, True, True),
+]
+
+
+@pytest.mark.parametrize("case, dtype", [
+    *((case, torch.float64) for case in MODULE_CASES),
+    *((case, dtype) for case in MODULE_CASES[1::2] for dtype in (torch.float32, torch.bfloat16)),
+], ids=lambda value: "-".join(map(str, value)) if isinstance(value, tuple) else str(value))
+def test_module_matches_reference(case, dtype):
+    cell, layers, bidirectional, proj_size, bias, batch_first, packed = case
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, bias=bias,
+                  batch_first=batch_first, dtype=torch.float64)
+    if proj_size:
+        kwargs["proj_size"] = proj_size
+    if cell.startswith("rnn"):
+        kwargs["nonlinearity"] = cell[4:]
+    torch.manual_seed(0)
+    exact = MODULES[cell](4, 6, backend="reference", **kwargs)
+    ours = MODULES[cell](4, 6, backend="cpu", **{**kwargs, "dtype": dtype})
+    rounded = MODULES[cell](4, 6, backend="reference", **{**kwargs, "dtype": dtype})
+    ours.load_state_dict(exact.state_dict())
+    rounded.load_state_dict(exact.state_dict())
+    T, B = 7, 5
+    x = torch.randn(B, T, 4) if batch_first else torch.randn(T, B, 4)
+    x = x.to(dtype).double()  # the same rounded values for all
+    lengths = torch.tensor([7, 2, 5, 1, 7])
+
+    def run(module):
+        inputs = x.detach().to(next(module.parameters()).dtype).requires_grad_()
+        if packed:
+            output, state = module(pack_padded_sequence(inputs, lengths, batch_first=batch_first,
+                                                        enforce_sorted=False))
+            output = pad_packed_sequence(output, batch_first=batch_first)[0]
+        else:
+            output, state = module(inputs)
+        states = state if isinstance(state, tuple) else (state,)
+        weights = torch.linspace(-1, 1, output.numel(), dtype=torch.float64).view(output.shape)
+        loss = (output.double() * weights).sum() + sum((s.double() ** 2).sum() for s in states)
+        loss.backward()
+        return [output, *states, inputs.grad] + [p.grad for p in module.parameters()]
+
+    # The input projections around the kernel also run in `dtype`: allow what the reference
+    # backend in `dtype` shows too (ReLU kinks make bfloat16 gradients jumpy).
+    for got, baseline, want in zip(run(ours), run(rounded), run(exact)):
+        assert not got.isnan().any()
+        error = relative_error(got, want)
+        allowed = max(10 * TOLERANCE[dtype], 2 * relative_error(baseline, want))
+        assert error <= allowed, f"error {error:.2e}"
