@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
 from .modules import _converted
+from .functional import needs_backward
 from .ops import LAYER_OPS
 
 
@@ -47,7 +48,8 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
     _, h_n, c_n, _ = LAYER_OPS[cell.name](
         x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0), weight_hh.unsqueeze(0),
         None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
-        check_backend_name(backend) or "")
+        check_backend_name(backend) or "",
+        needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh))
     return h_n[0], (c_n[0] if c is not None else None)
 
 

@@ -39,7 +39,7 @@ def _layer_weights(weights: Sequence[Tensor], layer: int, num_layers: int, num_d
         return groups[0][index] if num_directions == 1 else torch.cat([g[index] for g in groups])
 
     def stack(index):  # [D, rows, cols]
-        return torch.stack([g[index] for g in groups])
+        return groups[0][index].unsqueeze(0) if num_directions == 1 else torch.stack([g[index] for g in groups])
 
     w_ih = cat(0)  # [D*G*H, I]
     b_ih = cat(2) if has_bias else None  # [D*G*H]
@@ -47,6 +47,11 @@ def _layer_weights(weights: Sequence[Tensor], layer: int, num_layers: int, num_d
     b_hh = stack(3) if has_bias else None  # [D, G*H]
     w_hr = stack(per - 1) if has_projection else None  # [D, P, H]
     return w_ih, b_ih, w_hh, b_hh, w_hr
+
+
+def needs_backward(*tensors: Tensor | None) -> bool:
+    """Whether autograd will differentiate through a layer taking these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -90,13 +95,14 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
     op = LAYER_OPS[cell.name]
+    keep_workspace = needs_backward(input, h0, c0, *weights)
     h_n, c_n = [], []
     for layer in range(num_layers):
         w_ih, b_ih, w_hh, b_hh, w_hr = _layer_weights(weights, layer, num_layers, num_directions)
         states = slice(layer * num_directions, (layer + 1) * num_directions)
         x_gates = F.linear(x, w_ih, b_ih)  # [T, B, D*G*H], one GEMM for every step and direction
         x, h_last, c_last, _ = op(x_gates, h0[states], None if c0 is None else c0[states],
-                                  w_hh, b_hh, w_hr, lengths, backend)
+                                  w_hh, b_hh, w_hr, lengths, backend, keep_workspace)
         h_n.append(h_last)
         c_n.append(c_last)
         if dropout > 0 and training and layer < num_layers - 1:
@@ -106,7 +112,10 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         output = x.flatten(0, 1).index_select(0, rows.to(x.device))
     else:
         output = x.transpose(0, 1) if batch_first else x
-    return output, torch.cat(h_n), torch.cat(c_n) if c0 is not None else None
+    def join(states):  # [L*D, B, F]
+        return states[0] if num_layers == 1 else torch.cat(states)
+
+    return output, join(h_n), join(c_n) if c0 is not None else None
 
 
 def lstm(input: Tensor, hx: tuple[Tensor, Tensor], weights: Sequence[Tensor], *,

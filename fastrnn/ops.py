@@ -1,6 +1,7 @@
 """One `torch.library` custom op per cell for a whole layer, with a fake twin and autograd.
 
-    torch.ops.fastrnn.{cell}_layer(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend)
+    torch.ops.fastrnn.{cell}_layer(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend,
+                                   keep_workspace=True)
         -> (output, h_n, c_n, workspace)
     torch.ops.fastrnn.{cell}_layer_backward(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr,
                                              lengths, output, workspace, backend)
@@ -8,7 +9,8 @@
 
 for cell in lstm, gru, rnn_tanh, rnn_relu. Shapes and meaning: backends/base.py. `backend` is a
 name from backends.BACKEND_NAMES, or "" for FASTRNN_BACKEND / "auto"; it is resolved when the op
-runs, so `torch.compile` sees each op as one opaque node.
+runs, so `torch.compile` sees each op as one opaque node. With keep_workspace=False (nothing will
+be differentiated) the workspace comes back empty ([0, B, D, W]) and backends may skip saving it.
 """
 
 from __future__ import annotations
@@ -57,12 +59,16 @@ def _define(cell: CellSpec):
     @torch.library.custom_op(f"fastrnn::{cell.name}_layer", mutates_args=())
     def layer(x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
               b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
-              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              backend: str, keep_workspace: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         impl = _backend_for(cell, backend, x_gates, h0, w_hh, w_hr, lengths)
-        return impl.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
+        output, h_n, c_n, workspace = impl.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr,
+                                                   lengths, keep_workspace=keep_workspace)
+        if not keep_workspace and workspace.shape[0] != 0:
+            workspace = workspace.new_empty((0, *workspace.shape[1:]))
+        return output, h_n, c_n, workspace
 
     @layer.register_fake
-    def _(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend):
+    def _(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace=True):
         seq_len, batch, _ = x_gates.shape
         num_directions, gate_rows, out_size = w_hh.shape
         hidden = gate_rows // cell.gates
@@ -70,12 +76,14 @@ def _define(cell: CellSpec):
                 x_gates.new_empty(num_directions, batch, out_size),
                 x_gates.new_empty(num_directions, batch, hidden) if cell.has_cell_state
                 else x_gates.new_empty(0),
-                x_gates.new_empty(seq_len, batch, num_directions, cell.workspace_gates * hidden,
+                x_gates.new_empty(seq_len if keep_workspace else 0, batch, num_directions,
+                                  cell.workspace_gates * hidden,
                                   dtype=workspace_dtype(x_gates.dtype)))
 
     def setup_context(ctx, inputs, output):
-        x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend = inputs
+        x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace = inputs
         out, _, _, workspace = output
+        ctx.keep_workspace = keep_workspace
         ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace)
         ctx.has_bias = b_hh is not None
         ctx.backend = backend
@@ -83,6 +91,9 @@ def _define(cell: CellSpec):
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
         h0, c0, w_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
+        if not ctx.keep_workspace:
+            raise RuntimeError("fastrnn: this layer ran with keep_workspace=False, so it has no "
+                               "saved activations to differentiate through")
         if not cell.has_cell_state:
             grad_c_n = None
         grad_x, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = layer_backward(
@@ -90,7 +101,7 @@ def _define(cell: CellSpec):
             ctx.backend)
         return (grad_x, grad_h0, grad_c0 if cell.has_cell_state else None, grad_w_hh,
                 grad_b_hh if ctx.has_bias else None, grad_w_hr if w_hr is not None else None,
-                None, None)
+                None, None, None)
 
     layer.register_autograd(backward, setup_context=setup_context)
     return layer

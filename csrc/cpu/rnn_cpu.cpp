@@ -467,7 +467,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
       for (ForwardStep<T>& step : steps) {
         step.t = t;
         step.x_gates = x_gates_base + t * x_gates.stride(0);
-        step.workspace = workspace_base + t * B * D * W;
+        step.workspace = workspace_base + t * workspace.stride(0);
         step.output = output_base + t * B * D * P;
         step.h_prev = h_state.data_ptr<T>();
         step.h_next = projects ? nullptr : h_next.data_ptr<T>();
@@ -642,7 +642,7 @@ Tensor value_or_undefined(const std::optional<Tensor>& t) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     std::string_view cell, const Tensor& x_gates, const Tensor& h0, const std::optional<Tensor>& c0,
     const Tensor& w_hh, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths) {
+    const std::optional<Tensor>& lengths, bool keep_workspace) {
   const CellInfo info = cell_info(cell);
   const auto dtype = x_gates.scalar_type();
   const auto compute = compute_type(dtype);
@@ -655,7 +655,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   if (x.stride(2) != 1) x = x.contiguous();
   auto options = x.options();
   Tensor output = empty_large({T_, B, D * P}, options);
-  Tensor workspace = empty_large({T_, B, D, info.workspace_gates * H}, options);
+  // Without a backward to come, every step writes its saved gates over one step's worth of rows.
+  Tensor workspace = keep_workspace
+      ? empty_large({T_, B, D, info.workspace_gates * H}, options)
+      : at::empty({1, B, D, info.workspace_gates * H}, options).expand({T_, B, D, info.workspace_gates * H});
   Tensor h_n = at::empty({D, B, P}, options);
   Tensor c_n = info.cell == Cell::kLstm ? at::empty({D, B, H}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(compute, "fastrnn_cpu_layer_forward", [&] {
@@ -671,6 +674,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     h_n = h_n.to(dtype);
     c_n = c_n.to(dtype);
   }
+  if (!keep_workspace) workspace = at::empty({0, B, D, info.workspace_gates * H}, options);
   return {output, h_n, c_n, workspace};
 }
 
@@ -718,7 +722,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 
 TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("layer_forward(str cell, Tensor x_gates, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
-        "Tensor? w_hr, Tensor? lengths) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? w_hr, Tensor? lengths, bool keep_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_backward(str cell, Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
         "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor output, "
         "Tensor workspace) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

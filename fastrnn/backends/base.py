@@ -14,6 +14,8 @@ Forward, for one layer:
     w_hr     [D, P, H]      LSTM projection weights or None
     lengths  [B] int64      valid steps of each sequence (1 <= length <= T, any order), on the
                             device of x_gates, or None when every sequence has T steps
+    keep_workspace          False when no backward will run (inference): a backend may then skip
+                            saving the workspace; the op returns it with T = 0 either way
   returns
     output    [T, B, D*P]   h_t of every step; direction d in columns d*P .. (d+1)*P; 0 at t >= length
     h_n       [D, B, P]     h at each sequence's own last step (direction 1 runs t = length-1 .. 0)
@@ -88,7 +90,8 @@ class Backend:
         """Whether this backend can run this layer; the reason when it cannot."""
         raise NotImplementedError
 
-    def forward(self, cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+    def forward(self, cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
+                keep_workspace: bool = True):
         """See the module docstring. Returns (output, h_n, c_n, workspace)."""
         raise NotImplementedError
 

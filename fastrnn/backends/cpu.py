@@ -62,9 +62,9 @@ class CpuBackend(Backend):
             return False, f"dtype {config.dtype} is not one of float32, float64, bfloat16"
         return True, ""
 
-    def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+    def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace=True):
         return tuple(torch.ops.fastrnn_cpu.layer_forward(cell.name, x_gates, h0, c0, w_hh, b_hh,
-                                                         w_hr, lengths))
+                                                         w_hr, lengths, keep_workspace))
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
                  output, workspace):

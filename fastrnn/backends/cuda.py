@@ -86,7 +86,8 @@ class CudaBackend(Backend):
             return False, f"a {row_bytes}-byte state row exceeds the {smem} bytes of shared memory per block"
         return True, ""
 
-    def forward(self, cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+    def forward(self, cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
+                keep_workspace: bool = True):
         seq_len, batch, _ = x_gates.shape
         num_directions, gate_rows, out_size = w_hh.shape
         hidden = gate_rows // cell.gates

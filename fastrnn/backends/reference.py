@@ -100,7 +100,7 @@ class ReferenceBackend(Backend):
             return False, f"dtype {config.dtype} is not a floating-point type"
         return True, ""
 
-    def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+    def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace=True):
         seq_len, batch, _ = x_gates.shape
         num_directions, gate_rows, out_size = w_hh.shape
         hidden = gate_rows // cell.gates
@@ -108,7 +108,8 @@ class ReferenceBackend(Backend):
         compute = workspace_dtype(dtype)
         x_gates = x_gates.to(compute).unflatten(2, (num_directions, gate_rows))
         output = x_gates.new_zeros(seq_len, batch, num_directions, out_size)
-        workspace = x_gates.new_zeros(seq_len, batch, num_directions, cell.workspace_gates * hidden)
+        workspace = x_gates.new_zeros(seq_len if keep_workspace else 0, batch, num_directions,
+                                      cell.workspace_gates * hidden)
         h_n = x_gates.new_empty(num_directions, batch, out_size)
         c_n = x_gates.new_empty(num_directions, batch, hidden) if cell.has_cell_state else None
         for d in range(num_directions):
@@ -127,10 +128,12 @@ class ReferenceBackend(Backend):
                     h_new = torch.where(valid, h_new, h)
                     c_new = None if c_new is None else torch.where(valid, c_new, c)
                     output[t, :, d] = torch.where(valid, h_new, 0)
-                    workspace[t, :, d] = torch.where(valid, saved, 0)
+                    if keep_workspace:
+                        workspace[t, :, d] = torch.where(valid, saved, 0)
                 else:
                     output[t, :, d] = h_new
-                    workspace[t, :, d] = saved
+                    if keep_workspace:
+                        workspace[t, :, d] = saved
                 h, c = h_new, c_new
             h_n[d] = h
             if c_n is not None:

@@ -289,7 +289,7 @@ class TritonBackend(Backend):
             return False, "the per-step state or the weights exceed 2**31 elements"
         return True, ""
 
-    def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths):
+    def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace=True):
         config = LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths)
         plan = plan_layer(config, _sm_count(x_gates.device))
         return forward_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, plan)
