@@ -87,3 +87,25 @@ def test_padded_steps_are_zero_and_state_is_taken_at_each_length(backend):
         assert (output[length:, b] == 0).all() and (workspace[length:, b] == 0).all()
         torch.testing.assert_close(h_n[0, b], output[length - 1, b, :hidden])  # forward: last step
         torch.testing.assert_close(h_n[1, b], output[0, b, hidden:])  # reverse: ends at t = 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("layout", LAYOUTS[:4], ids=layout_id)
+def test_inference_keeps_no_workspace(layout, backend):
+    args = layer_args(*layout, requires_grad=False)
+    op = getattr(torch.ops.fastrnn, f"{layout[0]}_layer")
+    kept = op(*args, backend, True)
+    dropped = op(*args, backend, False)
+    assert kept[3].shape[0] == args[0].shape[0] and dropped[3].shape == (0, *kept[3].shape[1:])
+    for with_workspace, without in zip(kept[:3], dropped[:3]):
+        assert torch.equal(with_workspace, without)
+
+
+def test_modules_under_no_grad_skip_the_workspace_and_agree():
+    model = fastrnn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        inference = model(x)
+    training = model(x)
+    for a, b in zip((inference[0], *inference[1]), (training[0], *training[1])):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
