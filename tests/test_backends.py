@@ -31,26 +31,21 @@ def _config(device_type="cpu", dtype=torch.float32):
                        proj_size=0, num_directions=1, variable_lengths=False)
 
 
+class UnbuiltCpu(Backend):
+    name = "cpu"
+
+    def available(self):
+        return False, "the extension was not built"
+
+
 def test_explicit_backend_that_cannot_run_raises_with_reason(monkeypatch):
-    class Unavailable(Backend):
-        name = "cpu"
-
-        def available(self):
-            return False, "the extension was not built"
-
-    monkeypatch.setitem(backends._registry, "cpu", Unavailable())
+    monkeypatch.setitem(backends._registry, "cpu", UnbuiltCpu())
     with pytest.raises(RuntimeError, match="fastrnn backend 'cpu' cannot run this LSTM layer: the extension was not built"):
         fastrnn.LSTM(3, 4, backend="cpu")(torch.randn(2, 1, 3))
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    class Unavailable(Backend):
-        name = "cpu"
-
-        def available(self):
-            return False, "the extension was not built"
-
-    monkeypatch.setitem(backends._registry, "cpu", Unavailable())
+    monkeypatch.setitem(backends._registry, "cpu", UnbuiltCpu())
     monkeypatch.setattr(backends, "_warned", set())
     model = fastrnn.LSTM(3, 4)
     with warnings.catch_warnings(record=True) as caught:

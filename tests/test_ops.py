@@ -9,6 +9,8 @@ import fastrnn  # noqa: F401  (registers the ops)
 from fastrnn.cells import CELLS
 from helpers import cpu_backends
 
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
 # (cell, directions, projection, variable lengths, bias)
 LAYOUTS = [
     ("lstm", 1, False, False, True),

@@ -11,6 +11,8 @@ import torch
 
 from helpers import Case, compare_with_torch, cpu_backends
 
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
 CELLS = ["lstm", "lstm-proj", "gru", "rnn_tanh", "rnn_relu"]
 INPUT_KINDS = ["padded", "packed_sorted", "packed_unsorted", "unbatched"]
 

@@ -36,14 +36,7 @@ if not INTERPRETING and not torch.cuda.is_available():
 interpreter_only = pytest.mark.skipif(not INTERPRETING, reason="tests the interpreter's thread harness")
 
 
-@pytest.fixture(autouse=True)
-def nan_filled_empty():
-    """torch.empty fills NaN: any element a kernel forgets to write shows up."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was)
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 
 @contextlib.contextmanager

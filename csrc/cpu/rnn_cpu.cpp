@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <dlfcn.h>
 #include <sys/mman.h>
 #endif
 
@@ -404,6 +406,51 @@ const int64_t* lengths_data(const Tensor& lengths) {
   return lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
 }
 
+// oneDNN's matmul (at::native::mkldnn_matmul), faster than at::mm here for float32. Its header is
+// not shipped and it may change between torch versions, so it is looked up at run time.
+using MkldnnMatmul = void (*)(const Tensor&, const Tensor&, const Tensor&, float, float);
+MkldnnMatmul mkldnn_matmul_fn() {
+#if defined(__linux__)
+  static const MkldnnMatmul fn = reinterpret_cast<MkldnnMatmul>(
+      dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+  return fn;
+#else
+  return nullptr;
+#endif
+}
+
+// Contiguous, or the transpose of a contiguous matrix: the layouts oneDNN takes without a copy.
+bool plain_or_transposed(const Tensor& t) {
+  return t.is_contiguous() || (t.stride(0) == 1 && t.stride(1) == t.size(0));
+}
+
+// Multiply-adds below which oneDNN's per-call cost outweighs its faster kernel.
+constexpr int64_t kMkldnnMinWork = int64_t(1) << 23;
+
+// Cleared for good when oneDNN refuses a call (a torch built without it).
+std::atomic<bool> mkldnn_usable{true};
+
+// result = a b (accumulate: result += a b) for 2-D a, b.
+void matmul(const Tensor& result, const Tensor& a, const Tensor& b, bool accumulate) {
+  static const MkldnnMatmul mkldnn = mkldnn_matmul_fn();
+  if (mkldnn != nullptr && mkldnn_usable.load(std::memory_order_relaxed) &&
+      at::globalContext().userEnabledMkldnn() && result.scalar_type() == at::kFloat &&
+      result.is_contiguous() && plain_or_transposed(a) && plain_or_transposed(b) &&
+      a.size(0) * a.size(1) * b.size(1) >= kMkldnnMinWork) {
+    try {
+      mkldnn(a, b, result, accumulate ? 1.0f : 0.0f, 1.0f);
+      return;
+    } catch (const c10::Error&) {
+      mkldnn_usable.store(false);
+    }
+  }
+  if (accumulate) {
+    result.addmm_(a, b);
+  } else {
+    at::mm_out(const_cast<Tensor&>(result), a, b);
+  }
+}
+
 // Hidden units (or columns of h) per block of a step: one block per thread, each with its own
 // rows (forward) or columns (backward) of W_hh and a one-thread GEMM; one-thread GEMMs on blocks
 // scale better over the threads than one small GEMM split by the BLAS library.
@@ -475,7 +522,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         const at::NoGradGuard no_grad;  // worker threads start with grad mode on
         for (int64_t k = begin; k < end; ++k) {
-          at::mm_out(h_gates[k], h_state, w_block_t[k]);
+          matmul(h_gates[k], h_state, w_block_t[k], false);
           const ForwardStep<T>& step = steps[k];
           for (int64_t b = 0; b < B; ++b) {
             run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
@@ -536,6 +583,13 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
       if (grad_c_n.defined()) grad_c.copy_(grad_c_n[d]); else grad_c.zero_();
     }
     Tensor weight = w_hh[d];  // [G*H, P]
+    // Per block of columns: its columns of W_hh, contiguous, and its part of grad h_prev W_hh.
+    std::vector<Tensor> weight_block(column_blocks), grad_h_block(column_blocks);
+    for (int64_t k = 0; column_blocks > 1 && k < column_blocks; ++k) {
+      const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
+      weight_block[k] = weight.narrow(1, first, columns).contiguous();
+      grad_h_block[k] = at::empty({B, columns}, options);
+    }
     Tensor grad_x_d = grad_x_gates.narrow(2, d * GH, GH);  // [T, B, G*H]
     Tensor grad_h_gates_d = gru ? grad_h_gates_all : grad_x_d;
     Tensor output_d = output.narrow(2, d * P, P);  // [T, B, P]
@@ -593,7 +647,17 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
         const at::NoGradGuard no_grad;  // worker threads start with grad mode on
         for (int64_t k = begin; k < end; ++k) {
           const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
-          grad_h_next.narrow(1, first, columns).addmm_(grad_h_gates_t, weight.narrow(1, first, columns));
+          if (column_blocks == 1) {
+            matmul(grad_h_next, grad_h_gates_t, weight, true);
+            continue;
+          }
+          matmul(grad_h_block[k], grad_h_gates_t, weight_block[k], false);
+          const T* __restrict src = grad_h_block[k].data_ptr<T>();
+          T* __restrict dst = grad_h_next.data_ptr<T>() + first;
+          for (int64_t b = 0; b < B; ++b) {
+            #pragma GCC ivdep
+            for (int64_t j = 0; j < columns; ++j) dst[b * P + j] += src[b * columns + j];
+          }
         }
       });
       std::swap(grad_h, grad_h_next);
@@ -612,11 +676,11 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
       for (int64_t b = 0; b < B; ++b) first[b].copy_(grad_h_gates_d[lengths[b] - 1][b]);
     }
     Tensor grad_w_hh_d = grad_w_hh[d];
-    at::mm_out(grad_w_hh_d, first.t(), h0[d]);
+    matmul(grad_w_hh_d, first.t(), h0[d], false);
     if (T_ > 1) {
       Tensor inner = grad_h_gates_d.narrow(0, reverse ? 0 : 1, T_ - 1).flatten(0, 1);
       Tensor h_prev = output_d.narrow(0, reverse ? 1 : 0, T_ - 1).flatten(0, 1);
-      grad_w_hh_d.addmm_(inner.t(), h_prev);
+      matmul(grad_w_hh_d, inner.t(), h_prev, true);
     }
     Tensor grad_b_hh_d = grad_b_hh[d];
     at::sum_out(grad_b_hh_d, grad_h_gates_d.flatten(0, 1), at::IntArrayRef{0});
