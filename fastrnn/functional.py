@@ -84,11 +84,10 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
 
     lengths = rows = None
     if batch_sizes is not None:
-        lengths, rows = packed_layout(batch_sizes)
+        lengths, rows = (t.to(input.device) for t in packed_layout(batch_sizes))
         seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
         x = input.new_zeros(seq_len * batch, input.shape[1])
-        x = x.index_copy(0, rows.to(input.device), input).unflatten(0, (seq_len, batch))
-        lengths = lengths.to(input.device)
+        x = x.index_copy(0, rows, input).unflatten(0, (seq_len, batch))
     else:
         x = input.transpose(0, 1) if batch_first else input
     if x.shape[0] == 0:
@@ -109,9 +108,10 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
             x = F.dropout(x, dropout, training=True)
 
     if batch_sizes is not None:
-        output = x.flatten(0, 1).index_select(0, rows.to(x.device))
+        output = x.flatten(0, 1).index_select(0, rows)
     else:
         output = x.transpose(0, 1) if batch_first else x
+
     def join(states):  # [L*D, B, F]
         return states[0] if num_layers == 1 else torch.cat(states)
 
