@@ -190,29 +190,16 @@ cudaError_t run_backward(const FastrnnBackwardArgs& a, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-template <class Scalar>
-cudaError_t dispatch_cell(const FastrnnBackwardArgs& a, cudaStream_t stream) {
-  switch (a.shape.cell) {
-    case kFastrnnLstm: return run_backward<LstmCell, Scalar>(a, stream);
-    case kFastrnnGru: return run_backward<GruCell, Scalar>(a, stream);
-    case kFastrnnRnnTanh: return run_backward<RnnCell<false>, Scalar>(a, stream);
-    case kFastrnnRnnRelu: return run_backward<RnnCell<true>, Scalar>(a, stream);
-    default: return cudaErrorInvalidValue;
+struct RunBackward {
+  template <class Cell, class Scalar>
+  static cudaError_t run(const FastrnnBackwardArgs& a, cudaStream_t stream) {
+    return run_backward<Cell, Scalar>(a, stream);
   }
-}
+};
 
 }  // namespace
 }  // namespace fastrnn
 
 cudaError_t fastrnn_cuda_backward(const FastrnnBackwardArgs& a, cudaStream_t stream) {
-  const FastrnnLayerShape& s = a.shape;
-  if (s.T < 1 || s.B < 1 || s.H < 1 || s.P < 1 || s.D < 1 || s.D > 2 || s.H > kFastrnnMaxSize ||
-      s.P > kFastrnnMaxSize || (s.proj && s.cell != kFastrnnLstm) || (!s.proj && s.P != s.H))
-    return cudaErrorInvalidValue;
-  switch (s.dtype) {
-    case kFastrnnFloat32: return fastrnn::dispatch_cell<float>(a, stream);
-    case kFastrnnFloat16: return fastrnn::dispatch_cell<__half>(a, stream);
-    case kFastrnnBFloat16: return fastrnn::dispatch_cell<__nv_bfloat16>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return fastrnn::dispatch_layer<fastrnn::RunBackward>(a, stream);
 }

@@ -236,4 +236,30 @@ cudaError_t make_plan(Kernel kernel, const FastrnnLayerShape& s, int elem_size, 
   return cudaSuccess;
 }
 
+// Runs Run::run<Cell, Scalar>(a, stream) for the layer's cell and dtype, after checking that the
+// shape is one the kernels take. Args is FastrnnForwardArgs or FastrnnBackwardArgs.
+template <class Run, class Args>
+cudaError_t dispatch_layer(const Args& a, cudaStream_t stream) {
+  const FastrnnLayerShape& s = a.shape;
+  if (s.T < 1 || s.B < 1 || s.H < 1 || s.P < 1 || s.D < 1 || s.D > 2 || s.H > kFastrnnMaxSize ||
+      s.P > kFastrnnMaxSize || (s.proj && s.cell != kFastrnnLstm) || (!s.proj && s.P != s.H))
+    return cudaErrorInvalidValue;
+  auto by_cell = [&](auto scalar) -> cudaError_t {
+    using Scalar = decltype(scalar);
+    switch (s.cell) {
+      case kFastrnnLstm: return Run::template run<LstmCell, Scalar>(a, stream);
+      case kFastrnnGru: return Run::template run<GruCell, Scalar>(a, stream);
+      case kFastrnnRnnTanh: return Run::template run<RnnCell<false>, Scalar>(a, stream);
+      case kFastrnnRnnRelu: return Run::template run<RnnCell<true>, Scalar>(a, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  };
+  switch (s.dtype) {
+    case kFastrnnFloat32: return by_cell(float{});
+    case kFastrnnFloat16: return by_cell(__half{});
+    case kFastrnnBFloat16: return by_cell(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace fastrnn
