@@ -108,25 +108,9 @@ cudaError_t run_forward(const FastrnnForwardArgs& a, cudaStream_t stream) {
   auto kernel = forward_kernel<Cell, Scalar>;
   cudaError_t err = make_plan(kernel, s, sizeof(Scalar), tile_len, weight_elems, &p.plan);
   if (err != cudaSuccess) return err;
-  const dim3 grid(s.D * p.plan.nb), block(kThreads);
-  if (p.plan.resident) {
-    void* args[] = {&p};
-    err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args,
-                                      p.plan.smem, stream);
-    return err == cudaSuccess ? cudaGetLastError() : err;
-  }
-  for (int step = 0; step < s.T; ++step) {
-    for (int phase : {kPhaseGates, kPhaseProj}) {
-      if (phase == kPhaseProj && !s.proj) continue;
-      p.s_begin = step;
-      p.s_end = step + 1;
-      p.phases = phase;
-      kernel<<<grid, block, p.plan.smem, stream>>>(p);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-  }
-  return cudaSuccess;
+  const int phases[2] = {kPhaseGates, kPhaseProj};
+  return launch_layer(kernel, p, s.D, s.T, phases,
+                      [&](int, int phase) { return phase != kPhaseProj || s.proj; }, stream);
 }
 
 struct RunForward {

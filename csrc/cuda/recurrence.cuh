@@ -236,6 +236,33 @@ cudaError_t make_plan(Kernel kernel, const FastrnnLayerShape& s, int elem_size, 
   return cudaSuccess;
 }
 
+// Launches `kernel` over the layer: once for the whole sequence, cooperatively, when the plan keeps
+// the weights resident (the kernel's grid barriers separate the phases); otherwise once per step
+// and phase for which runs_phase(step, phase) holds. Params has plan, s_begin, s_end and phases.
+template <class Kernel, class Params, class RunsPhase>
+cudaError_t launch_layer(Kernel kernel, Params& p, int num_directions, int steps,
+                         const int (&phases)[2], RunsPhase runs_phase, cudaStream_t stream) {
+  const dim3 grid(num_directions * p.plan.nb), block(kThreads);
+  if (p.plan.resident) {
+    void* args[] = {&p};
+    const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid,
+                                                        block, args, p.plan.smem, stream);
+    return err == cudaSuccess ? cudaGetLastError() : err;
+  }
+  for (int step = 0; step < steps; ++step) {
+    for (int phase : phases) {
+      if (!runs_phase(step, phase)) continue;
+      p.s_begin = step;
+      p.s_end = step + 1;
+      p.phases = phase;
+      kernel<<<grid, block, p.plan.smem, stream>>>(p);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
+}
+
 // Runs Run::run<Cell, Scalar>(a, stream) for the layer's cell and dtype, after checking that the
 // shape is one the kernels take. Args is FastrnnForwardArgs or FastrnnBackwardArgs.
 template <class Run, class Args>
