@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
 from .modules import _converted
-from .functional import needs_backward
+from .functional import autocast_dtype, needs_backward
 from .ops import LAYER_OPS
 
 
@@ -32,13 +32,13 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         if state.size(1) != hidden:
             raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
                                f"expected {hidden}")
-    if not torch.is_autocast_enabled(input.device.type):  # torch's order: input @ W_ih, h @ W_hh
+    cast = autocast_dtype(input.device.type)
+    if cast is None:  # dtypes must agree, checked in torch's order: input @ W_ih, h @ W_hh
         for operand, weight in ((input, weight_ih), (h, weight_hh), (c, weight_hh)):
             if operand is not None and operand.dtype != weight.dtype:
                 raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
                                    f"{_dtype_name(operand.dtype)} and {_dtype_name(weight.dtype)}")
-    cast = torch.get_autocast_dtype(input.device.type) if torch.is_autocast_enabled(input.device.type) else None
-    if cast is not None:
+    else:
         input, h = input.to(cast), h.to(cast)
         c = None if c is None else c.to(cast)
         weight_ih, weight_hh = weight_ih.to(cast), weight_hh.to(cast)

@@ -54,7 +54,8 @@ def needs_backward(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast runs ops in on this device type, or None when it is off."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -72,7 +73,7 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
     """
     backend = check_backend_name(backend) or ""
     num_directions = 2 if bidirectional else 1
-    cast = _autocast_dtype(input.device.type)
+    cast = autocast_dtype(input.device.type)
     if cast is not None:  # like the torch ops under autocast, run in the autocast dtype
         input, h0 = input.to(cast), h0.to(cast)
         c0 = None if c0 is None else c0.to(cast)

@@ -19,9 +19,6 @@ from . import functional
 from .backends import check_backend_name
 from .cells import CELLS_BY_MODE
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-
-
 class RNNBase(nn.Module):
     """The common part of LSTM, GRU and RNN, mirroring torch.nn.RNNBase."""
 
@@ -69,9 +66,9 @@ class RNNBase(nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if mode not in _GATES:
+        if mode not in CELLS_BY_MODE:
             raise ValueError("Unrecognized RNN mode: " + mode)
-        gate_size = _GATES[mode] * hidden_size
+        gate_size = CELLS_BY_MODE[mode].gates * hidden_size
         real_hidden_size = proj_size if proj_size > 0 else hidden_size
 
         self._flat_weights_names: list[str] = []
