@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
-from .ops import LAYER_OPS
+from .ops import LAYER_OPS, input_projection
 
 
 def packed_layout(batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,7 +100,11 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
     for layer in range(num_layers):
         w_ih, b_ih, w_hh, b_hh, w_hr = _layer_weights(weights, layer, num_layers, num_directions)
         states = slice(layer * num_directions, (layer + 1) * num_directions)
-        x_gates = F.linear(x, w_ih, b_ih)  # [T, B, D*G*H], one GEMM for every step and direction
+        # [T, B, D*G*H], one GEMM for every step and direction
+        if x.device.type == "cpu":
+            x_gates = input_projection(x, w_ih, b_ih, backend)
+        else:
+            x_gates = F.linear(x, w_ih, b_ih)
         x, h_last, c_last, _ = op(x_gates, h0[states], None if c0 is None else c0[states],
                                   w_hh, b_hh, w_hr, lengths, backend, keep_workspace)
         h_n.append(h_last)

@@ -7,7 +7,13 @@
                                              lengths, output, workspace, backend)
         -> (grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr)
 
-for cell in lstm, gru, rnn_tanh, rnn_relu. Shapes and meaning: backends/base.py. `backend` is a
+for cell in lstm, gru, rnn_tanh, rnn_relu, and for the input projection of a layer on the CPU
+
+    torch.ops.fastrnn.input_projection(x, w_ih, b_ih, backend) -> x_gates
+    torch.ops.fastrnn.input_projection_backward(grad, x, w_ih, output_mask, backend)
+        -> (grad_x, grad_w_ih, grad_b_ih)
+
+Shapes and meaning: backends/base.py. `backend` is a
 name from backends.BACKEND_NAMES, or "" for FASTRNN_BACKEND / "auto"; it is resolved when the op
 runs, so `torch.compile` sees each op as one opaque node. With keep_workspace=False (nothing will
 be differentiated) the workspace comes back empty ([0, B, D, W]) and backends may skip saving it.
@@ -88,6 +94,7 @@ def _define(cell: CellSpec):
         ctx.has_bias = b_hh is not None
         ctx.backend = backend
         ctx.mark_non_differentiable(workspace)
+        ctx.set_materialize_grads(False)  # unused outputs get None, not zeros the size of them
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
         h0, c0, w_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
@@ -108,3 +115,48 @@ def _define(cell: CellSpec):
 
 
 LAYER_OPS = {name: _define(cell) for name, cell in CELLS.items()}
+
+
+@torch.library.custom_op("fastrnn::input_projection_backward", mutates_args=())
+def input_projection_backward(grad: Tensor, x: Tensor, w_ih: Tensor, output_mask: list[bool],
+                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.projection_backend(backend or None, x.device.type)
+    return tuple(t.clone() if t is grad or t is x or t is w_ih else t
+                 for t in impl.input_projection_backward(grad, x, w_ih, output_mask))
+
+
+@input_projection_backward.register_fake
+def _(grad, x, w_ih, output_mask, backend):
+    return (x.new_empty(x.shape if output_mask[0] else (0,)),
+            x.new_empty(w_ih.shape if output_mask[1] else (0,)),
+            x.new_empty(w_ih.shape[:1] if output_mask[2] else (0,)))
+
+
+@torch.library.custom_op("fastrnn::input_projection", mutates_args=())
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], backend: str) -> Tensor:
+    return backends.projection_backend(backend or None, x.device.type).input_projection(
+        x, w_ih, b_ih)
+
+
+@input_projection.register_fake
+def _(x, w_ih, b_ih, backend):
+    return x.new_empty(*x.shape[:-1], w_ih.shape[0])
+
+
+def _projection_setup_context(ctx, inputs, output):
+    x, w_ih, b_ih, backend = inputs
+    ctx.save_for_backward(x, w_ih)
+    ctx.has_bias = b_ih is not None
+    ctx.backend = backend
+
+
+def _projection_backward(ctx, grad):
+    x, w_ih = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_x, grad_w, grad_b = input_projection_backward(grad, x, w_ih, mask, ctx.backend)
+    return (grad_x if mask[0] else None, grad_w if mask[1] else None,
+            grad_b if mask[2] else None, None)
+
+
+input_projection.register_autograd(_projection_backward, setup_context=_projection_setup_context)

@@ -6,24 +6,24 @@
 // (a one-thread GEMM into a preallocated buffer) and runs the fused, vectorised cell on its block
 // of hidden units. Backward step: a fused cell pass over B*H, then grad h_prev = grad_gates W_hh by
 // blocks of columns. The backward ends with one GEMM per weight over all steps.
+// In float32 on AVX-512 CPUs the per-step GEMMs run on packed_gemm.h, each thread's block of W_hh
+// packed once per call; elsewhere on matmul.h.
 // bfloat16/float16 inputs run in float32 and are rounded on output.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <dlfcn.h>
-#include <sys/mman.h>
-#endif
+#include "matmul.h"
+#include "packed_gemm.h"
 
 namespace fastrnn_cpu {
 namespace {
@@ -37,21 +37,6 @@ using at::Tensor;
 #endif
 #define FASTRNN_INLINE inline __attribute__((always_inline))
 // Loops marked ivdep write each column of distinct buffers once: no dependence between columns.
-
-// A new tensor for a large buffer. On Linux its whole 2 MiB pages are advised to be huge pages
-// before anything touches them: first-touch faults on 4 KiB pages otherwise cost more than the
-// cell passes for large layers.
-Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor result = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(result.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + result.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return result;
-}
 
 enum class Cell { kLstm, kGru, kRnnTanh, kRnnRelu };
 
@@ -376,6 +361,19 @@ void run_segment(Cell cell, const BackwardStep<double>& s, int64_t b, int64_t j0
 // Elements of B*H below which a backward cell pass stays on one thread.
 constexpr int64_t kCellGrain = 2048;
 
+// Asks for the step's x_gates of its block of units to be brought into cache, so that the cell
+// pass does not wait on them.
+template <typename T>
+void prefetch_gate_inputs(const ForwardStep<T>& s, int64_t batch, int64_t gates) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t g = 0; g < gates; ++g) {
+      const T* begin = s.x_gates + b * s.x_gates_row + g * s.hidden + s.first_unit;
+      for (int64_t j = 0; j < s.units; j += kLine) __builtin_prefetch(begin + j);
+    }
+  }
+}
+
 // One backward cell pass over every (row, hidden unit), split over threads in row segments.
 template <typename Step>
 void cell_pass(Cell cell, const Step& step, int64_t batch, int64_t hidden) {
@@ -406,51 +404,6 @@ const int64_t* lengths_data(const Tensor& lengths) {
   return lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
 }
 
-// oneDNN's matmul (at::native::mkldnn_matmul), faster than at::mm here for float32. Its header is
-// not shipped and it may change between torch versions, so it is looked up at run time.
-using MkldnnMatmul = void (*)(const Tensor&, const Tensor&, const Tensor&, float, float);
-MkldnnMatmul mkldnn_matmul_fn() {
-#if defined(__linux__)
-  static const MkldnnMatmul fn = reinterpret_cast<MkldnnMatmul>(
-      dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
-  return fn;
-#else
-  return nullptr;
-#endif
-}
-
-// Contiguous, or the transpose of a contiguous matrix: the layouts oneDNN takes without a copy.
-bool plain_or_transposed(const Tensor& t) {
-  return t.is_contiguous() || (t.stride(0) == 1 && t.stride(1) == t.size(0));
-}
-
-// Multiply-adds below which oneDNN's per-call cost outweighs its faster kernel.
-constexpr int64_t kMkldnnMinWork = int64_t(1) << 23;
-
-// Cleared for good when oneDNN refuses a call (a torch built without it).
-std::atomic<bool> mkldnn_usable{true};
-
-// result = a b (accumulate: result += a b) for 2-D a, b.
-void matmul(const Tensor& result, const Tensor& a, const Tensor& b, bool accumulate) {
-  static const MkldnnMatmul mkldnn = mkldnn_matmul_fn();
-  if (mkldnn != nullptr && mkldnn_usable.load(std::memory_order_relaxed) &&
-      at::globalContext().userEnabledMkldnn() && result.scalar_type() == at::kFloat &&
-      result.is_contiguous() && plain_or_transposed(a) && plain_or_transposed(b) &&
-      a.size(0) * a.size(1) * b.size(1) >= kMkldnnMinWork) {
-    try {
-      mkldnn(a, b, result, accumulate ? 1.0f : 0.0f, 1.0f);
-      return;
-    } catch (const c10::Error&) {
-      mkldnn_usable.store(false);
-    }
-  }
-  if (accumulate) {
-    result.addmm_(a, b);
-  } else {
-    at::mm_out(const_cast<Tensor&>(result), a, b);
-  }
-}
-
 // Hidden units (or columns of h) per block of a step: one block per thread, each with its own
 // rows (forward) or columns (backward) of W_hh and a one-thread GEMM; one-thread GEMMs on blocks
 // scale better over the threads than one small GEMM split by the BLAS library.
@@ -477,6 +430,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
   Tensor h_unprojected = projects ? at::empty({B, H}, x_gates.options()) : Tensor();
   Tensor h_other = at::empty({B, P}, x_gates.options());
   std::vector<Tensor> h_gates(blocks), w_block_t(blocks);  // [B, G*units], [P, G*units]
+  std::vector<PackedMatrix> w_block_packed(use_packed_gemm<T>() ? blocks : 0);  // [P, G*units]
   std::vector<ForwardStep<T>> steps(blocks);
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = d == 1;
@@ -488,10 +442,12 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
     Tensor w_hr_t = projects ? w_hr[d].t() : Tensor();  // [H, P]
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t first = k * block_units, units = std::min(block_units, H - first);
-      Tensor w_block = blocks == 1
-          ? w_hh[d]
-          : w_hh[d].view({G, H, P}).narrow(1, first, units).reshape({G * units, P});
-      w_block_t[k] = w_block.t();
+      if (w_block_packed.empty()) {  // [G*units, P] rows of W_hh for matmul
+        Tensor w_block = blocks == 1
+            ? w_hh[d]
+            : w_hh[d].view({G, H, P}).narrow(1, first, units).reshape({G * units, P});
+        w_block_t[k] = w_block.t();
+      }
       if (!h_gates[k].defined()) h_gates[k] = at::empty({B, G * units}, x_gates.options());
       ForwardStep<T>& step = steps[k];
       step.hidden = H;
@@ -505,6 +461,20 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
       step.c_state = lstm ? c_state.data_ptr<T>() : nullptr;
       step.output_row = D * P;
       step.h_unprojected = projects ? h_unprojected.data_ptr<T>() : nullptr;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      // Each block's columns of W_hh^T [P, G*units] packed by the thread that will use them.
+      const float* weight = w_hh[d].data_ptr<float>();  // [G*H, P]
+      at::parallel_for(0, w_block_packed.size(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t first = k * block_units, units = std::min(block_units, H - first);
+          PackedMatrix& packed = w_block_packed[k];
+          packed.reset(P, G * units);
+          packed.pack_panels_by_column(
+              [&](int64_t n) { return weight + ((n / units) * H + first + n % units) * P; }, 1,
+              0, packed.panels());
+        }
+      });
     }
     const T* x_gates_base = x_gates.data_ptr<T>() + d * GH;
     T* workspace_base = workspace.data_ptr<T>() + d * W;
@@ -522,8 +492,14 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         const at::NoGradGuard no_grad;  // worker threads start with grad mode on
         for (int64_t k = begin; k < end; ++k) {
-          matmul(h_gates[k], h_state, w_block_t[k], false);
           const ForwardStep<T>& step = steps[k];
+          prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
+          if (w_block_packed.empty()) {
+            matmul(h_gates[k], h_state, w_block_t[k], false);
+          } else if constexpr (std::is_same_v<T, float>) {
+            packed_gemm(B, step.h_prev, P, w_block_packed[k], h_gates[k].data_ptr<float>(),
+                        G * step.units, nullptr, false);
+          }
           for (int64_t b = 0; b < B; ++b) {
             run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
           }
@@ -585,7 +561,16 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     Tensor weight = w_hh[d];  // [G*H, P]
     // Per block of columns: its columns of W_hh, contiguous, and its part of grad h_prev W_hh.
     std::vector<Tensor> weight_block(column_blocks), grad_h_block(column_blocks);
-    for (int64_t k = 0; column_blocks > 1 && k < column_blocks; ++k) {
+    std::vector<PackedMatrix> weight_packed(use_packed_gemm<T>() ? column_blocks : 0);
+    if constexpr (std::is_same_v<T, float>) {  // packed by the thread that will use them
+      at::parallel_for(0, weight_packed.size(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
+          weight_packed[k].pack(weight.data_ptr<float>() + first, GH, columns, P, 1);
+        }
+      });
+    }
+    for (int64_t k = 0; weight_packed.empty() && column_blocks > 1 && k < column_blocks; ++k) {
       const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
       weight_block[k] = weight.narrow(1, first, columns).contiguous();
       grad_h_block[k] = at::empty({B, columns}, options);
@@ -647,6 +632,14 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
         const at::NoGradGuard no_grad;  // worker threads start with grad mode on
         for (int64_t k = begin; k < end; ++k) {
           const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
+          if constexpr (std::is_same_v<T, float>) {
+            if (!weight_packed.empty()) {
+              packed_gemm(B, grad_h_gates_t.data_ptr<float>(), grad_h_gates_t.stride(0),
+                          weight_packed[k], grad_h_next.data_ptr<float>() + first, P, nullptr,
+                          true);
+              continue;
+            }
+          }
           if (column_blocks == 1) {
             matmul(grad_h_next, grad_h_gates_t, weight, true);
             continue;
@@ -664,24 +657,21 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     }
     if (grad_h.data_ptr() != grad_h0[d].data_ptr()) grad_h0[d].copy_(grad_h);
 
-    // Weight gradients over all steps: the step whose h_prev is h0 pairs with h0, the others
-    // with the neighbouring output (0 where that neighbour is padding, as h0 is then used).
-    Tensor first;  // [B, G*H] the gradient of each sequence's first processed step
+    // Weight gradients over all steps, one GEMM each. h_prev of each step is the neighbouring
+    // output, or h0 at each sequence's first processed step.
+    Tensor h_prev = empty_large({T_, B, P}, options);  // [T, B, P]
     if (!reverse) {
-      first = grad_h_gates_d[0];
-    } else if (lengths == nullptr) {
-      first = grad_h_gates_d[T_ - 1];
+      h_prev[0].copy_(h0[d]);
+      if (T_ > 1) h_prev.narrow(0, 1, T_ - 1).copy_(output_d.narrow(0, 0, T_ - 1));
     } else {
-      first = at::empty({B, GH}, options);
-      for (int64_t b = 0; b < B; ++b) first[b].copy_(grad_h_gates_d[lengths[b] - 1][b]);
+      if (T_ > 1) h_prev.narrow(0, 0, T_ - 1).copy_(output_d.narrow(0, 1, T_ - 1));
+      h_prev[T_ - 1].copy_(h0[d]);
+      for (int64_t b = 0; lengths != nullptr && b < B; ++b) {
+        if (lengths[b] < T_) h_prev[lengths[b] - 1][b].copy_(h0[d][b]);
+      }
     }
     Tensor grad_w_hh_d = grad_w_hh[d];
-    matmul(grad_w_hh_d, first.t(), h0[d], false);
-    if (T_ > 1) {
-      Tensor inner = grad_h_gates_d.narrow(0, reverse ? 0 : 1, T_ - 1).flatten(0, 1);
-      Tensor h_prev = output_d.narrow(0, reverse ? 1 : 0, T_ - 1).flatten(0, 1);
-      matmul(grad_w_hh_d, inner.t(), h_prev, true);
-    }
+    matmul(grad_w_hh_d, grad_h_gates_d.flatten(0, 1).t(), h_prev.flatten(0, 1), false);
     Tensor grad_b_hh_d = grad_b_hh[d];
     at::sum_out(grad_b_hh_d, grad_h_gates_d.flatten(0, 1), at::IntArrayRef{0});
     if (projects) {

@@ -95,6 +95,19 @@ def resolve(name: str | None, config: LayerConfig) -> Backend:
     raise RuntimeError(f"no fastrnn backend can run this {config.cell.mode} layer on {config.device_type}")
 
 
+def projection_backend(name: str | None, device_type: str) -> Backend:
+    """The backend that runs a layer's input projection: the requested one (or auto's first
+    available choice for the device) when it is available, else the reference backend. A backend
+    that cannot run the layer itself is reported by `resolve` when the layer runs."""
+    name = requested_backend(name)
+    candidates = AUTO_ORDER.get(device_type, ()) if name == "auto" else (name,)
+    for candidate in candidates:
+        backend = _load(candidate)
+        if backend is not None and backend.available()[0]:
+            return backend
+    return _load("reference")
+
+
 def _warn_fallback(chosen: str, skipped: list[str]) -> None:
     key = (chosen, "; ".join(skipped))
     if key not in _warned:
@@ -114,4 +127,4 @@ def available_backends() -> dict[str, str]:
 
 
 __all__ = ["AUTO_ORDER", "BACKEND_NAMES", "Backend", "LayerConfig", "available_backends",
-           "check_backend_name", "requested_backend", "resolve", "why_not"]
+           "check_backend_name", "projection_backend", "requested_backend", "resolve", "why_not"]

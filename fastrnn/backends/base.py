@@ -28,6 +28,10 @@ Backward, for one layer: the gradients of the forward's inputs, given the gradie
   returns (grad_x_gates [T, B, D*G*H], grad_h0 [D, B, P], grad_c0 [D, B, H] or empty,
            grad_w_hh [D, G*H, P], grad_b_hh [D, G*H], grad_w_hr [D, P, H] or empty)
 Gradients take the dtype of the forward inputs; accumulate in float32 for float16/bfloat16.
+
+Input projection, for one layer (CPU tensors; on other devices it is a plain F.linear): a backend
+may run x_gates = x @ W_ih^T + b_ih (x [T, B, I], w_ih [D*G*H, I], b_ih [D*G*H] or None) and its
+backward itself; the base class uses torch's own GEMMs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 from ..cells import CellSpec
 
@@ -99,3 +104,16 @@ class Backend:
                  lengths, output, workspace):
         """See the module docstring. Returns the six gradients."""
         raise NotImplementedError
+
+    def input_projection(self, x, w_ih, b_ih):
+        """x [T, B, I] @ w_ih [D*G*H, I]^T + b_ih [D*G*H] (or None) -> [T, B, D*G*H]."""
+        return F.linear(x, w_ih, b_ih)
+
+    def input_projection_backward(self, grad, x, w_ih, output_mask: list[bool]):
+        """The gradients of input_projection's x, w_ih and b_ih for grad [T, B, D*G*H]; an
+        empty tensor ([0]) where output_mask says it is not needed."""
+        rows_grad, rows_x = grad.flatten(0, -2), x.flatten(0, -2)  # [T*B, D*G*H], [T*B, I]
+        grad_x = grad @ w_ih if output_mask[0] else grad.new_empty(0)
+        grad_w = rows_grad.t() @ rows_x if output_mask[1] else grad.new_empty(0)
+        grad_b = rows_grad.sum(0) if output_mask[2] else grad.new_empty(0)
+        return grad_x, grad_w, grad_b

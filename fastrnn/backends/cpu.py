@@ -3,6 +3,7 @@ call. It is the extension `fastrnn._C_cpu` built by setup.py; when that is missi
 on first use from the sources next to the package (torch.utils.cpp_extension.load).
 
 Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output.
+The input projection of float32 layers runs on the same packed AVX-512 GEMM (csrc/cpu/linear_cpu.cpp).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from .base import Backend, LayerConfig
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "rnn_cpu.cpp"
+_SOURCES = [pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu" / name
+            for name in ("rnn_cpu.cpp", "linear_cpu.cpp", "matmul.cpp", "packed_gemm.cpp")]
 
 
 def _load_kernels() -> str:
@@ -31,17 +33,22 @@ def _load_kernels() -> str:
             built_error = f"the built extension {spec.origin} does not load ({error})"
     else:
         built_error = "the extension fastrnn._C_cpu is not built"
-    if not _SOURCE.exists():
-        return f"{built_error} and its source {_SOURCE} is not there to compile"
+    missing = [str(source) for source in _SOURCES if not source.exists()]
+    if missing:
+        return f"{built_error} and its sources {missing} are not there to compile"
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="fastrnn_cpu_jit", sources=[str(_SOURCE)],
+        cpp_extension.load(name="fastrnn_cpu_jit", sources=[str(source) for source in _SOURCES],
                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False)
     except Exception as error:  # a compiler error of any kind means: not available here
         return f"{built_error} and compiling it failed: {error}"
     return ""
+
+
+def _float32_on_cpu(*tensors) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
 
 
 class CpuBackend(Backend):
@@ -71,6 +78,16 @@ class CpuBackend(Backend):
         return tuple(torch.ops.fastrnn_cpu.layer_backward(
             cell.name, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, output,
             workspace))
+
+    def input_projection(self, x, w_ih, b_ih):
+        if not _float32_on_cpu(x, w_ih, b_ih):
+            return super().input_projection(x, w_ih, b_ih)
+        return torch.ops.fastrnn_cpu.linear(x, w_ih, b_ih)
+
+    def input_projection_backward(self, grad, x, w_ih, output_mask):
+        if not _float32_on_cpu(grad, x, w_ih):
+            return super().input_projection_backward(grad, x, w_ih, output_mask)
+        return tuple(torch.ops.fastrnn_cpu.linear_backward(grad, x, w_ih, output_mask))
 
 
 BACKEND = CpuBackend()

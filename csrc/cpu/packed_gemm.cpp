@@ -1,0 +1,130 @@
+// The packed float32 GEMM of packed_gemm.h: packing, and the AVX-512 tile kernel.
+
+#include "packed_gemm.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTRNN_PACKED_GEMM_X86 1
+#endif
+
+namespace fastrnn_cpu {
+
+void PackedMatrix::reset(int64_t depth, int64_t columns) {
+  depth_ = depth;
+  columns_ = columns;
+  data_.reset(new float[panels() * depth * kPanelColumns]);
+}
+
+void PackedMatrix::pack_panels(const float* source, int64_t stride_k, int64_t stride_n,
+                               int64_t first, int64_t last) {
+  for (int64_t p = first; p < last; ++p) {
+    const int64_t first_column = p * kPanelColumns;
+    const int64_t width = std::min(kPanelColumns, columns_ - first_column);
+    float* panel = data_.get() + p * depth_ * kPanelColumns;
+    for (int64_t k = 0; k < depth_; ++k) {
+      const float* row = source + k * stride_k + first_column * stride_n;
+      float* packed = panel + k * kPanelColumns;
+      for (int64_t n = 0; n < width; ++n) packed[n] = row[n * stride_n];
+      std::fill(packed + width, packed + kPanelColumns, 0.0f);
+    }
+  }
+}
+
+void PackedMatrix::pack(const float* source, int64_t depth, int64_t columns, int64_t stride_k,
+                        int64_t stride_n) {
+  reset(depth, columns);
+  pack_panels(source, stride_k, stride_n, 0, panels());
+}
+
+#ifdef FASTRNN_PACKED_GEMM_X86
+
+bool packed_gemm_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+}
+
+namespace {
+
+// c[kRows, columns] = a[kRows, K] panel[K, 32] + bias (accumulate: c += a panel); columns in
+// 1..32; bias: this panel's 32 entries (zero-padded) or null.
+template <int kRows>
+__attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int64_t lda,
+                                             const float* panel, float* c, int64_t ldc,
+                                             int64_t columns, const float* bias, bool accumulate) {
+  const __mmask16 mask_low = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
+  const __mmask16 mask_high = columns >= 32 ? 0xFFFF
+      : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1) : 0;
+  const bool biased = bias != nullptr && !accumulate;
+  const __m512 bias_low = biased ? _mm512_maskz_loadu_ps(mask_low, bias) : _mm512_setzero_ps();
+  const __m512 bias_high = biased ? _mm512_maskz_loadu_ps(mask_high, bias + 16) : _mm512_setzero_ps();
+  __m512 low[kRows], high[kRows];  // columns 0-15 and 16-31 of each row
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    low[r] = bias_low;
+    high[r] = bias_high;
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 b_low = _mm512_loadu_ps(panel + k * 32);
+    const __m512 b_high = _mm512_loadu_ps(panel + k * 32 + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 a_rk = _mm512_set1_ps(a[r * lda + k]);
+      low[r] = _mm512_fmadd_ps(a_rk, b_low, low[r]);
+      high[r] = _mm512_fmadd_ps(a_rk, b_high, high[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) {
+      low[r] = _mm512_add_ps(low[r], _mm512_maskz_loadu_ps(mask_low, row));
+      high[r] = _mm512_add_ps(high[r], _mm512_maskz_loadu_ps(mask_high, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, mask_low, low[r]);
+    _mm512_mask_storeu_ps(row + 16, mask_high, high[r]);
+  }
+}
+
+using Tile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                     const float*, bool);
+constexpr int kTileRows = 8;
+// Products per pass of the accumulators: sums over K run in chunks of this depth, added up in c,
+// which keeps float32 rounding errors at the level of a blocked BLAS for large K.
+constexpr int64_t kDepthChunk = 128;
+constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
+                                        tile<5>, tile<6>, tile<7>, tile<8>};
+
+}  // namespace
+
+void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
+                 int64_t ldc, const float* bias, bool accumulate) {
+  const int64_t width = PackedMatrix::kPanelColumns;
+  const int64_t panels = (b.columns() + width - 1) / width;
+  for (int64_t p = 0; p < panels; ++p) {  // a panel stays in cache across the row tiles
+    const int64_t first = p * width, columns = std::min(width, b.columns() - first);
+    for (int64_t m = 0; m < rows; m += kTileRows) {
+      const Tile tile_of_rows = kTiles[std::min<int64_t>(kTileRows, rows - m)];
+      for (int64_t k = 0; k < b.depth(); k += kDepthChunk) {
+        tile_of_rows(std::min(kDepthChunk, b.depth() - k), a + m * lda + k, lda,
+                     b.panel(p) + k * width, c + m * ldc + first, ldc, columns,
+                     bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
+      }
+    }
+  }
+}
+
+#else
+
+bool packed_gemm_supported() { return false; }
+
+void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, int64_t,
+                 const float*, bool) {
+  throw std::runtime_error("fastrnn cpu: packed_gemm needs an x86-64 CPU with AVX-512F");
+}
+
+#endif
+
+}  // namespace fastrnn_cpu

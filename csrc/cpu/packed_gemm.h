@@ -1,0 +1,69 @@
+// C [M, N] = A [M, K] B [K, N] (+ bias, or C += A B) in float32, for a B that multiplies many As:
+// the recurrent weights, used once per time step, and the input weights, used for every row.
+// B is packed once into panels of 32 columns ([K, 32] each, zero-padded past N); an AVX-512
+// kernel then computes tiles of 8 rows x 32 columns with all 16 accumulators in registers across
+// the whole K. Framework-free and single-threaded: callers split rows or panels over threads.
+//
+// Legend: M rows of A and C, K depth, N columns of B and C.
+
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+namespace fastrnn_cpu {
+
+// B packed into panels of kPanelColumns columns, each [K, kPanelColumns] row-major.
+class PackedMatrix {
+ public:
+  static constexpr int64_t kPanelColumns = 32;
+
+  // Allocates room for B [K, N]; the panels are then filled by pack_panels.
+  void reset(int64_t depth, int64_t columns);
+  // Fills panels [first, last) from B given by strides: b(k, n) = source[k * stride_k + n * stride_n].
+  void pack_panels(const float* source, int64_t stride_k, int64_t stride_n, int64_t first,
+                   int64_t last);
+  // Fills panels [first, last) from B given column by column: column(n) points at b(0, n), whose
+  // next entries b(k, n) lie stride_k apart.
+  template <typename Column>
+  void pack_panels_by_column(Column column, int64_t stride_k, int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      float* panel = data_.get() + p * depth_ * kPanelColumns;
+      for (int64_t n = 0; n < kPanelColumns; ++n) {
+        const int64_t index = p * kPanelColumns + n;
+        if (index >= columns_) {  // zero padding
+          for (int64_t k = 0; k < depth_; ++k) panel[k * kPanelColumns + n] = 0.0f;
+          continue;
+        }
+        const float* source = column(index);
+        for (int64_t k = 0; k < depth_; ++k) panel[k * kPanelColumns + n] = source[k * stride_k];
+      }
+    }
+  }
+  // reset and pack every panel.
+  void pack(const float* source, int64_t depth, int64_t columns, int64_t stride_k,
+            int64_t stride_n);
+
+  int64_t depth() const { return depth_; }      // K
+  int64_t columns() const { return columns_; }  // N
+  int64_t panels() const { return (columns_ + kPanelColumns - 1) / kPanelColumns; }
+  const float* panel(int64_t index) const {     // [K, kPanelColumns]
+    return data_.get() + index * depth_ * kPanelColumns;
+  }
+
+ private:
+  std::unique_ptr<float[]> data_;
+  int64_t depth_ = 0;
+  int64_t columns_ = 0;
+};
+
+// Whether this CPU runs packed_gemm (AVX-512F); where it does not, callers multiply another way.
+bool packed_gemm_supported();
+
+// c = a b + bias (accumulate: c += a b) on the calling thread.
+// a: [M, K] rows lda apart; b: packed [K, N]; c: [M, N] rows ldc apart; bias: [N] or null
+// (ignored when accumulating).
+void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
+                 int64_t ldc, const float* bias, bool accumulate);
+
+}  // namespace fastrnn_cpu

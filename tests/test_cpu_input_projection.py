@@ -1,0 +1,121 @@
+"""The input projection of a layer on the CPU: the packed AVX-512 GEMM of csrc/cpu/linear_cpu.cpp
+(`torch.ops.fastrnn_cpu.linear` and `linear_backward`) and the op `torch.ops.fastrnn.input_projection`
+that the layers call, against float64 oracles.
+
+Errors are judged against torch's own float32 error on the same inputs. Uninitialised memory is
+poisoned (NaN) so that anything the kernel forgets to write shows.
+
+Legend: T time, B batch, K input size (I), N output columns (D*G*H).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastrnn import backends
+from fastrnn.backends import cpu, reference
+from fastrnn.ops import input_projection, input_projection_backward
+
+CPU = cpu.BACKEND
+
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
+# (T, B, K, N): single elements, sizes that are not multiples of the 8-row tiles, the 32-column
+# panels or the 128-deep chunks of the kernel, and a layer-sized one.
+SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 9, 257, 100), (7, 3, 130, 33), (10, 16, 256, 1024)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels():
+    ok, reason = CPU.available()
+    assert ok, f"the cpu backend is not available: {reason}"
+
+
+def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (got.double() - expected).abs().max().item()
+
+
+def _assert_as_accurate_as_torch(got, torch_result, expected):
+    """got's error against the float64 expectation is at most 2x torch's own + a small floor."""
+    assert not got.isnan().any()
+    assert _error(got, expected) <= 2 * _error(torch_result, expected) + 1e-6 * max(
+        1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-K{}-N{}".format(*s))
+def test_linear_matches_float64(shape, bias):
+    T, B, K, N = shape
+    x, w = torch.randn(T, B, K), torch.randn(N, K) / K ** 0.5
+    b = torch.randn(N) if bias else None
+    got = torch.ops.fastrnn_cpu.linear(x, w, b)
+    expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (T, B, N)
+    _assert_as_accurate_as_torch(got, F.linear(x, w, b), expected)
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, False)],
+                         ids=["all", "weight", "input"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-K{}-N{}".format(*s))
+def test_linear_backward_matches_float64(shape, mask):
+    T, B, K, N = shape
+    x, w, grad = torch.randn(T, B, K), torch.randn(N, K), torch.randn(T, B, N)
+    got = torch.ops.fastrnn_cpu.linear_backward(grad, x, w, list(mask))
+    rows_grad, rows_x = grad.flatten(0, 1), x.flatten(0, 1)
+    expected = (grad.double() @ w.double(), rows_grad.double().t() @ rows_x.double(),
+                rows_grad.double().sum(0))
+    from_torch = (grad @ w, rows_grad.t() @ rows_x, rows_grad.sum(0))
+    for needed, g, e, t in zip(mask, got, expected, from_torch):
+        if needed:
+            assert g.shape == e.shape
+            _assert_as_accurate_as_torch(g, t, e)
+        else:
+            assert g.numel() == 0
+
+
+def test_linear_takes_strided_input_and_leaves_it_unchanged():
+    x = torch.randn(6, 4, 40).transpose(0, 1)  # [4, 6, 40], batch_first viewed as time-major
+    w, b = torch.randn(70, 40), torch.randn(70)
+    before = x.clone()
+    got = torch.ops.fastrnn_cpu.linear(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, before)
+
+
+def test_other_dtypes_fall_back_to_torch():
+    x, w = torch.randn(3, 2, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.ops.fastrnn_cpu.linear(x, w, None), F.linear(x, w),
+                               rtol=0, atol=0)
+
+
+def test_projection_runs_on_the_backend_asked_for():
+    assert backends.projection_backend("cpu", "cpu") is CPU
+    assert backends.projection_backend("auto", "cpu") is CPU
+    assert backends.projection_backend("reference", "cpu") is reference.BACKEND
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projection_op_opcheck(dtype, backend):
+    x = torch.randn(3, 2, 5, dtype=dtype, requires_grad=True)
+    w = torch.randn(12, 5, dtype=dtype, requires_grad=True)
+    b = torch.randn(12, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(input_projection, (x, w, b, backend))
+    torch.library.opcheck(input_projection, (x.detach(), w, None, backend))
+    grad = torch.randn(3, 2, 12, dtype=dtype)
+    torch.library.opcheck(input_projection_backward, (grad, x.detach(), w.detach(),
+                                                      [True, False, True], backend))
+
+
+def test_projection_op_gradients():
+    x = torch.randn(4, 3, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(20, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: input_projection(*a, "cpu"), (x, w, b))
+    # float32 through the C++ backward, only the gradients autograd asks for
+    x32, w32 = x.detach().float(), w.detach().float().requires_grad_()
+    (grad_w,) = torch.autograd.grad(input_projection(x32, w32, None, "cpu").sum(), [w32])
+    expected = torch.ones(4 * 3, 20, dtype=torch.float64).t() @ x.detach().flatten(0, 1)
+    torch.testing.assert_close(grad_w.double(), expected, rtol=1e-5, atol=1e-5)
