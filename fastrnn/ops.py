@@ -121,8 +121,7 @@ LAYER_OPS = {name: _define(cell) for name, cell in CELLS.items()}
 def input_projection_backward(grad: Tensor, x: Tensor, w_ih: Tensor, output_mask: list[bool],
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.projection_backend(backend or None, x.device.type)
-    return tuple(t.clone() if t is grad or t is x or t is w_ih else t
-                 for t in impl.input_projection_backward(grad, x, w_ih, output_mask))
+    return tuple(impl.input_projection_backward(grad, x, w_ih, output_mask))
 
 
 @input_projection_backward.register_fake
