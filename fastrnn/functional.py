@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
-from .ops import LAYER_OPS, input_projection
+from .ops import run_layer
 
 
 def packed_layout(batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,19 +94,14 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-    op = LAYER_OPS[cell.name]
     keep_workspace = needs_backward(input, h0, c0, *weights)
     h_n, c_n = [], []
     for layer in range(num_layers):
         w_ih, b_ih, w_hh, b_hh, w_hr = _layer_weights(weights, layer, num_layers, num_directions)
         states = slice(layer * num_directions, (layer + 1) * num_directions)
-        # [T, B, D*G*H], one GEMM for every step and direction
-        if x.device.type == "cpu":
-            x_gates = input_projection(x, w_ih, b_ih, backend)
-        else:
-            x_gates = F.linear(x, w_ih, b_ih)
-        x, h_last, c_last, _ = op(x_gates, h0[states], None if c0 is None else c0[states],
-                                  w_hh, b_hh, w_hr, lengths, backend, keep_workspace)
+        x, h_last, c_last = run_layer(cell, x, w_ih, b_ih, h0[states],
+                                      None if c0 is None else c0[states], w_hh, b_hh, w_hr,
+                                      lengths, backend, keep_workspace)
         h_n.append(h_last)
         c_n.append(c_last)
         if dropout > 0 and training and layer < num_layers - 1:

@@ -117,6 +117,29 @@ def _define(cell: CellSpec):
 LAYER_OPS = {name: _define(cell) for name, cell in CELLS.items()}
 
 
+def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h0: Tensor,
+              c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
+              lengths: Optional[Tensor], backend: str, keep_workspace: bool
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer from its input x [T, B, I]: (output, h_n, c_n).
+
+    Through the ops (input_projection on CPU tensors, else F.linear; then the layer op) when
+    autograd or a compiler needs them. In eager inference on plain tensors the backend the layer
+    op would pick runs the layer directly: the same kernels and results, without the ops' dispatch,
+    and the cpu backend then computes the input projection step by step inside its time loop.
+    """
+    if not keep_workspace and type(x) is Tensor and not torch.compiler.is_compiling():
+        impl = _backend_for(cell, backend, x, h0, w_hh, w_hr, lengths)
+        return impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths)
+    if x.device.type == "cpu":
+        x_gates = input_projection(x, w_ih, b_ih, backend)
+    else:
+        x_gates = torch.nn.functional.linear(x, w_ih, b_ih)
+    output, h_n, c_n, _ = LAYER_OPS[cell.name](x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                               backend, keep_workspace)
+    return output, h_n, c_n
+
+
 @torch.library.custom_op("fastrnn::input_projection_backward", mutates_args=())
 def input_projection_backward(grad: Tensor, x: Tensor, w_ih: Tensor, output_mask: list[bool],
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:

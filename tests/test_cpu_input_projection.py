@@ -119,3 +119,70 @@ def test_projection_op_gradients():
     (grad_w,) = torch.autograd.grad(input_projection(x32, w32, None, "cpu").sum(), [w32])
     expected = torch.ones(4 * 3, 20, dtype=torch.float64).t() @ x.detach().flatten(0, 1)
     torch.testing.assert_close(grad_w.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+FUSED_CASES = [
+    # cell, T, B, I, H, D, proj_size, variable lengths
+    ("lstm", 5, 3, 7, 9, 2, 0, True),
+    ("lstm", 4, 9, 130, 200, 2, 0, True),
+    ("lstm", 3, 2, 5, 6, 2, 4, False),
+    ("gru", 5, 3, 7, 9, 2, 0, True),
+    ("gru", 6, 17, 33, 70, 1, 0, False),
+    ("rnn_tanh", 4, 9, 130, 200, 2, 0, True),
+    ("rnn_relu", 5, 1, 1, 1, 1, 0, False),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES,
+                         ids=lambda c: "{}-T{}-B{}-I{}-H{}-D{}-P{}-{}".format(
+                             *c[:7], "varlen" if c[7] else "padded"))
+def test_fused_inference_is_bitwise_the_two_op_path(case):
+    """layer_forward_from_input (projection inside the time loop) gives exactly what linear and
+    then layer_forward give, so inference and training agree to the bit."""
+    cell, T, B, I, H, D, proj, variable = case
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    P = proj or H
+    x = torch.randn(B, T, I).transpose(0, 1)  # strided, as with batch_first
+    w_ih, b_ih = torch.randn(D * G * H, I) / I ** 0.5, torch.randn(D * G * H)
+    h0 = torch.randn(D, B, P)
+    c0 = torch.randn(D, B, H) if cell == "lstm" else None
+    w_hh, b_hh = torch.randn(D, G * H, P) / P ** 0.5, torch.randn(D, G * H)
+    w_hr = torch.randn(D, P, H) / H ** 0.5 if proj else None
+    lengths = torch.randint(1, T + 1, (B,)) if variable else None
+    fused = torch.ops.fastrnn_cpu.layer_forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh,
+                                                           w_hr, lengths)
+    x_gates = torch.ops.fastrnn_cpu.linear(x, w_ih, b_ih)
+    separate = torch.ops.fastrnn_cpu.layer_forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr,
+                                                   lengths, True)
+    for got, expected in zip(fused, separate[:3]):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_fused_inference_of_other_dtypes(dtype):
+    T, B, I, H = 4, 3, 5, 6
+    x, w_ih, b_ih = (torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype),
+                     torch.randn(4 * H, dtype=dtype))
+    h0, c0 = torch.randn(1, B, H, dtype=dtype), torch.randn(1, B, H, dtype=dtype)
+    w_hh, b_hh = torch.randn(1, 4 * H, H, dtype=dtype), torch.randn(1, 4 * H, dtype=dtype)
+    fused = torch.ops.fastrnn_cpu.layer_forward_from_input("lstm", x, w_ih, b_ih, h0, c0, w_hh,
+                                                           b_hh, None, None)
+    separate = torch.ops.fastrnn_cpu.layer_forward("lstm", F.linear(x, w_ih, b_ih), h0, c0, w_hh,
+                                                   b_hh, None, None, False)
+    for got, expected in zip(fused, separate[:3]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", ["LSTM", "GRU", "RNN"])
+def test_modules_agree_to_the_bit_in_inference_and_training(module):
+    import fastrnn
+
+    model = getattr(fastrnn, module)(7, 33, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(4, 6, 7)
+    with torch.no_grad():
+        inference = model(x)
+    training = model(x)
+    flatten = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]  # noqa: E731
+    for a, b in zip(flatten(inference), flatten(training)):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)

@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "linear_cpu.h"
 #include "matmul.h"
 #include "packed_gemm.h"
 
@@ -52,6 +53,8 @@ bool packed_float(const Tensor& a, const Tensor& b) {
          use_packed_gemm<float>() && a.numel() > 0 && b.numel() > 0;
 }
 
+}  // namespace
+
 Tensor linear(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   const bool bias_float = !bias.has_value() || bias->scalar_type() == at::kFloat;
   if (!packed_float(input, weight) || !bias_float || input.dim() < 1 ||
@@ -70,6 +73,8 @@ Tensor linear(const Tensor& input, const Tensor& weight, const std::optional<Ten
   sizes.back() = N;
   return out.view(sizes);
 }
+
+namespace {
 
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_output, const Tensor& input,
                                                    const Tensor& weight,

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "linear_cpu.h"
 #include "matmul.h"
 #include "packed_gemm.h"
 
@@ -104,8 +105,10 @@ struct ForwardStep {
   int64_t hidden;                // H
   int64_t t;                     // time step
   const int64_t* lengths;        // [B] or null
-  const T* x_gates;              // [B, G*H] rows x_gates_row apart
-  int64_t x_gates_row;
+  const T* x_gates;              // [B, G, units] of this block: rows x_gates_row apart, gates
+  int64_t x_gates_row;           //   x_gates_gate apart, unit j at j - x_gates_first
+  int64_t x_gates_gate;          //   (the whole [B, G*H] rows: gate stride H, first unit 0)
+  int64_t x_gates_first;
   const T* h_gates;              // [B, G, units] W_hh h of this block of units, contiguous
   int64_t units;
   int64_t first_unit;
@@ -142,7 +145,8 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
     return;
   }
   const int64_t G = cell == Cell::kLstm ? 4 : (cell == Cell::kGru ? 3 : 1);
-  const T* __restrict xg = s.x_gates + b * s.x_gates_row + j0;
+  const T* __restrict xg = s.x_gates + b * s.x_gates_row + (j0 - s.x_gates_first);
+  const int64_t X = s.x_gates_gate;
   const T* __restrict hg = s.h_gates + b * G * U + (j0 - s.first_unit);
   const T* __restrict bias = s.bias + j0;
   switch (cell) {
@@ -152,9 +156,9 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
       #pragma GCC ivdep
       for (int64_t j = 0; j < n; ++j) {
         const T i = sigmoid(xg[j] + hg[j] + bias[j]);
-        const T f = sigmoid(xg[H + j] + hg[U + j] + bias[H + j]);
-        const T g = tanh_(xg[2 * H + j] + hg[2 * U + j] + bias[2 * H + j]);
-        const T o = sigmoid(xg[3 * H + j] + hg[3 * U + j] + bias[3 * H + j]);
+        const T f = sigmoid(xg[X + j] + hg[U + j] + bias[H + j]);
+        const T g = tanh_(xg[2 * X + j] + hg[2 * U + j] + bias[2 * H + j]);
+        const T o = sigmoid(xg[3 * X + j] + hg[3 * U + j] + bias[3 * H + j]);
         const T c_new = f * c[j] + i * g;
         const T h_new = o * tanh_(c_new);
         ws[j] = i;
@@ -172,9 +176,9 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
       #pragma GCC ivdep
       for (int64_t j = 0; j < n; ++j) {
         const T r = sigmoid(xg[j] + hg[j] + bias[j]);
-        const T z = sigmoid(xg[H + j] + hg[U + j] + bias[H + j]);
+        const T z = sigmoid(xg[X + j] + hg[U + j] + bias[H + j]);
         const T hn = hg[2 * U + j] + bias[2 * H + j];
-        const T n_gate = tanh_(xg[2 * H + j] + r * hn);
+        const T n_gate = tanh_(xg[2 * X + j] + r * hn);
         const T h_new = n_gate + z * (h[j] - n_gate);
         ws[j] = r;
         ws[H + j] = z;
@@ -413,12 +417,20 @@ int64_t units_per_block(int64_t hidden) {
   return blocks == 1 ? hidden : (units + 15) / 16 * 16;
 }
 
+// The input projection of a layer run step by step inside the recurrence (float32, packed GEMM):
+// x_gates of step t are x[t] W_ih^T + b_ih, computed per block of units and never stored whole.
+struct InputProjection {
+  Tensor x;     // [T, B, I], unit stride along I
+  Tensor w_ih;  // [D*G*H, I] contiguous
+  Tensor b_ih;  // [D*G*H] contiguous, or undefined
+};
+
 template <typename T>
-void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0, const Tensor& c0,
-                  const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr,
-                  const int64_t* lengths, Tensor& output, Tensor& h_n, Tensor& c_n,
-                  Tensor& workspace) {
-  const int64_t T_ = x_gates.size(0), B = x_gates.size(1);
+void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjection* projection,
+                  const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const Tensor& b_hh,
+                  const Tensor& w_hr, const int64_t* lengths, Tensor& output, Tensor& h_n,
+                  Tensor& c_n, Tensor& workspace) {
+  const int64_t T_ = output.size(0), B = output.size(1);
   const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), G = info.gates;
   const int64_t H = GH / G, W = info.workspace_gates * H;
   const bool lstm = info.cell == Cell::kLstm;
@@ -426,11 +438,16 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
   // With a projection the whole step is one block: the projection needs every unit's h.
   const int64_t block_units = projects ? H : units_per_block(H);
   const int64_t blocks = (H + block_units - 1) / block_units;
-  Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, x_gates.options());
-  Tensor h_unprojected = projects ? at::empty({B, H}, x_gates.options()) : Tensor();
-  Tensor h_other = at::empty({B, P}, x_gates.options());
+  Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, output.options());
+  Tensor h_unprojected = projects ? at::empty({B, H}, output.options()) : Tensor();
+  Tensor h_other = at::empty({B, P}, output.options());
   std::vector<Tensor> h_gates(blocks), w_block_t(blocks);  // [B, G*units], [P, G*units]
   std::vector<PackedMatrix> w_block_packed(use_packed_gemm<T>() ? blocks : 0);  // [P, G*units]
+  // With a projection: per block, its rows of W_ih packed [I, G*units], its b_ih and its x_gates.
+  const bool fused = projection != nullptr;
+  std::vector<PackedMatrix> w_ih_packed(fused ? blocks : 0);
+  std::vector<std::vector<float>> b_ih_block(fused ? blocks : 0);
+  std::vector<Tensor> x_gates_block(fused ? blocks : 0);  // [B, G*units]
   std::vector<ForwardStep<T>> steps(blocks);
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = d == 1;
@@ -448,11 +465,20 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
             : w_hh[d].view({G, H, P}).narrow(1, first, units).reshape({G * units, P});
         w_block_t[k] = w_block.t();
       }
-      if (!h_gates[k].defined()) h_gates[k] = at::empty({B, G * units}, x_gates.options());
+      if (!h_gates[k].defined()) h_gates[k] = at::empty({B, G * units}, output.options());
       ForwardStep<T>& step = steps[k];
       step.hidden = H;
       step.lengths = lengths;
-      step.x_gates_row = x_gates.stride(1);
+      if (fused) {
+        x_gates_block[k] = at::empty({B, G * units}, output.options());
+        step.x_gates_row = G * units;
+        step.x_gates_gate = units;
+        step.x_gates_first = first;
+      } else {
+        step.x_gates_row = x_gates.stride(1);
+        step.x_gates_gate = H;
+        step.x_gates_first = 0;
+      }
       step.h_gates = h_gates[k].data_ptr<T>();
       step.units = units;
       step.first_unit = first;
@@ -473,17 +499,33 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
           packed.pack_panels_by_column(
               [&](int64_t n) { return weight + ((n / units) * H + first + n % units) * P; }, 1,
               0, packed.panels());
+          if (fused) {  // rows d*G*H + g*H + first + j of W_ih [D*G*H, I] and of b_ih
+            const int64_t I = projection->w_ih.size(1);
+            const float* w_ih = projection->w_ih.data_ptr<float>() + d * GH * I;
+            w_ih_packed[k].reset(I, G * units);
+            w_ih_packed[k].pack_panels_by_column(
+                [&](int64_t n) { return w_ih + ((n / units) * H + first + n % units) * I; }, 1,
+                0, w_ih_packed[k].panels());
+            b_ih_block[k].clear();
+            if (projection->b_ih.defined()) {
+              const float* b_ih = projection->b_ih.data_ptr<float>() + d * GH;
+              for (int64_t n = 0; n < G * units; ++n) {
+                b_ih_block[k].push_back(b_ih[(n / units) * H + first + n % units]);
+              }
+            }
+          }
         }
       });
     }
-    const T* x_gates_base = x_gates.data_ptr<T>() + d * GH;
+    const T* x_gates_base = fused ? nullptr : x_gates.data_ptr<T>() + d * GH;
     T* workspace_base = workspace.data_ptr<T>() + d * W;
     T* output_base = output.data_ptr<T>() + d * P;
     for (int64_t s = 0; s < T_; ++s) {
       const int64_t t = reverse ? T_ - 1 - s : s;
+      for (int64_t k = 0; fused && k < blocks; ++k) steps[k].x_gates = x_gates_block[k].data_ptr<T>();
       for (ForwardStep<T>& step : steps) {
         step.t = t;
-        step.x_gates = x_gates_base + t * x_gates.stride(0);
+        if (!fused) step.x_gates = x_gates_base + t * x_gates.stride(0);
         step.workspace = workspace_base + t * workspace.stride(0);
         step.output = output_base + t * B * D * P;
         step.h_prev = h_state.data_ptr<T>();
@@ -493,7 +535,15 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const Tensor& h0,
         const at::NoGradGuard no_grad;  // worker threads start with grad mode on
         for (int64_t k = begin; k < end; ++k) {
           const ForwardStep<T>& step = steps[k];
-          prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
+          if constexpr (std::is_same_v<T, float>) {
+            if (fused) {  // x_t W_ih^T + b_ih for this block of units
+              const Tensor& x = projection->x;
+              packed_gemm(B, x.data_ptr<float>() + t * x.stride(0), x.stride(1), w_ih_packed[k],
+                          x_gates_block[k].data_ptr<float>(), G * step.units,
+                          b_ih_block[k].empty() ? nullptr : b_ih_block[k].data(), false);
+            }
+          }
+          if (!fused) prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
           if (w_block_packed.empty()) {
             matmul(h_gates[k], h_state, w_block_t[k], false);
           } else if constexpr (std::is_same_v<T, float>) {
@@ -693,21 +743,23 @@ Tensor value_or_undefined(const std::optional<Tensor>& t) {
   return t.has_value() ? *t : Tensor();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
-    std::string_view cell, const Tensor& x_gates, const Tensor& h0, const std::optional<Tensor>& c0,
-    const Tensor& w_hh, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+// One layer forward for x_gates [T, B, D*G*H], or, with a projection, for its x [T, B, I].
+std::tuple<Tensor, Tensor, Tensor, Tensor> run_forward(
+    const CellInfo& info, const Tensor& x_gates, const InputProjection* projection,
+    const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
+    const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, bool keep_workspace) {
-  const CellInfo info = cell_info(cell);
-  const auto dtype = x_gates.scalar_type();
+  const Tensor& rows = projection != nullptr ? projection->x : x_gates;  // [T, B, ...]
+  const auto dtype = rows.scalar_type();
   const auto compute = compute_type(dtype);
   TORCH_CHECK(compute == at::kFloat || compute == at::kDouble,
               "fastrnn cpu: unsupported dtype ", dtype);
-  const int64_t T_ = x_gates.size(0), B = x_gates.size(1);
+  const int64_t T_ = rows.size(0), B = rows.size(1);
   const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), H = GH / info.gates;
   const Tensor valid_steps = checked_lengths(lengths, T_, B);
-  Tensor x = x_gates.to(compute);
-  if (x.stride(2) != 1) x = x.contiguous();
-  auto options = x.options();
+  Tensor x = projection != nullptr ? Tensor() : x_gates.to(compute);
+  if (x.defined() && x.stride(2) != 1) x = x.contiguous();
+  auto options = rows.options().dtype(compute);
   Tensor output = empty_large({T_, B, D * P}, options);
   // Without a backward to come, every step writes its saved gates over one step's worth of rows.
   Tensor workspace = keep_workspace
@@ -716,7 +768,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   Tensor h_n = at::empty({D, B, P}, options);
   Tensor c_n = info.cell == Cell::kLstm ? at::empty({D, B, H}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(compute, "fastrnn_cpu_layer_forward", [&] {
-    forward_impl<scalar_t>(info, x, to_compute(h0, compute),
+    forward_impl<scalar_t>(info, x, projection, to_compute(h0, compute),
                            to_compute(value_or_undefined(c0), compute), to_compute(w_hh, compute),
                            to_compute(value_or_undefined(b_hh), compute),
                            to_compute(value_or_undefined(w_hr), compute),
@@ -730,6 +782,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
   }
   if (!keep_workspace) workspace = at::empty({0, B, D, info.workspace_gates * H}, options);
   return {output, h_n, c_n, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
+    std::string_view cell, const Tensor& x_gates, const Tensor& h0, const std::optional<Tensor>& c0,
+    const Tensor& w_hh, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& lengths, bool keep_workspace) {
+  return run_forward(cell_info(cell), x_gates, nullptr, h0, c0, w_hh, b_hh, w_hr, lengths,
+                     keep_workspace);
+}
+
+// Inference (no workspace) of one layer from its input x [T, B, I]: the input projection runs
+// step by step inside the recurrence for float32 on AVX-512 CPUs, and as one linear() before it
+// otherwise. Either way each x_gates entry is computed as linear() computes it.
+std::tuple<Tensor, Tensor, Tensor> layer_forward_from_input(
+    std::string_view cell, const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
+    const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
+    const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& lengths) {
+  const CellInfo info = cell_info(cell);
+  TORCH_CHECK(x.dim() == 3 && w_ih.dim() == 2 && x.size(2) == w_ih.size(1) &&
+                  w_ih.size(0) == w_hh.size(0) * w_hh.size(1),
+              "fastrnn cpu: x [T, B, I] and w_ih [D*G*H, I] do not match");
+  const bool packed = x.scalar_type() == at::kFloat && w_ih.scalar_type() == at::kFloat &&
+                      (!b_ih.has_value() || b_ih->scalar_type() == at::kFloat) &&
+                      use_packed_gemm<float>() && x.numel() > 0 && w_ih.size(1) > 0;
+  Tensor output, h_n, c_n, workspace;
+  if (packed) {
+    InputProjection projection{x.stride(2) == 1 ? x : x.contiguous(), w_ih.contiguous(),
+                               b_ih.has_value() ? b_ih->contiguous() : Tensor()};
+    std::tie(output, h_n, c_n, workspace) = run_forward(info, Tensor(), &projection, h0, c0, w_hh,
+                                                        b_hh, w_hr, lengths, false);
+  } else {
+    std::tie(output, h_n, c_n, workspace) = run_forward(info, fastrnn_cpu::linear(x, w_ih, b_ih), nullptr, h0,
+                                                        c0, w_hh, b_hh, w_hr, lengths, false);
+  }
+  return {output, h_n, c_n};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
@@ -777,6 +865,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("layer_forward(str cell, Tensor x_gates, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
         "Tensor? w_hr, Tensor? lengths, bool keep_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_forward_from_input(str cell, Tensor x, Tensor w_ih, Tensor? b_ih, Tensor h0, "
+        "Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? lengths) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("layer_backward(str cell, Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
         "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor output, "
         "Tensor workspace) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -784,5 +875,6 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
 
 TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
   m.impl("layer_forward", &fastrnn_cpu::layer_forward);
+  m.impl("layer_forward_from_input", &fastrnn_cpu::layer_forward_from_input);
   m.impl("layer_backward", &fastrnn_cpu::layer_backward);
 }
