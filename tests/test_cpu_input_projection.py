@@ -186,3 +186,4 @@ def test_modules_agree_to_the_bit_in_inference_and_training(module):
     flatten = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]  # noqa: E731
     for a, b in zip(flatten(inference), flatten(training)):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+

@@ -3,6 +3,7 @@
 #include "packed_gemm.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -37,6 +38,20 @@ void PackedMatrix::pack(const float* source, int64_t depth, int64_t columns, int
                         int64_t stride_n) {
   reset(depth, columns);
   pack_panels(source, stride_k, stride_n, 0, panels());
+}
+
+void PackedMatrixBf16::reset(int64_t depth, int64_t columns) {
+  depth_ = depth;
+  columns_ = columns;
+  data_.reset(new uint16_t[panels() * pair_rows() * kPanelColumns * 2]);
+}
+
+uint16_t PackedMatrixBf16::to_bfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 #ifdef FASTRNN_PACKED_GEMM_X86
@@ -116,9 +131,111 @@ void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& 
   }
 }
 
+bool packed_gemm_bf16_supported() {
+  static const bool supported =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return supported;
+}
+
+namespace {
+
+// c[kRows, columns] = a[kRows, 2*pairs] panel[pairs, 32, 2] + bias (accumulate: c += ...) with
+// bfloat16 pair products (vdpbf16ps); columns in 1..32.
+template <int kRows>
+__attribute__((target("avx512f,avx512bf16"))) void tile_bf16(
+    int64_t pairs, const uint16_t* a, int64_t lda, const uint16_t* panel, float* c, int64_t ldc,
+    int64_t columns, const float* bias, bool accumulate) {
+  const __mmask16 mask_low = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
+  const __mmask16 mask_high = columns >= 32 ? 0xFFFF
+      : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1) : 0;
+  const bool biased = bias != nullptr && !accumulate;
+  const __m512 bias_low = biased ? _mm512_maskz_loadu_ps(mask_low, bias) : _mm512_setzero_ps();
+  const __m512 bias_high = biased ? _mm512_maskz_loadu_ps(mask_high, bias + 16) : _mm512_setzero_ps();
+  __m512 low[kRows], high[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    low[r] = bias_low;
+    high[r] = bias_high;
+  }
+  for (int64_t k = 0; k < pairs; ++k) {
+    const __m512bh b_low = (__m512bh)_mm512_loadu_si512(panel + k * 64);
+    const __m512bh b_high = (__m512bh)_mm512_loadu_si512(panel + k * 64 + 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * k, sizeof(pair));
+      const __m512bh a_rk = (__m512bh)_mm512_set1_epi32(pair);
+      low[r] = _mm512_dpbf16_ps(low[r], a_rk, b_low);
+      high[r] = _mm512_dpbf16_ps(high[r], a_rk, b_high);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) {
+      low[r] = _mm512_add_ps(low[r], _mm512_maskz_loadu_ps(mask_low, row));
+      high[r] = _mm512_add_ps(high[r], _mm512_maskz_loadu_ps(mask_high, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, mask_low, low[r]);
+    _mm512_mask_storeu_ps(row + 16, mask_high, high[r]);
+  }
+}
+
+using TileBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t,
+                          int64_t, const float*, bool);
+constexpr TileBf16 kTilesBf16[kTileRows + 1] = {
+    nullptr, tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>,
+    tile_bf16<5>, tile_bf16<6>, tile_bf16<7>, tile_bf16<8>};
+
+}  // namespace
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void to_bfloat16_rows(
+    const float* src, int64_t rows, int64_t columns, int64_t src_stride, uint16_t* dst,
+    int64_t dst_stride) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* from = src + m * src_stride;
+    uint16_t* to = dst + m * dst_stride;
+    for (int64_t n = 0; n < columns; n += 16) {
+      const __mmask16 mask = columns - n >= 16 ? 0xFFFF
+          : static_cast<__mmask16>((1u << (columns - n)) - 1);
+      const __m256bh packed = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, from + n));
+      _mm256_mask_storeu_epi16(to + n, mask, (__m256i)packed);
+    }
+    if (columns % 2 == 1) to[columns] = 0;
+  }
+}
+
+void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const PackedMatrixBf16& b,
+                      float* c, int64_t ldc, const float* bias, bool accumulate) {
+  const int64_t width = PackedMatrixBf16::kPanelColumns;
+  const int64_t chunk = kDepthChunk / 2;  // pairs per pass of the accumulators
+  for (int64_t p = 0; p < b.panels(); ++p) {
+    const int64_t first = p * width, columns = std::min(width, b.columns() - first);
+    for (int64_t m = 0; m < rows; m += kTileRows) {
+      const TileBf16 tile_of_rows = kTilesBf16[std::min<int64_t>(kTileRows, rows - m)];
+      for (int64_t k = 0; k < b.pair_rows(); k += chunk) {
+        tile_of_rows(std::min(chunk, b.pair_rows() - k), a + m * lda + 2 * k, lda,
+                     b.panel(p) + k * width * 2, c + m * ldc + first, ldc, columns,
+                     bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
+      }
+    }
+  }
+}
+
 #else
 
 bool packed_gemm_supported() { return false; }
+bool packed_gemm_bf16_supported() { return false; }
+
+void to_bfloat16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
+  throw std::runtime_error("fastrnn cpu: to_bfloat16_rows needs an x86-64 CPU with AVX512_BF16");
+}
+
+void packed_gemm_bf16(int64_t, const uint16_t*, int64_t, const PackedMatrixBf16&, float*, int64_t,
+                      const float*, bool) {
+  throw std::runtime_error("fastrnn cpu: packed_gemm_bf16 needs an x86-64 CPU with AVX512_BF16");
+}
 
 void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, int64_t,
                  const float*, bool) {

@@ -57,6 +57,48 @@ class PackedMatrix {
   int64_t columns_ = 0;
 };
 
+// B packed for bfloat16 dot products: panels of 32 columns, each [K/2, 32, 2] (the two entries of
+// a pair of rows k side by side), zero-padded past N and, for odd K, past K.
+class PackedMatrixBf16 {
+ public:
+  static constexpr int64_t kPanelColumns = 32;
+
+  void reset(int64_t depth, int64_t columns);
+  // Fills panels [first, last) from float32 B given column by column (see PackedMatrix), rounded
+  // to bfloat16 (to nearest even).
+  template <typename Column>
+  void pack_panels_by_column(Column column, int64_t stride_k, int64_t first, int64_t last) {
+    const int64_t pairs = pair_rows();
+    for (int64_t p = first; p < last; ++p) {
+      uint16_t* panel = data_.get() + p * pairs * kPanelColumns * 2;
+      for (int64_t n = 0; n < kPanelColumns; ++n) {
+        const int64_t index = p * kPanelColumns + n;
+        const float* source = index < columns_ ? column(index) : nullptr;
+        for (int64_t k = 0; k < 2 * pairs; ++k) {
+          const float value = source != nullptr && k < depth_ ? source[k * stride_k] : 0.0f;
+          panel[((k / 2) * kPanelColumns + n) * 2 + k % 2] = to_bfloat16(value);
+        }
+      }
+    }
+  }
+
+  int64_t depth() const { return depth_; }      // K
+  int64_t columns() const { return columns_; }  // N
+  int64_t pair_rows() const { return (depth_ + 1) / 2; }
+  int64_t panels() const { return (columns_ + kPanelColumns - 1) / kPanelColumns; }
+  const uint16_t* panel(int64_t index) const {  // [K/2, kPanelColumns, 2]
+    return data_.get() + index * pair_rows() * kPanelColumns * 2;
+  }
+
+  // float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN).
+  static uint16_t to_bfloat16(float value);
+
+ private:
+  std::unique_ptr<uint16_t[]> data_;
+  int64_t depth_ = 0;
+  int64_t columns_ = 0;
+};
+
 // Whether this CPU runs packed_gemm (AVX-512F); where it does not, callers multiply another way.
 bool packed_gemm_supported();
 
@@ -65,5 +107,19 @@ bool packed_gemm_supported();
 // (ignored when accumulating).
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate);
+
+// Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (AVX-512 F, BW, VL and BF16).
+bool packed_gemm_bf16_supported();
+
+// dst [M, even(K)] = bfloat16 of src [M, K] (rows src_stride and dst_stride apart), rounded to
+// nearest even, with a zero column appended when K is odd: the a operand of packed_gemm_bf16.
+void to_bfloat16_rows(const float* src, int64_t rows, int64_t columns, int64_t src_stride,
+                      uint16_t* dst, int64_t dst_stride);
+
+// c = a b + bias (accumulate: c += a b) with bfloat16 products summed in float32.
+// a: bfloat16 bits [M, K] rows lda apart, each row readable (and zero) up to an even length;
+// b: packed [K, N]; c: float32 [M, N] rows ldc apart; bias: [N] or null.
+void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const PackedMatrixBf16& b,
+                      float* c, int64_t ldc, const float* bias, bool accumulate);
 
 }  // namespace fastrnn_cpu

@@ -8,7 +8,9 @@
 // blocks of columns. The backward ends with one GEMM per weight over all steps.
 // In float32 on AVX-512 CPUs the per-step GEMMs run on packed_gemm.h, each thread's block of W_hh
 // packed once per call; elsewhere on matmul.h.
-// bfloat16/float16 inputs run in float32 and are rounded on output.
+// bfloat16/float16 inputs run in float32 and are rounded on output; on CPUs with bfloat16 dot
+// products (AVX512_BF16) the forward's per-step GEMM of a bfloat16 layer multiplies in bfloat16,
+// h rounded to bfloat16 for it as oneDNN does, and sums in float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -428,8 +430,8 @@ struct InputProjection {
 template <typename T>
 void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjection* projection,
                   const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const Tensor& b_hh,
-                  const Tensor& w_hr, const int64_t* lengths, Tensor& output, Tensor& h_n,
-                  Tensor& c_n, Tensor& workspace) {
+                  const Tensor& w_hr, const int64_t* lengths, bool bf16_products,
+                  Tensor& output, Tensor& h_n, Tensor& c_n, Tensor& workspace) {
   const int64_t T_ = output.size(0), B = output.size(1);
   const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), G = info.gates;
   const int64_t H = GH / G, W = info.workspace_gates * H;
@@ -442,7 +444,14 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
   Tensor h_unprojected = projects ? at::empty({B, H}, output.options()) : Tensor();
   Tensor h_other = at::empty({B, P}, output.options());
   std::vector<Tensor> h_gates(blocks), w_block_t(blocks);  // [B, G*units], [P, G*units]
-  std::vector<PackedMatrix> w_block_packed(use_packed_gemm<T>() ? blocks : 0);  // [P, G*units]
+  // The per-step GEMM: packed bfloat16 products (a bfloat16 layer on a CPU with them), packed
+  // float32, or matmul; W_hh^T of each block [P, G*units], and for bfloat16 h rounded per block.
+  const bool bf16 = std::is_same_v<T, float> && bf16_products;
+  std::vector<PackedMatrix> w_block_packed(use_packed_gemm<T>() && !bf16 ? blocks : 0);
+  std::vector<PackedMatrixBf16> w_block_bf16(bf16 ? blocks : 0);
+  const int64_t P_even = (P + 1) / 2 * 2;
+  std::vector<std::vector<uint16_t>> h_bf16(bf16 ? blocks : 0);  // [B, P_even] each
+  const bool use_matmul = w_block_packed.empty() && w_block_bf16.empty();
   // With a projection: per block, its rows of W_ih packed [I, G*units], its b_ih and its x_gates.
   const bool fused = projection != nullptr;
   std::vector<PackedMatrix> w_ih_packed(fused ? blocks : 0);
@@ -459,7 +468,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
     Tensor w_hr_t = projects ? w_hr[d].t() : Tensor();  // [H, P]
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t first = k * block_units, units = std::min(block_units, H - first);
-      if (w_block_packed.empty()) {  // [G*units, P] rows of W_hh for matmul
+      if (use_matmul) {  // [G*units, P] rows of W_hh
         Tensor w_block = blocks == 1
             ? w_hh[d]
             : w_hh[d].view({G, H, P}).narrow(1, first, units).reshape({G * units, P});
@@ -491,14 +500,20 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
     if constexpr (std::is_same_v<T, float>) {
       // Each block's columns of W_hh^T [P, G*units] packed by the thread that will use them.
       const float* weight = w_hh[d].data_ptr<float>();  // [G*H, P]
-      at::parallel_for(0, w_block_packed.size(), 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, use_matmul ? 0 : blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           const int64_t first = k * block_units, units = std::min(block_units, H - first);
-          PackedMatrix& packed = w_block_packed[k];
-          packed.reset(P, G * units);
-          packed.pack_panels_by_column(
-              [&](int64_t n) { return weight + ((n / units) * H + first + n % units) * P; }, 1,
-              0, packed.panels());
+          const auto column = [&](int64_t n) {
+            return weight + ((n / units) * H + first + n % units) * P;
+          };
+          if (bf16) {
+            w_block_bf16[k].reset(P, G * units);
+            w_block_bf16[k].pack_panels_by_column(column, 1, 0, w_block_bf16[k].panels());
+            h_bf16[k].assign(B * P_even, 0);
+          } else {
+            w_block_packed[k].reset(P, G * units);
+            w_block_packed[k].pack_panels_by_column(column, 1, 0, w_block_packed[k].panels());
+          }
           if (fused) {  // rows d*G*H + g*H + first + j of W_ih [D*G*H, I] and of b_ih
             const int64_t I = projection->w_ih.size(1);
             const float* w_ih = projection->w_ih.data_ptr<float>() + d * GH * I;
@@ -544,11 +559,18 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
             }
           }
           if (!fused) prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
-          if (w_block_packed.empty()) {
+          if (use_matmul) {
             matmul(h_gates[k], h_state, w_block_t[k], false);
           } else if constexpr (std::is_same_v<T, float>) {
-            packed_gemm(B, step.h_prev, P, w_block_packed[k], h_gates[k].data_ptr<float>(),
-                        G * step.units, nullptr, false);
+            float* h_gates_k = h_gates[k].data_ptr<float>();
+            if (bf16) {
+              to_bfloat16_rows(step.h_prev, B, P, P, h_bf16[k].data(), P_even);
+              packed_gemm_bf16(B, h_bf16[k].data(), P_even, w_block_bf16[k], h_gates_k,
+                               G * step.units, nullptr, false);
+            } else {
+              packed_gemm(B, step.h_prev, P, w_block_packed[k], h_gates_k, G * step.units,
+                          nullptr, false);
+            }
           }
           for (int64_t b = 0; b < B; ++b) {
             run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
@@ -757,6 +779,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_forward(
   const int64_t T_ = rows.size(0), B = rows.size(1);
   const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), H = GH / info.gates;
   const Tensor valid_steps = checked_lengths(lengths, T_, B);
+  // bfloat16 layers multiply in bfloat16 (summing in float32) where the CPU has the instructions.
+  const bool bf16_products = dtype == at::kBFloat16 && packed_gemm_bf16_supported();
   Tensor x = projection != nullptr ? Tensor() : x_gates.to(compute);
   if (x.defined() && x.stride(2) != 1) x = x.contiguous();
   auto options = rows.options().dtype(compute);
@@ -772,8 +796,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_forward(
                            to_compute(value_or_undefined(c0), compute), to_compute(w_hh, compute),
                            to_compute(value_or_undefined(b_hh), compute),
                            to_compute(value_or_undefined(w_hr), compute),
-                           lengths_data(valid_steps), output,
-                           h_n, c_n, workspace);
+                           lengths_data(valid_steps), bf16_products, output, h_n, c_n,
+                           workspace);
   });
   if (compute != dtype) {
     output = output.to(dtype);

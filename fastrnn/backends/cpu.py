@@ -2,7 +2,8 @@
 call. It is the extension `fastrnn._C_cpu` built by setup.py; when that is missing it is compiled
 on first use from the sources next to the package (torch.utils.cpp_extension.load).
 
-Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output.
+Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output, except
+the forward's per-step products, which use bfloat16 dot products where the CPU has them.
 The input projection of float32 layers runs on the same packed AVX-512 GEMM (csrc/cpu/linear_cpu.cpp);
 in eager inference it runs step by step inside the recurrence (`forward_from_input`).
 """
