@@ -63,24 +63,61 @@ bool packed_gemm_supported() {
 
 namespace {
 
+#define FASTRNN_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
+
+// Which of columns 0-15 and 16-31 of a tile row are kept (columns in 1..32).
+struct TileMasks {
+  __mmask16 low, high;
+};
+
+FASTRNN_AVX512_INLINE TileMasks tile_masks(int64_t columns) {
+  return {columns >= 16 ? static_cast<__mmask16>(0xFFFF)
+                        : static_cast<__mmask16>((1u << columns) - 1),
+          columns >= 32 ? static_cast<__mmask16>(0xFFFF)
+          : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1)
+                         : static_cast<__mmask16>(0)};
+}
+
+// The accumulators of a tile start at the bias (its panel's 32 entries; not when accumulating)
+// or at zero.
+template <int kRows>
+FASTRNN_AVX512_INLINE void start_tile(__m512 (&low)[kRows], __m512 (&high)[kRows],
+                                      TileMasks masks, const float* bias, bool accumulate) {
+  const bool biased = bias != nullptr && !accumulate;
+  const __m512 bias_low = biased ? _mm512_maskz_loadu_ps(masks.low, bias) : _mm512_setzero_ps();
+  const __m512 bias_high = biased ? _mm512_maskz_loadu_ps(masks.high, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    low[r] = bias_low;
+    high[r] = bias_high;
+  }
+}
+
+// c[kRows, kept columns] = the accumulators (accumulate: c += them).
+template <int kRows>
+FASTRNN_AVX512_INLINE void finish_tile(__m512 (&low)[kRows], __m512 (&high)[kRows],
+                                       TileMasks masks, float* c, int64_t ldc, bool accumulate) {
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) {
+      low[r] = _mm512_add_ps(low[r], _mm512_maskz_loadu_ps(masks.low, row));
+      high[r] = _mm512_add_ps(high[r], _mm512_maskz_loadu_ps(masks.high, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, masks.low, low[r]);
+    _mm512_mask_storeu_ps(row + 16, masks.high, high[r]);
+  }
+}
+
 // c[kRows, columns] = a[kRows, K] panel[K, 32] + bias (accumulate: c += a panel); columns in
 // 1..32; bias: this panel's 32 entries (zero-padded) or null.
 template <int kRows>
 __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int64_t lda,
                                              const float* panel, float* c, int64_t ldc,
                                              int64_t columns, const float* bias, bool accumulate) {
-  const __mmask16 mask_low = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
-  const __mmask16 mask_high = columns >= 32 ? 0xFFFF
-      : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1) : 0;
-  const bool biased = bias != nullptr && !accumulate;
-  const __m512 bias_low = biased ? _mm512_maskz_loadu_ps(mask_low, bias) : _mm512_setzero_ps();
-  const __m512 bias_high = biased ? _mm512_maskz_loadu_ps(mask_high, bias + 16) : _mm512_setzero_ps();
+  const TileMasks masks = tile_masks(columns);
   __m512 low[kRows], high[kRows];  // columns 0-15 and 16-31 of each row
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    low[r] = bias_low;
-    high[r] = bias_high;
-  }
+  start_tile<kRows>(low, high, masks, bias, accumulate);
   for (int64_t k = 0; k < depth; ++k) {
     const __m512 b_low = _mm512_loadu_ps(panel + k * 32);
     const __m512 b_high = _mm512_loadu_ps(panel + k * 32 + 16);
@@ -91,16 +128,7 @@ __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int6
       high[r] = _mm512_fmadd_ps(a_rk, b_high, high[r]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    float* row = c + r * ldc;
-    if (accumulate) {
-      low[r] = _mm512_add_ps(low[r], _mm512_maskz_loadu_ps(mask_low, row));
-      high[r] = _mm512_add_ps(high[r], _mm512_maskz_loadu_ps(mask_high, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, mask_low, low[r]);
-    _mm512_mask_storeu_ps(row + 16, mask_high, high[r]);
-  }
+  finish_tile<kRows>(low, high, masks, c, ldc, accumulate);
 }
 
 using Tile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
@@ -146,18 +174,9 @@ template <int kRows>
 __attribute__((target("avx512f,avx512bf16"))) void tile_bf16(
     int64_t pairs, const uint16_t* a, int64_t lda, const uint16_t* panel, float* c, int64_t ldc,
     int64_t columns, const float* bias, bool accumulate) {
-  const __mmask16 mask_low = columns >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << columns) - 1);
-  const __mmask16 mask_high = columns >= 32 ? 0xFFFF
-      : columns > 16 ? static_cast<__mmask16>((1u << (columns - 16)) - 1) : 0;
-  const bool biased = bias != nullptr && !accumulate;
-  const __m512 bias_low = biased ? _mm512_maskz_loadu_ps(mask_low, bias) : _mm512_setzero_ps();
-  const __m512 bias_high = biased ? _mm512_maskz_loadu_ps(mask_high, bias + 16) : _mm512_setzero_ps();
+  const TileMasks masks = tile_masks(columns);
   __m512 low[kRows], high[kRows];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    low[r] = bias_low;
-    high[r] = bias_high;
-  }
+  start_tile<kRows>(low, high, masks, bias, accumulate);
   for (int64_t k = 0; k < pairs; ++k) {
     const __m512bh b_low = (__m512bh)_mm512_loadu_si512(panel + k * 64);
     const __m512bh b_high = (__m512bh)_mm512_loadu_si512(panel + k * 64 + 32);
@@ -170,16 +189,7 @@ __attribute__((target("avx512f,avx512bf16"))) void tile_bf16(
       high[r] = _mm512_dpbf16_ps(high[r], a_rk, b_high);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    float* row = c + r * ldc;
-    if (accumulate) {
-      low[r] = _mm512_add_ps(low[r], _mm512_maskz_loadu_ps(mask_low, row));
-      high[r] = _mm512_add_ps(high[r], _mm512_maskz_loadu_ps(mask_high, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, mask_low, low[r]);
-    _mm512_mask_storeu_ps(row + 16, mask_high, high[r]);
-  }
+  finish_tile<kRows>(low, high, masks, c, ldc, accumulate);
 }
 
 using TileBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t,
