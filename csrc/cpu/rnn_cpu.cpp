@@ -27,6 +27,7 @@
 #include "linear_cpu.h"
 #include "matmul.h"
 #include "packed_gemm.h"
+#include "parallel_steps.h"
 
 namespace fastrnn_cpu {
 namespace {
@@ -461,7 +462,6 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = d == 1;
     Tensor h_state = h_n[d];  // [B, P], double-buffered with h_other; left holding h_n
-    Tensor h_next = h_other;
     h_state.copy_(h0[d]);
     Tensor c_state = lstm ? c_n[d] : Tensor();
     if (lstm) c_state.copy_(c0[d]);
@@ -535,49 +535,60 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
     const T* x_gates_base = fused ? nullptr : x_gates.data_ptr<T>() + d * GH;
     T* workspace_base = workspace.data_ptr<T>() + d * W;
     T* output_base = output.data_ptr<T>() + d * P;
-    for (int64_t s = 0; s < T_; ++s) {
+    // h before step s (s counts the steps in processing order): without a projection h_n[d] at
+    // even s and h_other at odd s; with one, h_n[d], which the projection updates in place.
+    T* const h_buffers[2] = {h_state.data_ptr<T>(), h_other.data_ptr<T>()};
+    // What step s of the blocks [begin, end) needs that earlier steps do not write: its pointers
+    // and its x_gates (the projection of x_t, or a prefetch of the precomputed ones).
+    const auto prepare_blocks = [&](int64_t s, int64_t begin, int64_t end) {
       const int64_t t = reverse ? T_ - 1 - s : s;
-      for (int64_t k = 0; fused && k < blocks; ++k) steps[k].x_gates = x_gates_block[k].data_ptr<T>();
-      for (ForwardStep<T>& step : steps) {
+      for (int64_t k = begin; k < end; ++k) {
+        ForwardStep<T>& step = steps[k];
         step.t = t;
-        if (!fused) step.x_gates = x_gates_base + t * x_gates.stride(0);
+        step.x_gates = fused ? x_gates_block[k].data_ptr<T>() : x_gates_base + t * x_gates.stride(0);
         step.workspace = workspace_base + t * workspace.stride(0);
         step.output = output_base + t * B * D * P;
-        step.h_prev = h_state.data_ptr<T>();
-        step.h_next = projects ? nullptr : h_next.data_ptr<T>();
-      }
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        const at::NoGradGuard no_grad;  // worker threads start with grad mode on
-        for (int64_t k = begin; k < end; ++k) {
-          const ForwardStep<T>& step = steps[k];
-          if constexpr (std::is_same_v<T, float>) {
-            if (fused) {  // x_t W_ih^T + b_ih for this block of units
-              const Tensor& x = projection->x;
-              packed_gemm(B, x.data_ptr<float>() + t * x.stride(0), x.stride(1), w_ih_packed[k],
-                          x_gates_block[k].data_ptr<float>(), G * step.units,
-                          b_ih_block[k].empty() ? nullptr : b_ih_block[k].data(), false);
-            }
-          }
-          if (!fused) prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
-          if (use_matmul) {
-            matmul(h_gates[k], h_state, w_block_t[k], false);
-          } else if constexpr (std::is_same_v<T, float>) {
-            float* h_gates_k = h_gates[k].data_ptr<float>();
-            if (bf16) {
-              to_bfloat16_rows(step.h_prev, B, P, P, h_bf16[k].data(), P_even);
-              packed_gemm_bf16(B, h_bf16[k].data(), P_even, w_block_bf16[k], h_gates_k,
-                               G * step.units, nullptr, false);
-            } else {
-              packed_gemm(B, step.h_prev, P, w_block_packed[k], h_gates_k, G * step.units,
-                          nullptr, false);
-            }
-          }
-          for (int64_t b = 0; b < B; ++b) {
-            run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
+        step.h_prev = h_buffers[projects ? 0 : s % 2];
+        step.h_next = projects ? nullptr : h_buffers[(s + 1) % 2];
+        if constexpr (std::is_same_v<T, float>) {
+          if (fused) {  // x_t W_ih^T + b_ih for this block of units
+            const Tensor& x = projection->x;
+            packed_gemm(B, x.data_ptr<float>() + t * x.stride(0), x.stride(1), w_ih_packed[k],
+                        x_gates_block[k].data_ptr<float>(), G * step.units,
+                        b_ih_block[k].empty() ? nullptr : b_ih_block[k].data(), false);
           }
         }
-      });
-      if (projects) {  // h = W_hr (o * tanh(c)) where the sequence runs, else the state stays
+        if (!fused) prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
+      }
+    };
+    // Step s of the blocks [begin, end): W_hh h_prev for each block, then its cell pass.
+    const auto step_blocks = [&](int64_t s, int64_t begin, int64_t end) {
+      const at::NoGradGuard no_grad;  // worker threads start with grad mode on
+      for (int64_t k = begin; k < end; ++k) {
+        const ForwardStep<T>& step = steps[k];
+        if (use_matmul) {
+          matmul(h_gates[k], projects || s % 2 == 0 ? h_state : h_other, w_block_t[k], false);
+        } else if constexpr (std::is_same_v<T, float>) {
+          float* h_gates_k = h_gates[k].data_ptr<float>();
+          if (bf16) {
+            to_bfloat16_rows(step.h_prev, B, P, P, h_bf16[k].data(), P_even);
+            packed_gemm_bf16(B, h_bf16[k].data(), P_even, w_block_bf16[k], h_gates_k,
+                             G * step.units, nullptr, false);
+          } else {
+            packed_gemm(B, step.h_prev, P, w_block_packed[k], h_gates_k, G * step.units,
+                        nullptr, false);
+          }
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
+        }
+      }
+    };
+    if (projects) {  // one block; h = W_hr (o * tanh(c)) where the sequence runs, else it stays
+      for (int64_t s = 0; s < T_; ++s) {
+        prepare_blocks(s, 0, blocks);
+        step_blocks(s, 0, blocks);
+        const int64_t t = reverse ? T_ - 1 - s : s;
         T* out = output_base + t * B * D * P;
         Tensor out_t = output[t].narrow(1, d * P, P);  // [B, P]
         at::mm_out(out_t, h_unprojected, w_hr_t);
@@ -590,15 +601,11 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
             std::fill(row, row + P, T(0));
           }
         }
-      } else {
-        std::swap(h_state, h_next);
       }
-    }
-    if (h_state.data_ptr() != h_n[d].data_ptr()) {
-      h_n[d].copy_(h_state);
-      h_other = h_state;
     } else {
-      h_other = h_next;
+      // The packed GEMMs and the cell passes do not throw: one parallel region for all steps.
+      parallel_steps(T_, blocks, !use_matmul, prepare_blocks, step_blocks);
+      if (T_ % 2 == 1) h_state.copy_(h_other);  // h after the last step is in h_buffers[T % 2]
     }
   }
 }
@@ -623,9 +630,11 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
   Tensor grad_unprojected = projects ? at::empty({B, H}, options) : Tensor();
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = d == 1;
-    Tensor grad_h = grad_h0[d];  // [B, P], the running gradient of h; double-buffered
-    Tensor grad_h_next = at::empty({B, P}, options);
-    if (grad_h_n.defined()) grad_h.copy_(grad_h_n[d]); else grad_h.zero_();
+    // The running gradient of h [B, P] before step s (in processing order): grad_h0[d] at even s,
+    // grad_h_other at odd s.
+    Tensor grad_h_other = at::empty({B, P}, options);
+    const Tensor grad_h_buffers[2] = {grad_h0[d], grad_h_other};
+    if (grad_h_n.defined()) grad_h0[d].copy_(grad_h_n[d]); else grad_h0[d].zero_();
     Tensor grad_c = lstm ? grad_c0[d] : Tensor();
     if (lstm) {
       if (grad_c_n.defined()) grad_c.copy_(grad_c_n[d]); else grad_c.zero_();
@@ -650,40 +659,79 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     Tensor grad_x_d = grad_x_gates.narrow(2, d * GH, GH);  // [T, B, G*H]
     Tensor grad_h_gates_d = gru ? grad_h_gates_all : grad_x_d;
     Tensor output_d = output.narrow(2, d * P, P);  // [T, B, P]
-    BackwardStep<T> step{};
-    step.hidden = H;
-    step.out_size = P;
-    step.seq_len = T_;
-    step.reverse = reverse;
-    step.lengths = lengths;
-    step.grad_output_row = D * P;
-    step.workspace = workspace.data_ptr<T>() + d * W;
-    step.workspace_row = D * W;
-    step.workspace_step = B * D * W;
-    step.c_initial = lstm ? c0[d].data_ptr<T>() : nullptr;
-    step.output = output_d.data_ptr<T>();
-    step.output_row = D * P;
-    step.output_step = B * D * P;
-    step.h_initial = h0[d].data_ptr<T>();
-    step.grad_x_gates_row = D * GH;
-    step.grad_c = lstm ? grad_c.data_ptr<T>() : nullptr;
+    BackwardStep<T> base{};  // the fields that stay across steps
+    base.hidden = H;
+    base.out_size = P;
+    base.seq_len = T_;
+    base.reverse = reverse;
+    base.lengths = lengths;
+    base.grad_output_row = D * P;
+    base.workspace = workspace.data_ptr<T>() + d * W;
+    base.workspace_row = D * W;
+    base.workspace_step = B * D * W;
+    base.c_initial = lstm ? c0[d].data_ptr<T>() : nullptr;
+    base.output = output_d.data_ptr<T>();
+    base.output_row = D * P;
+    base.output_step = B * D * P;
+    base.h_initial = h0[d].data_ptr<T>();
+    base.grad_x_gates_row = D * GH;
+    base.grad_c = lstm ? grad_c.data_ptr<T>() : nullptr;
+    base.grad_h_row = P;
     const T* grad_output_d = grad_output.defined() ? grad_output.data_ptr<T>() + d * P : nullptr;
-    for (int64_t s = 0; s < T_; ++s) {
-      const int64_t t = reverse ? s : T_ - 1 - s;
-      const T* grad_output_t = grad_output_d == nullptr ? nullptr : grad_output_d + t * B * D * P;
-      step.t = t;
-      step.grad_h_carry = grad_h.data_ptr<T>();
-      step.grad_h_next = grad_h_next.data_ptr<T>();
-      step.grad_x_gates = grad_x_d.data_ptr<T>() + t * B * D * GH;
-      step.grad_h_gates = gru ? grad_h_gates_all.data_ptr<T>() + t * B * GH : nullptr;
-      if (projects) {  // grad of the projected h, then through W_hr to the unprojected h
+    const auto time_of = [&](int64_t s) { return reverse ? s : T_ - 1 - s; };
+    // The cell pass of step s, grad h being the running gradient plus grad_output.
+    const auto step_at = [&](int64_t s) {
+      BackwardStep<T> step = base;
+      step.t = time_of(s);
+      step.grad_h_carry = grad_h_buffers[s % 2].data_ptr<T>();
+      step.grad_h_next = grad_h_buffers[(s + 1) % 2].data_ptr<T>();
+      step.grad_x_gates = grad_x_d.data_ptr<T>() + step.t * B * D * GH;
+      step.grad_h_gates = gru ? grad_h_gates_all.data_ptr<T>() + step.t * B * GH : nullptr;
+      step.grad_h = step.grad_h_carry;
+      step.grad_output = grad_output_d == nullptr ? nullptr : grad_output_d + step.t * B * D * P;
+      return step;
+    };
+    // grad h_prev of step s += grad_h_gates W_hh, over the columns of block k.
+    const auto add_recurrent_gradient = [&](int64_t s, int64_t k) {
+      const Tensor& grad_h_next = grad_h_buffers[(s + 1) % 2];
+      const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
+      if constexpr (std::is_same_v<T, float>) {
+        if (!weight_packed.empty()) {  // no tensor made: this may run in a persistent region
+          packed_gemm(B, grad_h_gates_d.data_ptr<float>() + time_of(s) * grad_h_gates_d.stride(0),
+                      grad_h_gates_d.stride(1), weight_packed[k],
+                      grad_h_next.data_ptr<float>() + first, P, nullptr, true);
+          return;
+        }
+      }
+      const Tensor grad_h_gates_t = grad_h_gates_d[time_of(s)];  // [B, G*H]
+      if (column_blocks == 1) {
+        matmul(grad_h_next, grad_h_gates_t, weight, true);
+        return;
+      }
+      matmul(grad_h_block[k], grad_h_gates_t, weight_block[k], false);
+      const T* __restrict src = grad_h_block[k].data_ptr<T>();
+      T* __restrict dst = grad_h_next.data_ptr<T>() + first;
+      for (int64_t b = 0; b < B; ++b) {
+        #pragma GCC ivdep
+        for (int64_t j = 0; j < columns; ++j) dst[b * P + j] += src[b * columns + j];
+      }
+    };
+    const auto add_recurrent_gradients = [&](int64_t s) {
+      at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;  // worker threads start with grad mode on
+        for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k);
+      });
+    };
+    if (projects) {  // grad of the projected h, then through W_hr to the unprojected h
+      for (int64_t s = 0; s < T_; ++s) {
+        BackwardStep<T> step = step_at(s);
+        const int64_t t = step.t;
         T* grad_step = grad_step_all.data_ptr<T>() + t * B * P;
-        const T* carry = grad_h.data_ptr<T>();
         for (int64_t b = 0; b < B; ++b) {
           const bool valid = lengths == nullptr || t < lengths[b];
           for (int64_t k = 0; k < P; ++k) {
-            grad_step[b * P + k] = carry[b * P + k] +
-                (valid && grad_output_t != nullptr ? grad_output_t[b * D * P + k] : T(0));
+            grad_step[b * P + k] = step.grad_h_carry[b * P + k] +
+                (valid && step.grad_output != nullptr ? step.grad_output[b * D * P + k] : T(0));
           }
         }
         at::mm_out(grad_unprojected, grad_step_all[t], w_hr[d]);
@@ -691,43 +739,33 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
         step.grad_h_row = H;
         step.grad_output = nullptr;
         step.h_unprojected = h_unprojected_all.data_ptr<T>() + t * B * H;
-      } else {
-        step.grad_h = grad_h.data_ptr<T>();
-        step.grad_h_row = P;
-        step.grad_output = grad_output_t;
-        step.h_unprojected = nullptr;
+        cell_pass(info.cell, step, B, H);
+        add_recurrent_gradients(s);
       }
-      cell_pass(info.cell, step, B, H);
-      // grad h_prev += grad_h_gates W_hh, one block of columns per thread with its own columns of W_hh
-      const Tensor grad_h_gates_t = grad_h_gates_d[t];  // [B, G*H]
-      at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
-        const at::NoGradGuard no_grad;  // worker threads start with grad mode on
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
-          if constexpr (std::is_same_v<T, float>) {
-            if (!weight_packed.empty()) {
-              packed_gemm(B, grad_h_gates_t.data_ptr<float>(), grad_h_gates_t.stride(0),
-                          weight_packed[k], grad_h_next.data_ptr<float>() + first, P, nullptr,
-                          true);
-              continue;
-            }
-          }
-          if (column_blocks == 1) {
-            matmul(grad_h_next, grad_h_gates_t, weight, true);
-            continue;
-          }
-          matmul(grad_h_block[k], grad_h_gates_t, weight_block[k], false);
-          const T* __restrict src = grad_h_block[k].data_ptr<T>();
-          T* __restrict dst = grad_h_next.data_ptr<T>() + first;
-          for (int64_t b = 0; b < B; ++b) {
-            #pragma GCC ivdep
-            for (int64_t j = 0; j < columns; ++j) dst[b * P + j] += src[b * columns + j];
-          }
+    } else if (column_blocks == 1) {  // one block: the cell passes split over threads by rows
+      for (int64_t s = 0; s < T_; ++s) {
+        cell_pass(info.cell, step_at(s), B, H);
+        add_recurrent_gradients(s);
+      }
+    } else {
+      // Phase 2s: the cell pass of step s, rows shared out over the threads in proportion to
+      // their blocks; phase 2s + 1: its recurrent gradient, by blocks of columns.
+      const auto run_phase = [&](int64_t phase, int64_t begin, int64_t end) {
+        const int64_t s = phase / 2;
+        if (phase % 2 == 1) {
+          const at::NoGradGuard no_grad;  // worker threads start with grad mode on
+          for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k);
+          return;
         }
-      });
-      std::swap(grad_h, grad_h_next);
+        const BackwardStep<T> step = step_at(s);
+        for (int64_t b = begin * B / column_blocks; b < end * B / column_blocks; ++b) {
+          run_segment(info.cell, step, b, 0, H);
+        }
+      };
+      parallel_steps(2 * T_, column_blocks, !weight_packed.empty(),
+                     [](int64_t, int64_t, int64_t) {}, run_phase);
     }
-    if (grad_h.data_ptr() != grad_h0[d].data_ptr()) grad_h0[d].copy_(grad_h);
+    if (T_ % 2 == 1) grad_h0[d].copy_(grad_h_other);  // grad h0 is in grad_h_buffers[T % 2]
 
     // Weight gradients over all steps, one GEMM each. h_prev of each step is the neighbouring
     // output, or h0 at each sequence's first processed step.
