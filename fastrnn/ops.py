@@ -123,14 +123,19 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
               ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer from its input x [T, B, I]: (output, h_n, c_n).
 
-    Through the ops (input_projection on CPU tensors, else F.linear; then the layer op) when
-    autograd or a compiler needs them. In eager inference on plain tensors the backend the layer
-    op would pick runs the layer directly: the same kernels and results, without the ops' dispatch,
-    and the cpu backend then computes the input projection step by step inside its time loop.
+    Under a compiler, or for tensor subclasses, through the ops (input_projection on CPU tensors,
+    else F.linear; then the layer op), which torch.compile sees as opaque nodes. In eager mode the
+    backend the layer op would pick runs projection and layer as one call (`forward_from_input`,
+    with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
+    the cpu backend then computes the input projection step by step inside its time loop.
     """
-    if not keep_workspace and type(x) is Tensor and not torch.compiler.is_compiling():
+    if type(x) is Tensor and not torch.compiler.is_compiling():
         impl = _backend_for(cell, backend, x, h0, w_hh, w_hr, lengths)
-        return impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths)
+        if keep_workspace:
+            return _EagerLayer.apply(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell,
+                                     impl)[:3]
+        return impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                       keep_workspace=False)[:3]
     if x.device.type == "cpu":
         x_gates = input_projection(x, w_ih, b_ih, backend)
     else:
@@ -138,6 +143,45 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     output, h_n, c_n, _ = LAYER_OPS[cell.name](x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
                                                backend, keep_workspace)
     return output, h_n, c_n
+
+
+class _EagerLayer(torch.autograd.Function):
+    """Input projection and layer as one autograd node, run by one backend in eager mode; the
+    gradients are those of input_projection and the layer op."""
+
+    @staticmethod
+    def forward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl):
+        output, h_n, c_n, workspace = impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh,
+                                                              b_hh, w_hr, lengths)
+        return output, h_n, c_n, workspace
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl = inputs
+        out, _, _, workspace = output
+        ctx.save_for_backward(x, w_ih, h0, c0, w_hh, w_hr, lengths, out, workspace)
+        ctx.cell, ctx.impl = cell, impl
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.mark_non_differentiable(workspace)
+        ctx.set_materialize_grads(False)  # unused outputs get None, not zeros the size of them
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+        x, w_ih, h0, c0, w_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
+        cell = ctx.cell
+        grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = ctx.impl.backward(
+            cell, grad_output, grad_h_n, grad_c_n if cell.has_cell_state else None, h0, c0, w_hh,
+            w_hr, lengths, out, workspace)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.has_bias[0] and ctx.needs_input_grad[2]]
+        grad_x, grad_w_ih, grad_b_ih = ctx.impl.input_projection_backward(grad_x_gates, x, w_ih,
+                                                                         mask)
+        return (grad_x if mask[0] else None, grad_w_ih if mask[1] else None,
+                grad_b_ih if mask[2] else None, grad_h0,
+                grad_c0 if cell.has_cell_state else None, grad_w_hh,
+                grad_b_hh if ctx.has_bias[1] else None, grad_w_hr if w_hr is not None else None,
+                None, None, None)
 
 
 @torch.library.custom_op("fastrnn::input_projection_backward", mutates_args=())

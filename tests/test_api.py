@@ -207,6 +207,26 @@ def test_functional_call_uses_the_given_weights():
     assert torch.equal(output, torch.zeros_like(output))
 
 
+@pytest.mark.parametrize("module", ["LSTM", "GRU"])
+def test_torch_func_grad_matches_torch_nn(module):
+    """torch.func.grad runs through the layers and gives torch.nn's gradients."""
+    theirs = getattr(torch.nn, module)(3, 5, num_layers=2, bidirectional=True).double()
+    ours = getattr(fastrnn, module).from_torch(theirs)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def loss(model, params, x):
+        return torch.func.functional_call(model, params, (x,))[0].square().sum()
+
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+    got_params, got_x = torch.func.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1))(params, x)
+    x_leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(theirs(x_leaf)[0].square().sum(),
+                                   [x_leaf, *theirs.parameters()])
+    torch.testing.assert_close(got_x, expected[0])
+    for (name, _), grad in zip(theirs.named_parameters(), expected[1:]):
+        torch.testing.assert_close(got_params[name], grad)
+
+
 def test_batch_of_zero_sequences_gives_empty_outputs():
     output, (h, c) = fastrnn.LSTM(3, 4)(torch.randn(5, 0, 3))
     assert output.shape == (5, 0, 4) and h.shape == c.shape == (1, 0, 4)

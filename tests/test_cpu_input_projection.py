@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastrnn import backends
+from fastrnn import backends, ops
 from fastrnn.backends import cpu, reference
+from fastrnn.cells import CELLS
 from fastrnn.ops import input_projection, input_projection_backward
 
 CPU = cpu.BACKEND
@@ -133,12 +134,13 @@ FUSED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("keep_workspace", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("case", FUSED_CASES,
                          ids=lambda c: "{}-T{}-B{}-I{}-H{}-D{}-P{}-{}".format(
                              *c[:7], "varlen" if c[7] else "padded"))
-def test_fused_inference_is_bitwise_the_two_op_path(case):
+def test_fused_forward_is_bitwise_the_two_op_path(case, keep_workspace):
     """layer_forward_from_input (projection inside the time loop) gives exactly what linear and
-    then layer_forward give, so inference and training agree to the bit."""
+    then layer_forward give, workspace included, so eager and compiled runs agree to the bit."""
     cell, T, B, I, H, D, proj, variable = case
     G = {"lstm": 4, "gru": 3}.get(cell, 1)
     P = proj or H
@@ -150,11 +152,12 @@ def test_fused_inference_is_bitwise_the_two_op_path(case):
     w_hr = torch.randn(D, P, H) / H ** 0.5 if proj else None
     lengths = torch.randint(1, T + 1, (B,)) if variable else None
     fused = torch.ops.fastrnn_cpu.layer_forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh,
-                                                           w_hr, lengths)
+                                                           w_hr, lengths, keep_workspace)
     x_gates = torch.ops.fastrnn_cpu.linear(x, w_ih, b_ih)
     separate = torch.ops.fastrnn_cpu.layer_forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr,
-                                                   lengths, True)
-    for got, expected in zip(fused, separate[:3]):
+                                                   lengths, keep_workspace)
+    assert fused[3].shape[0] == (T if keep_workspace else 0)
+    for got, expected in zip(fused, separate):
         assert not got.isnan().any()
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -167,10 +170,10 @@ def test_fused_inference_of_other_dtypes(dtype):
     h0, c0 = torch.randn(1, B, H, dtype=dtype), torch.randn(1, B, H, dtype=dtype)
     w_hh, b_hh = torch.randn(1, 4 * H, H, dtype=dtype), torch.randn(1, 4 * H, dtype=dtype)
     fused = torch.ops.fastrnn_cpu.layer_forward_from_input("lstm", x, w_ih, b_ih, h0, c0, w_hh,
-                                                           b_hh, None, None)
+                                                           b_hh, None, None, True)
     separate = torch.ops.fastrnn_cpu.layer_forward("lstm", F.linear(x, w_ih, b_ih), h0, c0, w_hh,
-                                                   b_hh, None, None, False)
-    for got, expected in zip(fused, separate[:3]):
+                                                   b_hh, None, None, True)
+    for got, expected in zip(fused, separate):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -187,3 +190,37 @@ def test_modules_agree_to_the_bit_in_inference_and_training(module):
     for a, b in zip(flatten(inference), flatten(training)):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_eager_gradients_are_bitwise_those_of_the_ops(cell):
+    """A module's eager forward and backward (projection and layer as one autograd node) give
+    exactly the outputs and gradients of the custom ops that torch.compile runs."""
+    spec = CELLS[cell]
+    T, B, I, H, D = 6, 5, 7, 33, 2
+    G = spec.gates
+    x = torch.randn(T, B, I, requires_grad=True)
+    w_ih = (torch.randn(D * G * H, I) / I ** 0.5).requires_grad_()
+    b_ih = torch.randn(D * G * H, requires_grad=True)
+    h0 = torch.randn(D, B, H, requires_grad=True)
+    c0 = torch.randn(D, B, H, requires_grad=True) if spec.has_cell_state else None
+    w_hh = (torch.randn(D, G * H, H) / H ** 0.5).requires_grad_()
+    b_hh = torch.randn(D, G * H, requires_grad=True)
+    lengths = torch.randint(1, T + 1, (B,))
+    inputs = [t for t in (x, w_ih, b_ih, h0, c0, w_hh, b_hh) if t is not None]
+    grad_output = torch.randn(T, B, D * H)
+
+    def gradients(outputs):
+        output, h_n, c_n = outputs
+        loss = (output * grad_output).sum() + h_n.square().sum()
+        if c0 is not None:
+            loss = loss + c_n.square().sum()
+        return [*outputs[:2], *torch.autograd.grad(loss, inputs)]
+
+    eager = gradients(ops.run_layer(spec, x, w_ih, b_ih, h0, c0, w_hh, b_hh, None, lengths,
+                                    "cpu", True))
+    x_gates = ops.input_projection(x, w_ih, b_ih, "cpu")
+    through_ops = gradients(ops.LAYER_OPS[cell](x_gates, h0, c0, w_hh, b_hh, None, lengths,
+                                                "cpu", True)[:3])
+    for got, expected in zip(eager, through_ops):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -854,14 +854,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
                      keep_workspace);
 }
 
-// Inference (no workspace) of one layer from its input x [T, B, I]: the input projection runs
-// step by step inside the recurrence for float32 on AVX-512 CPUs, and as one linear() before it
-// otherwise. Either way each x_gates entry is computed as linear() computes it.
-std::tuple<Tensor, Tensor, Tensor> layer_forward_from_input(
+// One layer forward from its input x [T, B, I]: the input projection runs step by step inside the
+// recurrence for float32 on AVX-512 CPUs (x_gates are never stored whole), and as one linear()
+// before it otherwise. Either way each x_gates entry is computed as linear() computes it, so the
+// results are those of linear() then layer_forward().
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
     std::string_view cell, const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
     const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths) {
+    const std::optional<Tensor>& lengths, bool keep_workspace) {
   const CellInfo info = cell_info(cell);
   TORCH_CHECK(x.dim() == 3 && w_ih.dim() == 2 && x.size(2) == w_ih.size(1) &&
                   w_ih.size(0) == w_hh.size(0) * w_hh.size(1),
@@ -869,17 +870,14 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_from_input(
   const bool packed = x.scalar_type() == at::kFloat && w_ih.scalar_type() == at::kFloat &&
                       (!b_ih.has_value() || b_ih->scalar_type() == at::kFloat) &&
                       use_packed_gemm<float>() && x.numel() > 0 && w_ih.size(1) > 0;
-  Tensor output, h_n, c_n, workspace;
   if (packed) {
     InputProjection projection{x.stride(2) == 1 ? x : x.contiguous(), w_ih.contiguous(),
                                b_ih.has_value() ? b_ih->contiguous() : Tensor()};
-    std::tie(output, h_n, c_n, workspace) = run_forward(info, Tensor(), &projection, h0, c0, w_hh,
-                                                        b_hh, w_hr, lengths, false);
-  } else {
-    std::tie(output, h_n, c_n, workspace) = run_forward(info, fastrnn_cpu::linear(x, w_ih, b_ih), nullptr, h0,
-                                                        c0, w_hh, b_hh, w_hr, lengths, false);
+    return run_forward(info, Tensor(), &projection, h0, c0, w_hh, b_hh, w_hr, lengths,
+                       keep_workspace);
   }
-  return {output, h_n, c_n};
+  return run_forward(info, fastrnn_cpu::linear(x, w_ih, b_ih), nullptr, h0, c0, w_hh, b_hh, w_hr,
+                     lengths, keep_workspace);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
@@ -928,8 +926,8 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
   m.def("layer_forward(str cell, Tensor x_gates, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
         "Tensor? w_hr, Tensor? lengths, bool keep_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_forward_from_input(str cell, Tensor x, Tensor w_ih, Tensor? b_ih, Tensor h0, "
-        "Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? lengths) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, "
+        "bool keep_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_backward(str cell, Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
         "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor output, "
         "Tensor workspace) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

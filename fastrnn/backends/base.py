@@ -31,8 +31,8 @@ Gradients take the dtype of the forward inputs; accumulate in float32 for float1
 
 Input projection, for one layer (CPU tensors; on other devices it is a plain F.linear): a backend
 may run x_gates = x @ W_ih^T + b_ih (x [T, B, I], w_ih [D*G*H, I], b_ih [D*G*H] or None) and its
-backward itself; the base class uses torch's own GEMMs. For eager inference a backend may also
-run projection and recurrence as one call (`forward_from_input`).
+backward itself; the base class uses torch's own GEMMs. In eager mode a backend may also run
+projection and recurrence as one call (`forward_from_input`).
 """
 
 from __future__ import annotations
@@ -107,13 +107,12 @@ class Backend:
         raise NotImplementedError
 
     def forward_from_input(self, cell: CellSpec, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr,
-                           lengths):
-        """Inference (keep_workspace=False) of one layer from its input x [T, B, I] rather than
-        x_gates; a backend may fuse the projection into its recurrence. The same results as
-        input_projection then forward. Returns (output, h_n, c_n)."""
-        output, h_n, c_n, _ = self.forward(cell, self.input_projection(x, w_ih, b_ih), h0, c0,
-                                           w_hh, b_hh, w_hr, lengths, keep_workspace=False)
-        return output, h_n, c_n
+                           lengths, keep_workspace: bool = True):
+        """forward of one layer from its input x [T, B, I] rather than x_gates; a backend may
+        fuse the projection into its recurrence. The same results as input_projection then
+        forward. Returns (output, h_n, c_n, workspace)."""
+        return self.forward(cell, self.input_projection(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr,
+                            lengths, keep_workspace=keep_workspace)
 
     def input_projection(self, x, w_ih, b_ih):
         """x [T, B, I] @ w_ih [D*G*H, I]^T + b_ih [D*G*H] (or None) -> [T, B, D*G*H]."""

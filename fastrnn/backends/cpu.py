@@ -5,7 +5,7 @@ on first use from the sources next to the package (torch.utils.cpp_extension.loa
 Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output, except
 the forward's per-step products, which use bfloat16 dot products where the CPU has them.
 The input projection of float32 layers runs on the same packed AVX-512 GEMM (csrc/cpu/linear_cpu.cpp);
-in eager inference it runs step by step inside the recurrence (`forward_from_input`).
+in eager mode it runs step by step inside the recurrence (`forward_from_input`).
 """
 
 from __future__ import annotations
@@ -81,12 +81,13 @@ class CpuBackend(Backend):
             cell.name, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, output,
             workspace))
 
-    def forward_from_input(self, cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths):
+    def forward_from_input(self, cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                           keep_workspace=True):
         if not _float32_on_cpu(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
             return super().forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr,
-                                              lengths)
+                                              lengths, keep_workspace)
         return tuple(torch.ops.fastrnn_cpu.layer_forward_from_input(
-            cell.name, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths))
+            cell.name, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace))
 
     def input_projection(self, x, w_ih, b_ih):
         if not _float32_on_cpu(x, w_ih, b_ih):
