@@ -162,19 +162,54 @@ def test_fused_forward_is_bitwise_the_two_op_path(case, keep_workspace):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_fused_inference_of_other_dtypes(dtype):
+def test_fused_forward_of_float64_is_the_two_op_path():
     T, B, I, H = 4, 3, 5, 6
-    x, w_ih, b_ih = (torch.randn(T, B, I, dtype=dtype), torch.randn(4 * H, I, dtype=dtype),
-                     torch.randn(4 * H, dtype=dtype))
-    h0, c0 = torch.randn(1, B, H, dtype=dtype), torch.randn(1, B, H, dtype=dtype)
-    w_hh, b_hh = torch.randn(1, 4 * H, H, dtype=dtype), torch.randn(1, 4 * H, dtype=dtype)
+    x, w_ih, b_ih = (torch.randn(T, B, I, dtype=torch.float64),
+                     torch.randn(4 * H, I, dtype=torch.float64),
+                     torch.randn(4 * H, dtype=torch.float64))
+    h0, c0 = torch.randn(1, B, H, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
+    w_hh = torch.randn(1, 4 * H, H, dtype=torch.float64)
+    b_hh = torch.randn(1, 4 * H, dtype=torch.float64)
     fused = torch.ops.fastrnn_cpu.layer_forward_from_input("lstm", x, w_ih, b_ih, h0, c0, w_hh,
                                                            b_hh, None, None, True)
     separate = torch.ops.fastrnn_cpu.layer_forward("lstm", F.linear(x, w_ih, b_ih), h0, c0, w_hh,
                                                    b_hh, None, None, True)
     for got, expected in zip(fused, separate):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell,I,H", [("lstm", 7, 9), ("lstm", 130, 200), ("gru", 64, 150),
+                                      ("rnn_tanh", 33, 70)])
+def test_fused_bfloat16_forward_against_float64(cell, I, H):
+    """bfloat16 layers project step by step in the time loop on CPUs with bfloat16 dot products
+    (odd I padded), keeping x_gates in float32: no less accurate than linear() in bfloat16 then
+    the layer, and training runs compute what inference does."""
+    spec = CELLS[cell]
+    T, B, D, G = 6, 5, 2, spec.gates
+    bf16 = torch.bfloat16
+    x = torch.randn(T, B, I).to(bf16)
+    w_ih, b_ih = (torch.randn(D * G * H, I) / I ** 0.5).to(bf16), torch.randn(D * G * H).to(bf16)
+    h0 = torch.randn(D, B, H).to(bf16)
+    c0 = torch.randn(D, B, H).to(bf16) if spec.has_cell_state else None
+    w_hh, b_hh = (torch.randn(D, G * H, H) / H ** 0.5).to(bf16), torch.randn(D, G * H).to(bf16)
+    lengths = torch.randint(1, T + 1, (B,))
+    args = (h0, c0, w_hh, b_hh, None, lengths)
+    double = lambda t: None if t is None else t.double()  # noqa: E731
+    expected = reference.BACKEND.forward(
+        spec, F.linear(x.double(), w_ih.double(), b_ih.double()),
+        *[double(t) for t in args[:4]], None, lengths, keep_workspace=False)
+    fused = torch.ops.fastrnn_cpu.layer_forward_from_input(cell, x, w_ih, b_ih, *args, False)
+    training = torch.ops.fastrnn_cpu.layer_forward_from_input(cell, x, w_ih, b_ih, *args, True)
+    separate = torch.ops.fastrnn_cpu.layer_forward(cell, F.linear(x, w_ih, b_ih), *args, False)
+    for got, two_op, want, kept in zip(fused[:3], separate[:3], expected[:3], training[:3]):
+        assert got.dtype == bf16 and not got.isnan().any()
+        torch.testing.assert_close(kept, got, rtol=0, atol=0)
+        if got.numel() == 0:  # c_n of a cell without one
+            continue
+        error = (got.double() - want).abs().max().item()
+        two_op_error = (two_op.double() - want).abs().max().item()
+        assert error <= 1.5 * two_op_error + 1e-3, (error, two_op_error)
+    assert training[3].shape[0] == T and fused[3].shape[0] == 0
 
 
 @pytest.mark.parametrize("module", ["LSTM", "GRU", "RNN"])

@@ -34,7 +34,11 @@ void packed_product(const Tensor& out, const Tensor& a, const float* source, int
   PackedMatrix packed;
   packed.reset(K, N);
   at::parallel_for(0, packed.panels(), 1, [&](int64_t begin, int64_t end) {
-    packed.pack_panels(source, stride_k, stride_n, begin, end);
+    if (stride_k == 1) {  // columns of b contiguous: rows of a row-major weight
+      packed.pack_panels_by_column([&](int64_t n) { return source + n * stride_n; }, begin, end);
+    } else {
+      packed.pack_panels(source, stride_k, stride_n, begin, end);
+    }
   });
   const float* a_data = a.data_ptr<float>();
   float* out_data = out.data_ptr<float>();

@@ -54,6 +54,33 @@ uint16_t PackedMatrixBf16::to_bfloat16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+namespace {
+
+// b(k, n) of a panel given column by column: sources[n][k], 0 for a null source or k past depth.
+float panel_entry(const float* const* sources, int64_t depth, int64_t k, int64_t n) {
+  return sources[n] != nullptr && k < depth ? sources[n][k] : 0.0f;
+}
+
+void pack_panel_scalar(const float* const* sources, int64_t depth, float* panel) {
+  for (int64_t k = 0; k < depth; ++k) {
+    for (int64_t n = 0; n < PackedMatrix::kPanelColumns; ++n) {
+      panel[k * PackedMatrix::kPanelColumns + n] = panel_entry(sources, depth, k, n);
+    }
+  }
+}
+
+void pack_panel_bf16_scalar(const float* const* sources, int64_t depth, int64_t pairs,
+                            uint16_t* panel) {
+  for (int64_t k = 0; k < 2 * pairs; ++k) {
+    for (int64_t n = 0; n < PackedMatrixBf16::kPanelColumns; ++n) {
+      panel[((k / 2) * PackedMatrixBf16::kPanelColumns + n) * 2 + k % 2] =
+          PackedMatrixBf16::to_bfloat16(panel_entry(sources, depth, k, n));
+    }
+  }
+}
+
+}  // namespace
+
 #ifdef FASTRNN_PACKED_GEMM_X86
 
 bool packed_gemm_supported() {
@@ -131,6 +158,75 @@ __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int6
   finish_tile<kRows>(low, high, masks, c, ldc, accumulate);
 }
 
+// rows[j] = (sources[0][k0 + j], ..., sources[15][k0 + j]) for j in 0..15: sixteen columns of B
+// read along k and transposed; 0 for a null source or past depth.
+FASTRNN_AVX512_INLINE void load_transposed(const float* const* sources, int64_t k0,
+                                           int64_t depth, __m512 (&rows)[16]) {
+  const int64_t left = depth - k0;
+  const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << left) - 1);
+  for (int i = 0; i < 16; ++i) {
+    rows[i] = sources[i] != nullptr ? _mm512_maskz_loadu_ps(mask, sources[i] + k0)
+                                    : _mm512_setzero_ps();
+  }
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    rows[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    rows[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    rows[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    rows[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(rows[i], rows[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(rows[i], rows[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(rows[i + 8], rows[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(rows[i + 8], rows[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    rows[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    rows[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+__attribute__((target("avx512f"))) void pack_panel_avx512(const float* const* sources,
+                                                          int64_t depth, float* panel) {
+  __m512 rows[16];
+  for (int64_t half = 0; half < 2; ++half) {  // columns 0-15, then 16-31
+    for (int64_t k0 = 0; k0 < depth; k0 += 16) {
+      load_transposed(sources + 16 * half, k0, depth, rows);
+      for (int64_t j = 0; j < std::min<int64_t>(16, depth - k0); ++j) {
+        _mm512_storeu_ps(panel + (k0 + j) * 32 + 16 * half, rows[j]);
+      }
+    }
+  }
+}
+
+// Pairs of rows k, k + 1 of 16 columns, rounded to bfloat16 and interleaved as the panel holds
+// them: (b(k, n0), b(k + 1, n0), b(k, n0 + 1), ...).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_panel_bf16_avx512(
+    const float* const* sources, int64_t depth, int64_t pairs, uint16_t* panel) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  __m512 rows[16];
+  for (int64_t half = 0; half < 2; ++half) {
+    for (int64_t k0 = 0; k0 < 2 * pairs; k0 += 16) {
+      load_transposed(sources + 16 * half, k0, depth, rows);  // rows past depth are 0
+      for (int64_t j = 0; j < std::min<int64_t>(16, 2 * pairs - k0); j += 2) {
+        // lanes 0-15: row k0 + j, lanes 16-31: row k0 + j + 1
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(rows[j + 1], rows[j]);
+        _mm512_storeu_si512(panel + (((k0 + j) / 2) * 32 + 16 * half) * 2,
+                            _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+  }
+}
+
 using Tile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
                      const float*, bool);
 constexpr int kTileRows = 8;
@@ -141,6 +237,22 @@ constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile
                                         tile<5>, tile<6>, tile<7>, tile<8>};
 
 }  // namespace
+
+void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
+  if (packed_gemm_supported()) {
+    pack_panel_avx512(sources, depth_, panel);
+  } else {
+    pack_panel_scalar(sources, depth_, panel);
+  }
+}
+
+void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) const {
+  if (packed_gemm_bf16_supported()) {
+    pack_panel_bf16_avx512(sources, depth_, pair_rows(), panel);
+  } else {
+    pack_panel_bf16_scalar(sources, depth_, pair_rows(), panel);
+  }
+}
 
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate) {
@@ -234,6 +346,14 @@ void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const Packed
 }
 
 #else
+
+void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
+  pack_panel_scalar(sources, depth_, panel);
+}
+
+void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) const {
+  pack_panel_bf16_scalar(sources, depth_, pair_rows(), panel);
+}
 
 bool packed_gemm_supported() { return false; }
 bool packed_gemm_bf16_supported() { return false; }

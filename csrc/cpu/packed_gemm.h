@@ -23,21 +23,17 @@ class PackedMatrix {
   // Fills panels [first, last) from B given by strides: b(k, n) = source[k * stride_k + n * stride_n].
   void pack_panels(const float* source, int64_t stride_k, int64_t stride_n, int64_t first,
                    int64_t last);
-  // Fills panels [first, last) from B given column by column: column(n) points at b(0, n), whose
-  // next entries b(k, n) lie stride_k apart.
+  // Fills panels [first, last) from B given column by column: column(n) points at b(0, n), and
+  // b(k, n) follows at column(n)[k] (rows of a row-major W for B = W^T).
   template <typename Column>
-  void pack_panels_by_column(Column column, int64_t stride_k, int64_t first, int64_t last) {
+  void pack_panels_by_column(Column column, int64_t first, int64_t last) {
+    const float* sources[kPanelColumns];
     for (int64_t p = first; p < last; ++p) {
-      float* panel = data_.get() + p * depth_ * kPanelColumns;
-      for (int64_t n = 0; n < kPanelColumns; ++n) {
+      for (int64_t n = 0; n < kPanelColumns; ++n) {  // null: zero padding
         const int64_t index = p * kPanelColumns + n;
-        if (index >= columns_) {  // zero padding
-          for (int64_t k = 0; k < depth_; ++k) panel[k * kPanelColumns + n] = 0.0f;
-          continue;
-        }
-        const float* source = column(index);
-        for (int64_t k = 0; k < depth_; ++k) panel[k * kPanelColumns + n] = source[k * stride_k];
+        sources[n] = index < columns_ ? column(index) : nullptr;
       }
+      pack_panel(sources, data_.get() + p * depth_ * kPanelColumns);
     }
   }
   // reset and pack every panel.
@@ -52,6 +48,9 @@ class PackedMatrix {
   }
 
  private:
+  // panel[k, n] = sources[n][k] (0 for a null source).
+  void pack_panel(const float* const* sources, float* panel) const;
+
   std::unique_ptr<float[]> data_;
   int64_t depth_ = 0;
   int64_t columns_ = 0;
@@ -67,18 +66,14 @@ class PackedMatrixBf16 {
   // Fills panels [first, last) from float32 B given column by column (see PackedMatrix), rounded
   // to bfloat16 (to nearest even).
   template <typename Column>
-  void pack_panels_by_column(Column column, int64_t stride_k, int64_t first, int64_t last) {
-    const int64_t pairs = pair_rows();
+  void pack_panels_by_column(Column column, int64_t first, int64_t last) {
+    const float* sources[kPanelColumns];
     for (int64_t p = first; p < last; ++p) {
-      uint16_t* panel = data_.get() + p * pairs * kPanelColumns * 2;
-      for (int64_t n = 0; n < kPanelColumns; ++n) {
+      for (int64_t n = 0; n < kPanelColumns; ++n) {  // null: zero padding
         const int64_t index = p * kPanelColumns + n;
-        const float* source = index < columns_ ? column(index) : nullptr;
-        for (int64_t k = 0; k < 2 * pairs; ++k) {
-          const float value = source != nullptr && k < depth_ ? source[k * stride_k] : 0.0f;
-          panel[((k / 2) * kPanelColumns + n) * 2 + k % 2] = to_bfloat16(value);
-        }
+        sources[n] = index < columns_ ? column(index) : nullptr;
       }
+      pack_panel(sources, data_.get() + p * pair_rows() * kPanelColumns * 2);
     }
   }
 
@@ -94,6 +89,9 @@ class PackedMatrixBf16 {
   static uint16_t to_bfloat16(float value);
 
  private:
+  // panel[k / 2, n, k % 2] = bfloat16 of sources[n][k] (0 for a null source or k past K).
+  void pack_panel(const float* const* sources, uint16_t* panel) const;
+
   std::unique_ptr<uint16_t[]> data_;
   int64_t depth_ = 0;
   int64_t columns_ = 0;

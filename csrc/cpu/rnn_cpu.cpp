@@ -103,8 +103,10 @@ FASTRNN_INLINE double tanh_(double x) { return std::tanh(x); }
 
 // What the cell pass of one forward step reads and writes; rows are batch entries. The recurrent
 // term comes per block of hidden units: [B, G, units] for units first_unit .. first_unit+units-1.
+// One per block, each written by the thread running the block: cache-line aligned, so that no two
+// blocks share a line.
 template <typename T>
-struct ForwardStep {
+struct alignas(64) ForwardStep {
   int64_t hidden;                // H
   int64_t t;                     // time step
   const int64_t* lengths;        // [B] or null
@@ -420,12 +422,14 @@ int64_t units_per_block(int64_t hidden) {
   return blocks == 1 ? hidden : (units + 15) / 16 * 16;
 }
 
-// The input projection of a layer run step by step inside the recurrence (float32, packed GEMM):
-// x_gates of step t are x[t] W_ih^T + b_ih, computed per block of units and never stored whole.
+// The input projection of a layer run step by step inside the recurrence (packed GEMMs): x_gates
+// of step t are x[t] W_ih^T + b_ih in float32, computed per block of units, never stored whole.
 struct InputProjection {
-  Tensor x;     // [T, B, I], unit stride along I
-  Tensor w_ih;  // [D*G*H, I] contiguous
-  Tensor b_ih;  // [D*G*H] contiguous, or undefined
+  Tensor x;     // [T, B, I] float32 with unit stride along I; bfloat16: rows of even length,
+                //   zero-padded past I (the a operand of packed_gemm_bf16)
+  Tensor w_ih;  // [D*G*H, I] float32, contiguous
+  Tensor b_ih;  // [D*G*H] float32, contiguous, or undefined
+  bool bf16;    // x is bfloat16: bfloat16 products (AVX512_BF16), summed in float32
 };
 
 template <typename T>
@@ -455,7 +459,9 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
   const bool use_matmul = w_block_packed.empty() && w_block_bf16.empty();
   // With a projection: per block, its rows of W_ih packed [I, G*units], its b_ih and its x_gates.
   const bool fused = projection != nullptr;
-  std::vector<PackedMatrix> w_ih_packed(fused ? blocks : 0);
+  const bool fused_bf16 = fused && projection->bf16;
+  std::vector<PackedMatrix> w_ih_packed(fused && !fused_bf16 ? blocks : 0);
+  std::vector<PackedMatrixBf16> w_ih_bf16(fused_bf16 ? blocks : 0);
   std::vector<std::vector<float>> b_ih_block(fused ? blocks : 0);
   std::vector<Tensor> x_gates_block(fused ? blocks : 0);  // [B, G*units]
   std::vector<ForwardStep<T>> steps(blocks);
@@ -508,19 +514,23 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
           };
           if (bf16) {
             w_block_bf16[k].reset(P, G * units);
-            w_block_bf16[k].pack_panels_by_column(column, 1, 0, w_block_bf16[k].panels());
+            w_block_bf16[k].pack_panels_by_column(column, 0, w_block_bf16[k].panels());
             h_bf16[k].assign(B * P_even, 0);
           } else {
             w_block_packed[k].reset(P, G * units);
-            w_block_packed[k].pack_panels_by_column(column, 1, 0, w_block_packed[k].panels());
+            w_block_packed[k].pack_panels_by_column(column, 0, w_block_packed[k].panels());
           }
           if (fused) {  // rows d*G*H + g*H + first + j of W_ih [D*G*H, I] and of b_ih
             const int64_t I = projection->w_ih.size(1);
             const float* w_ih = projection->w_ih.data_ptr<float>() + d * GH * I;
-            w_ih_packed[k].reset(I, G * units);
-            w_ih_packed[k].pack_panels_by_column(
-                [&](int64_t n) { return w_ih + ((n / units) * H + first + n % units) * I; }, 1,
-                0, w_ih_packed[k].panels());
+            const auto row = [&](int64_t n) { return w_ih + ((n / units) * H + first + n % units) * I; };
+            if (fused_bf16) {
+              w_ih_bf16[k].reset(I, G * units);
+              w_ih_bf16[k].pack_panels_by_column(row, 0, w_ih_bf16[k].panels());
+            } else {
+              w_ih_packed[k].reset(I, G * units);
+              w_ih_packed[k].pack_panels_by_column(row, 0, w_ih_packed[k].panels());
+            }
             b_ih_block[k].clear();
             if (projection->b_ih.defined()) {
               const float* b_ih = projection->b_ih.data_ptr<float>() + d * GH;
@@ -553,9 +563,16 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
         if constexpr (std::is_same_v<T, float>) {
           if (fused) {  // x_t W_ih^T + b_ih for this block of units
             const Tensor& x = projection->x;
-            packed_gemm(B, x.data_ptr<float>() + t * x.stride(0), x.stride(1), w_ih_packed[k],
-                        x_gates_block[k].data_ptr<float>(), G * step.units,
-                        b_ih_block[k].empty() ? nullptr : b_ih_block[k].data(), false);
+            float* x_gates_k = x_gates_block[k].data_ptr<float>();
+            const float* b_ih_k = b_ih_block[k].empty() ? nullptr : b_ih_block[k].data();
+            if (fused_bf16) {
+              const auto* x_t = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+              packed_gemm_bf16(B, x_t + t * x.stride(0), x.stride(1), w_ih_bf16[k], x_gates_k,
+                               G * step.units, b_ih_k, false);
+            } else {
+              packed_gemm(B, x.data_ptr<float>() + t * x.stride(0), x.stride(1), w_ih_packed[k],
+                          x_gates_k, G * step.units, b_ih_k, false);
+            }
           }
         }
         if (!fused) prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
@@ -855,9 +872,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 }
 
 // One layer forward from its input x [T, B, I]: the input projection runs step by step inside the
-// recurrence for float32 on AVX-512 CPUs (x_gates are never stored whole), and as one linear()
-// before it otherwise. Either way each x_gates entry is computed as linear() computes it, so the
-// results are those of linear() then layer_forward().
+// recurrence (x_gates are never stored whole) for float32 on AVX-512 CPUs, where each x_gates
+// entry is computed as linear() computes it, so the results are those of linear() then
+// layer_forward(); and for bfloat16 on AVX512_BF16 CPUs, with x_gates kept in float32 where
+// linear() rounds them to bfloat16. Otherwise linear() runs before the recurrence.
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
     std::string_view cell, const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
     const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
@@ -867,12 +885,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
   TORCH_CHECK(x.dim() == 3 && w_ih.dim() == 2 && x.size(2) == w_ih.size(1) &&
                   w_ih.size(0) == w_hh.size(0) * w_hh.size(1),
               "fastrnn cpu: x [T, B, I] and w_ih [D*G*H, I] do not match");
-  const bool packed = x.scalar_type() == at::kFloat && w_ih.scalar_type() == at::kFloat &&
-                      (!b_ih.has_value() || b_ih->scalar_type() == at::kFloat) &&
-                      use_packed_gemm<float>() && x.numel() > 0 && w_ih.size(1) > 0;
-  if (packed) {
-    InputProjection projection{x.stride(2) == 1 ? x : x.contiguous(), w_ih.contiguous(),
-                               b_ih.has_value() ? b_ih->contiguous() : Tensor()};
+  const auto all_of = [&](at::ScalarType dtype) {
+    return x.scalar_type() == dtype && w_ih.scalar_type() == dtype &&
+           (!b_ih.has_value() || b_ih->scalar_type() == dtype) && x.numel() > 0 &&
+           w_ih.size(1) > 0;
+  };
+  const bool packed = all_of(at::kFloat) && use_packed_gemm<float>();
+  const bool bf16 = all_of(at::kBFloat16) && packed_gemm_bf16_supported();
+  if (packed || bf16) {
+    const int64_t I = x.size(2);
+    Tensor rows = x.stride(2) == 1 ? x : x.contiguous();
+    if (bf16 && I % 2 == 1) {  // rows of even length, zero-padded
+      rows = at::zeros({x.size(0), x.size(1), I + 1}, x.options());
+      rows.narrow(2, 0, I).copy_(x);
+    }
+    InputProjection projection{rows, w_ih.to(at::kFloat).contiguous(),
+                               b_ih.has_value() ? b_ih->to(at::kFloat).contiguous() : Tensor(),
+                               bf16};
     return run_forward(info, Tensor(), &projection, h0, c0, w_hh, b_hh, w_hr, lengths,
                        keep_workspace);
   }

@@ -5,7 +5,8 @@ on first use from the sources next to the package (torch.utils.cpp_extension.loa
 Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output, except
 the forward's per-step products, which use bfloat16 dot products where the CPU has them.
 The input projection of float32 layers runs on the same packed AVX-512 GEMM (csrc/cpu/linear_cpu.cpp);
-in eager mode it runs step by step inside the recurrence (`forward_from_input`).
+in eager mode it runs step by step inside the recurrence (`forward_from_input`), as does that of
+bfloat16 layers on CPUs with bfloat16 dot products (its x_gates then stay in float32).
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ def _load_kernels() -> str:
     return ""
 
 
+def _on_cpu_in(dtypes, *tensors) -> bool:
+    """Whether the tensors (None aside) are CPU tensors of one dtype out of dtypes."""
+    present = [t for t in tensors if t is not None]
+    return all(t.device.type == "cpu" and t.dtype == present[0].dtype for t in present) and (
+        present[0].dtype in dtypes)
+
+
 def _float32_on_cpu(*tensors) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+    return _on_cpu_in((torch.float32,), *tensors)
 
 
 class CpuBackend(Backend):
@@ -83,7 +91,8 @@ class CpuBackend(Backend):
 
     def forward_from_input(self, cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
                            keep_workspace=True):
-        if not _float32_on_cpu(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
+        if not _on_cpu_in((torch.float32, torch.bfloat16), x, w_ih, b_ih, h0, c0, w_hh, b_hh,
+                          w_hr):
             return super().forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr,
                                               lengths, keep_workspace)
         return tuple(torch.ops.fastrnn_cpu.layer_forward_from_input(
