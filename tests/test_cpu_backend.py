@@ -166,21 +166,31 @@ def test_layer_matches_reference(case, dtype):
 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_bfloat16_error_is_that_of_torch(cell):
-    """bfloat16 through the kernel (products in bfloat16 where the CPU has them, h rounded to
-    bfloat16 for them as oneDNN does) is no further from float64 than torch.nn in bfloat16."""
+    """bfloat16 through the kernel (products in bfloat16 where the CPU has them, h and grad_gates
+    rounded to bfloat16 for them as oneDNN does) is no further from float64 than torch.nn in
+    bfloat16: the output and the gradients of the input and of every weight (relu's gradients
+    jump where a pre-activation crosses 0, so for rnn_relu the output only)."""
     torch_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
     extra = {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
+
+    def output_and_gradients(model, x, grad_output):
+        x = x.detach().requires_grad_()
+        output = model(x)[0]
+        return [output, *torch.autograd.grad(output, [x, *model.parameters()], grad_output)]
+
     for seed in range(4):
         torch.manual_seed(seed)
         model = torch_class(16, 16, bidirectional=True, **extra)
-        x = torch.randn(8, 5, 16)
-        with torch.no_grad():
-            exact = model.double()(x.double())[0]
-            model = model.to(torch.bfloat16)
-            torch_error = relative_error(model(x.bfloat16())[0], exact)
-            ours = MODULES[cell].from_torch(model, backend="cpu")(x.bfloat16())[0]
-        assert ours.dtype == torch.bfloat16
-        assert relative_error(ours, exact) <= 2 * torch_error + 1e-3
+        x, grad_output = torch.randn(8, 5, 16), torch.randn(8, 5, 32)
+        exact = output_and_gradients(model.double(), x.double(), grad_output.double())
+        model = model.to(torch.bfloat16)
+        theirs = output_and_gradients(model, x.bfloat16(), grad_output.bfloat16())
+        ours = output_and_gradients(MODULES[cell].from_torch(model, backend="cpu"), x.bfloat16(),
+                                    grad_output.bfloat16())
+        compared = 1 if cell == "rnn_relu" else len(exact)
+        for got, reference, want in zip(ours[:compared], theirs, exact):
+            assert got.dtype == torch.bfloat16
+            assert relative_error(got, want) <= 2 * relative_error(reference, want) + 1e-3
 
 
 @pytest.mark.parametrize("T, B, H", [(1, 1, 1), (1, 3, 7), (4, 1, 7), (3, 2, 1), (2, 3, 33)])

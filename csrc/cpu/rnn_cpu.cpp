@@ -630,9 +630,10 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
 template <typename T>
 void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor& grad_h_n,
                    const Tensor& grad_c_n, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                   const Tensor& w_hr, const int64_t* lengths, const Tensor& output,
-                   const Tensor& workspace, Tensor& grad_x_gates, Tensor& grad_h0,
-                   Tensor& grad_c0, Tensor& grad_w_hh, Tensor& grad_b_hh, Tensor& grad_w_hr) {
+                   const Tensor& w_hr, const int64_t* lengths, bool bf16_products,
+                   const Tensor& output, const Tensor& workspace, Tensor& grad_x_gates,
+                   Tensor& grad_h0, Tensor& grad_c0, Tensor& grad_w_hh, Tensor& grad_b_hh,
+                   Tensor& grad_w_hr) {
   const int64_t T_ = output.size(0), B = output.size(1);
   const int64_t D = w_hh.size(0), GH = w_hh.size(1), P = w_hh.size(2), H = GH / info.gates;
   const int64_t W = info.workspace_gates * H;
@@ -641,6 +642,10 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
   auto options = output.options();
   const int64_t block_columns = units_per_block(P);
   const int64_t column_blocks = (P + block_columns - 1) / block_columns;
+  // bfloat16 products (a bfloat16 layer on a CPU with them) for grad h_prev and the weight
+  // gradient, grad_gates rounded to bfloat16 for them as oneDNN does; else float32.
+  const bool bf16 = std::is_same_v<T, float> && bf16_products;
+  const int64_t GH_even = (GH + 1) / 2 * 2;
   Tensor grad_h_gates_all = gru ? empty_large({T_, B, GH}, options) : Tensor();  // [T, B, G*H]
   Tensor grad_step_all = projects ? empty_large({T_, B, P}, options) : Tensor();
   Tensor h_unprojected_all = projects ? empty_large({T_, B, H}, options) : Tensor();
@@ -659,16 +664,28 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     Tensor weight = w_hh[d];  // [G*H, P]
     // Per block of columns: its columns of W_hh, contiguous, and its part of grad h_prev W_hh.
     std::vector<Tensor> weight_block(column_blocks), grad_h_block(column_blocks);
-    std::vector<PackedMatrix> weight_packed(use_packed_gemm<T>() ? column_blocks : 0);
+    std::vector<PackedMatrix> weight_packed(use_packed_gemm<T>() && !bf16 ? column_blocks : 0);
+    std::vector<PackedMatrixBf16> weight_bf16(bf16 ? column_blocks : 0);
+    std::vector<std::vector<uint16_t>> grad_gates_bf16(bf16 ? column_blocks : 0);  // [B, GH_even]
+    const Tensor weight_t = bf16 ? weight.t().contiguous() : Tensor();  // [P, G*H]
     if constexpr (std::is_same_v<T, float>) {  // packed by the thread that will use them
-      at::parallel_for(0, weight_packed.size(), 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
-          weight_packed[k].pack(weight.data_ptr<float>() + first, GH, columns, P, 1);
+          if (bf16) {
+            const float* rows = weight_t.data_ptr<float>() + first * GH;
+            weight_bf16[k].reset(GH, columns);
+            weight_bf16[k].pack_panels_by_column([&](int64_t n) { return rows + n * GH; }, 0,
+                                                 weight_bf16[k].panels());
+            grad_gates_bf16[k].assign(B * GH_even, 0);
+          } else if (!weight_packed.empty()) {
+            weight_packed[k].pack(weight.data_ptr<float>() + first, GH, columns, P, 1);
+          }
         }
       });
     }
-    for (int64_t k = 0; weight_packed.empty() && column_blocks > 1 && k < column_blocks; ++k) {
+    const bool use_matmul = weight_packed.empty() && weight_bf16.empty();
+    for (int64_t k = 0; use_matmul && column_blocks > 1 && k < column_blocks; ++k) {
       const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
       weight_block[k] = weight.narrow(1, first, columns).contiguous();
       grad_h_block[k] = at::empty({B, columns}, options);
@@ -712,10 +729,18 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     const auto add_recurrent_gradient = [&](int64_t s, int64_t k) {
       const Tensor& grad_h_next = grad_h_buffers[(s + 1) % 2];
       const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
-      if constexpr (std::is_same_v<T, float>) {
-        if (!weight_packed.empty()) {  // no tensor made: this may run in a persistent region
-          packed_gemm(B, grad_h_gates_d.data_ptr<float>() + time_of(s) * grad_h_gates_d.stride(0),
-                      grad_h_gates_d.stride(1), weight_packed[k],
+      if constexpr (std::is_same_v<T, float>) {  // no tensor made: may run in a persistent region
+        const float* grad_gates = grad_h_gates_d.data_ptr<float>() +
+                                  time_of(s) * grad_h_gates_d.stride(0);
+        if (bf16) {
+          to_bfloat16_rows(grad_gates, B, GH, grad_h_gates_d.stride(1), grad_gates_bf16[k].data(),
+                           GH_even);
+          packed_gemm_bf16(B, grad_gates_bf16[k].data(), GH_even, weight_bf16[k],
+                           grad_h_next.data_ptr<float>() + first, P, nullptr, true);
+          return;
+        }
+        if (!weight_packed.empty()) {
+          packed_gemm(B, grad_gates, grad_h_gates_d.stride(1), weight_packed[k],
                       grad_h_next.data_ptr<float>() + first, P, nullptr, true);
           return;
         }
@@ -779,8 +804,8 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
           run_segment(info.cell, step, b, 0, H);
         }
       };
-      parallel_steps(2 * T_, column_blocks, !weight_packed.empty(),
-                     [](int64_t, int64_t, int64_t) {}, run_phase);
+      parallel_steps(2 * T_, column_blocks, !use_matmul, [](int64_t, int64_t, int64_t) {},
+                     run_phase);
     }
     if (T_ % 2 == 1) grad_h0[d].copy_(grad_h_other);  // grad h0 is in grad_h_buffers[T % 2]
 
@@ -798,7 +823,12 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
       }
     }
     Tensor grad_w_hh_d = grad_w_hh[d];
-    matmul(grad_w_hh_d, grad_h_gates_d.flatten(0, 1).t(), h_prev.flatten(0, 1), false);
+    if (bf16) {  // on oneDNN's bfloat16 GEMM; the result is rounded to bfloat16 when returned
+      grad_w_hh_d.copy_(at::mm(grad_h_gates_d.flatten(0, 1).t().to(at::kBFloat16),
+                               h_prev.flatten(0, 1).to(at::kBFloat16)));
+    } else {
+      matmul(grad_w_hh_d, grad_h_gates_d.flatten(0, 1).t(), h_prev.flatten(0, 1), false);
+    }
     Tensor grad_b_hh_d = grad_b_hh[d];
     at::sum_out(grad_b_hh_d, grad_h_gates_d.flatten(0, 1), at::IntArrayRef{0});
     if (projects) {
@@ -938,8 +968,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
         lstm ? to_compute(value_or_undefined(grad_c_n), compute) : Tensor(),
         to_compute(h0, compute), to_compute(value_or_undefined(c0), compute),
         to_compute(w_hh, compute), to_compute(value_or_undefined(w_hr), compute),
-        lengths_data(valid_steps), to_compute(output, compute),
-        workspace.contiguous(), grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr);
+        lengths_data(valid_steps), dtype == at::kBFloat16 && packed_gemm_bf16_supported(),
+        to_compute(output, compute), workspace.contiguous(), grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr);
   });
   if (compute != dtype) {
     return {grad_x_gates.to(dtype), grad_h0.to(dtype), grad_c0.to(dtype), grad_w_hh.to(dtype),
