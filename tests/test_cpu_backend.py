@@ -11,6 +11,7 @@ Legend: B batch, T time, H hidden, P proj_size or H, G gates, D directions.
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -312,3 +313,27 @@ def test_layers_large_enough_for_the_onednn_gemms(cell):
     """Per-step GEMMs of B64 x H256 x G*H (over 2^23 multiply-adds) take the oneDNN path where
     torch exports it; results must not change."""
     check_layer(cell, 2, 0, True, True, torch.float32, T=3, B=64, H=256)
+
+
+def test_concurrent_calls_from_python_threads():
+    """Layers called from several Python threads at once (each call runs its own team of threads
+    meeting at spin barriers) give what they give one at a time."""
+    torch.manual_seed(0)
+    model = MODULES["lstm"](64, 200, bidirectional=True)
+    inputs = [torch.randn(20, 8, 64) for _ in range(4)]
+    expected = [model(x)[0].detach() for x in inputs]
+    results = {}
+
+    def run(i):
+        for _ in range(3):
+            output = model(inputs[i])[0]
+            torch.autograd.grad(output.sum(), list(model.parameters()))
+        results[i] = output.detach()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, output in enumerate(expected):
+        torch.testing.assert_close(results[i], output, rtol=0, atol=0)
