@@ -2,15 +2,18 @@
 // backward (BPTT), following the contract of fastrnn/backends/base.py.
 //
 // Legend: B batch, T time, H hidden, P proj_size or H, G gates, D directions, W workspace width.
-// Forward step: one parallel pass in which each thread multiplies h by its own block of W_hh rows
-// (a one-thread GEMM into a preallocated buffer) and runs the fused, vectorised cell on its block
-// of hidden units. Backward step: a fused cell pass over B*H, then grad h_prev = grad_gates W_hh by
-// blocks of columns. The backward ends with one GEMM per weight over all steps.
-// In float32 on AVX-512 CPUs the per-step GEMMs run on packed_gemm.h, each thread's block of W_hh
-// packed once per call; elsewhere on matmul.h.
+// Forward step: each thread multiplies h by its own block of W_hh rows (a one-thread GEMM into a
+// preallocated buffer) and runs the fused, vectorised cell on its block of hidden units; with
+// layer_forward_from_input it also computes its block's x_gates of the step (x_t W_ih^T), before
+// waiting for the other threads' h. Backward step: a fused cell pass split by rows, then
+// grad h_prev = grad_gates W_hh by blocks of columns. The backward ends with one GEMM per weight
+// over all steps. Where the per-step products cannot throw (the packed kernels), each pass over
+// the steps is one OpenMP region with a barrier per step (parallel_steps.h).
+// In float32 on AVX-512 CPUs the per-step GEMMs run on packed_gemm.h, each thread's block of
+// weights packed once per call; elsewhere on matmul.h.
 // bfloat16/float16 inputs run in float32 and are rounded on output; on CPUs with bfloat16 dot
-// products (AVX512_BF16) the forward's per-step GEMM of a bfloat16 layer multiplies in bfloat16,
-// h rounded to bfloat16 for it as oneDNN does, and sums in float32.
+// products (AVX512_BF16) the per-step GEMMs of a bfloat16 layer (and its grad W_hh) multiply in
+// bfloat16, h and grad_gates rounded to bfloat16 for them as oneDNN does, and sum in float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
