@@ -10,7 +10,8 @@
 // over all steps. Where the per-step products cannot throw (the packed kernels), each pass over
 // the steps is one OpenMP region with a barrier per step (parallel_steps.h).
 // In float32 on AVX-512 CPUs the per-step GEMMs run on packed_gemm.h, each thread's block of
-// weights packed once per call; elsewhere on matmul.h.
+// weights packed once per call; elsewhere on matmul.h. There the LSTM forward cell is written with
+// AVX-512 intrinsics (divisions by a reciprocal estimate and one Newton step).
 // bfloat16/float16 inputs run in float32 and are rounded on output; on CPUs with bfloat16 dot
 // products (AVX512_BF16) the per-step GEMMs of a bfloat16 layer (and its grad W_hh) multiply in
 // bfloat16, h and grad_gates rounded to bfloat16 for them as oneDNN does, and sum in float32.
@@ -26,6 +27,10 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include "linear_cpu.h"
 #include "matmul.h"
@@ -357,7 +362,118 @@ void backward_segment_f64(Cell cell, const BackwardStep<double>& s, int64_t b, i
   backward_segment(cell, s, b, j0, j1);
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTRNN_AVX512_CELL 1
+// GCC 12 warns about the _mm512_undefined operands inside its own intrinsics headers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FASTRNN_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+// exp_fast, sigmoid and tanh_ on 16 floats, divisions by a reciprocal estimate and one
+// Newton-Raphson step (relative error ~2^-28 before rounding).
+FASTRNN_AVX512 __m512 reciprocal16(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+FASTRNN_AVX512 __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 shift = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift),
+                                 shift);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+FASTRNN_AVX512 __m512 sigmoid16(__m512 x) {
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+  return reciprocal16(_mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+}
+
+FASTRNN_AVX512 __m512 tanh16(__m512 x) {
+  const __m512 limit = _mm512_set1_ps(7.90531110763549805f);
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), limit)),
+                                  limit);
+  const __m512 x2 = _mm512_mul_ps(xc, xc);
+  __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-8.60467152213735e-11f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(5.12229709037114e-08f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.48572235717979e-05f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(6.37261928875436e-04f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(4.89352455891786e-03f));
+  __m512 q = _mm512_set1_ps(1.19825839466702e-06f);
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.18534705686654e-04f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.26843463243900e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(4.89352518554385e-03f));
+  const __m512 result = _mm512_mul_ps(_mm512_mul_ps(p, xc), reciprocal16(q));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(4e-4f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(tiny, result, x);
+}
+
+// x_gates + h_gates + bias of one gate for the units kept by mask.
+FASTRNN_AVX512 __m512 gate_input16(__mmask16 mask, const float* x_gates, const float* h_gates,
+                                   const float* bias) {
+  return _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(mask, x_gates),
+                                     _mm512_maskz_loadu_ps(mask, h_gates)),
+                       _mm512_maskz_loadu_ps(mask, bias));
+}
+
+// The LSTM case of forward_segment for float32 on AVX-512 CPUs, 16 units at a time.
+__attribute__((target("avx512f"))) void lstm_segment_avx512(const ForwardStep<float>& s,
+                                                            int64_t b, int64_t j0, int64_t j1) {
+  if (s.lengths != nullptr && s.t >= s.lengths[b]) {  // past the sequence's end
+    forward_segment(Cell::kLstm, s, b, j0, j1);
+    return;
+  }
+  const int64_t H = s.hidden, U = s.units, X = s.x_gates_gate;
+  const bool projects = s.h_unprojected != nullptr;
+  float* ws = s.workspace + b * s.workspace_row;
+  const float* xg = s.x_gates + b * s.x_gates_row - s.x_gates_first;
+  const float* hg = s.h_gates + b * 4 * U - s.first_unit;
+  float* c = s.c_state + b * H;
+  float* hu = projects ? s.h_unprojected + b * H : s.h_next + b * H;
+  float* out = projects ? nullptr : s.output + b * s.output_row;
+  for (int64_t j = j0; j < j1; j += 16) {
+    const __mmask16 m = j1 - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                     : static_cast<__mmask16>((1u << (j1 - j)) - 1);
+    const __m512 i = sigmoid16(gate_input16(m, xg + j, hg + j, s.bias + j));
+    const __m512 f = sigmoid16(gate_input16(m, xg + X + j, hg + U + j, s.bias + H + j));
+    const __m512 g = tanh16(gate_input16(m, xg + 2 * X + j, hg + 2 * U + j, s.bias + 2 * H + j));
+    const __m512 o = sigmoid16(gate_input16(m, xg + 3 * X + j, hg + 3 * U + j, s.bias + 3 * H + j));
+    const __m512 c_new = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, c + j), _mm512_mul_ps(i, g));
+    const __m512 h_new = _mm512_mul_ps(o, tanh16(c_new));
+    _mm512_mask_storeu_ps(ws + j, m, i);
+    _mm512_mask_storeu_ps(ws + H + j, m, f);
+    _mm512_mask_storeu_ps(ws + 2 * H + j, m, g);
+    _mm512_mask_storeu_ps(ws + 3 * H + j, m, o);
+    _mm512_mask_storeu_ps(ws + 4 * H + j, m, c_new);
+    _mm512_mask_storeu_ps(c + j, m, c_new);
+    _mm512_mask_storeu_ps(hu + j, m, h_new);
+    if (!projects) _mm512_mask_storeu_ps(out + j, m, h_new);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 void run_segment(Cell cell, const ForwardStep<float>& s, int64_t b, int64_t j0, int64_t j1) {
+#ifdef FASTRNN_AVX512_CELL
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (cell == Cell::kLstm && avx512) {
+    lstm_segment_avx512(s, b, j0, j1);
+    return;
+  }
+#endif
   forward_segment_f32(cell, s, b, j0, j1);
 }
 void run_segment(Cell cell, const ForwardStep<double>& s, int64_t b, int64_t j0, int64_t j1) {
