@@ -151,9 +151,8 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl):
-        output, h_n, c_n, workspace = impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh,
-                                                              b_hh, w_hr, lengths)
-        return output, h_n, c_n, workspace
+        return tuple(impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr,
+                                             lengths))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

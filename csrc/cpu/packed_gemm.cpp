@@ -54,33 +54,6 @@ uint16_t PackedMatrixBf16::to_bfloat16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-namespace {
-
-// b(k, n) of a panel given column by column: sources[n][k], 0 for a null source or k past depth.
-float panel_entry(const float* const* sources, int64_t depth, int64_t k, int64_t n) {
-  return sources[n] != nullptr && k < depth ? sources[n][k] : 0.0f;
-}
-
-void pack_panel_scalar(const float* const* sources, int64_t depth, float* panel) {
-  for (int64_t k = 0; k < depth; ++k) {
-    for (int64_t n = 0; n < PackedMatrix::kPanelColumns; ++n) {
-      panel[k * PackedMatrix::kPanelColumns + n] = panel_entry(sources, depth, k, n);
-    }
-  }
-}
-
-void pack_panel_bf16_scalar(const float* const* sources, int64_t depth, int64_t pairs,
-                            uint16_t* panel) {
-  for (int64_t k = 0; k < 2 * pairs; ++k) {
-    for (int64_t n = 0; n < PackedMatrixBf16::kPanelColumns; ++n) {
-      panel[((k / 2) * PackedMatrixBf16::kPanelColumns + n) * 2 + k % 2] =
-          PackedMatrixBf16::to_bfloat16(panel_entry(sources, depth, k, n));
-    }
-  }
-}
-
-}  // namespace
-
 #ifdef FASTRNN_PACKED_GEMM_X86
 
 bool packed_gemm_supported() {
@@ -158,6 +131,10 @@ __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int6
   finish_tile<kRows>(low, high, masks, c, ldc, accumulate);
 }
 
+// GCC 12 warns about the _mm512_undefined operands inside its own intrinsics headers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // rows[j] = (sources[0][k0 + j], ..., sources[15][k0 + j]) for j in 0..15: sixteen columns of B
 // read along k and transposed; 0 for a null source or past depth.
 FASTRNN_AVX512_INLINE void load_transposed(const float* const* sources, int64_t k0,
@@ -227,6 +204,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_panel_bf16_avx5
   }
 }
 
+#pragma GCC diagnostic pop
+
 using Tile = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
                      const float*, bool);
 constexpr int kTileRows = 8;
@@ -239,19 +218,11 @@ constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile
 }  // namespace
 
 void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
-  if (packed_gemm_supported()) {
-    pack_panel_avx512(sources, depth_, panel);
-  } else {
-    pack_panel_scalar(sources, depth_, panel);
-  }
+  pack_panel_avx512(sources, depth_, panel);
 }
 
 void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) const {
-  if (packed_gemm_bf16_supported()) {
-    pack_panel_bf16_avx512(sources, depth_, pair_rows(), panel);
-  } else {
-    pack_panel_bf16_scalar(sources, depth_, pair_rows(), panel);
-  }
+  pack_panel_bf16_avx512(sources, depth_, pair_rows(), panel);
 }
 
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
@@ -347,12 +318,12 @@ void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const Packed
 
 #else
 
-void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
-  pack_panel_scalar(sources, depth_, panel);
+void PackedMatrix::pack_panel(const float* const*, float*) const {
+  throw std::runtime_error("fastrnn cpu: packing panels needs an x86-64 CPU with AVX-512F");
 }
 
-void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) const {
-  pack_panel_bf16_scalar(sources, depth_, pair_rows(), panel);
+void PackedMatrixBf16::pack_panel(const float* const*, uint16_t*) const {
+  throw std::runtime_error("fastrnn cpu: bfloat16 panels need an x86-64 CPU with AVX512_BF16");
 }
 
 bool packed_gemm_supported() { return false; }

@@ -13,10 +13,26 @@
 
 namespace fastrnn_cpu {
 
+constexpr int64_t kPanelColumns = 32;  // columns of B per packed panel
+
+// Calls pack(p, sources) for panels [first, last) of B [K, N] given column by column:
+// sources[n] = column(p * kPanelColumns + n), null past the N columns (zero padding).
+template <typename Column, typename Pack>
+void for_each_panel(Column column, int64_t columns, int64_t first, int64_t last, Pack pack) {
+  const float* sources[kPanelColumns];
+  for (int64_t p = first; p < last; ++p) {
+    for (int64_t n = 0; n < kPanelColumns; ++n) {
+      const int64_t index = p * kPanelColumns + n;
+      sources[n] = index < columns ? column(index) : nullptr;
+    }
+    pack(p, sources);
+  }
+}
+
 // B packed into panels of kPanelColumns columns, each [K, kPanelColumns] row-major.
 class PackedMatrix {
  public:
-  static constexpr int64_t kPanelColumns = 32;
+  static constexpr int64_t kPanelColumns = fastrnn_cpu::kPanelColumns;
 
   // Allocates room for B [K, N]; the panels are then filled by pack_panels.
   void reset(int64_t depth, int64_t columns);
@@ -27,14 +43,9 @@ class PackedMatrix {
   // b(k, n) follows at column(n)[k] (rows of a row-major W for B = W^T).
   template <typename Column>
   void pack_panels_by_column(Column column, int64_t first, int64_t last) {
-    const float* sources[kPanelColumns];
-    for (int64_t p = first; p < last; ++p) {
-      for (int64_t n = 0; n < kPanelColumns; ++n) {  // null: zero padding
-        const int64_t index = p * kPanelColumns + n;
-        sources[n] = index < columns_ ? column(index) : nullptr;
-      }
+    for_each_panel(column, columns_, first, last, [&](int64_t p, const float* const* sources) {
       pack_panel(sources, data_.get() + p * depth_ * kPanelColumns);
-    }
+    });
   }
   // reset and pack every panel.
   void pack(const float* source, int64_t depth, int64_t columns, int64_t stride_k,
@@ -48,7 +59,8 @@ class PackedMatrix {
   }
 
  private:
-  // panel[k, n] = sources[n][k] (0 for a null source).
+  // panel[k, n] = sources[n][k] (0 for a null source), by AVX-512 transposes: like packed_gemm,
+  // only where packed_gemm_supported().
   void pack_panel(const float* const* sources, float* panel) const;
 
   std::unique_ptr<float[]> data_;
@@ -60,21 +72,16 @@ class PackedMatrix {
 // a pair of rows k side by side), zero-padded past N and, for odd K, past K.
 class PackedMatrixBf16 {
  public:
-  static constexpr int64_t kPanelColumns = 32;
+  static constexpr int64_t kPanelColumns = fastrnn_cpu::kPanelColumns;
 
   void reset(int64_t depth, int64_t columns);
   // Fills panels [first, last) from float32 B given column by column (see PackedMatrix), rounded
   // to bfloat16 (to nearest even).
   template <typename Column>
   void pack_panels_by_column(Column column, int64_t first, int64_t last) {
-    const float* sources[kPanelColumns];
-    for (int64_t p = first; p < last; ++p) {
-      for (int64_t n = 0; n < kPanelColumns; ++n) {  // null: zero padding
-        const int64_t index = p * kPanelColumns + n;
-        sources[n] = index < columns_ ? column(index) : nullptr;
-      }
+    for_each_panel(column, columns_, first, last, [&](int64_t p, const float* const* sources) {
       pack_panel(sources, data_.get() + p * pair_rows() * kPanelColumns * 2);
-    }
+    });
   }
 
   int64_t depth() const { return depth_; }      // K
@@ -89,7 +96,8 @@ class PackedMatrixBf16 {
   static uint16_t to_bfloat16(float value);
 
  private:
-  // panel[k / 2, n, k % 2] = bfloat16 of sources[n][k] (0 for a null source or k past K).
+  // panel[k / 2, n, k % 2] = bfloat16 of sources[n][k] (0 for a null source or k past K); only
+  // where packed_gemm_bf16_supported().
   void pack_panel(const float* const* sources, uint16_t* panel) const;
 
   std::unique_ptr<uint16_t[]> data_;

@@ -642,7 +642,9 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
           if (fused) {  // rows d*G*H + g*H + first + j of W_ih [D*G*H, I] and of b_ih
             const int64_t I = projection->w_ih.size(1);
             const float* w_ih = projection->w_ih.data_ptr<float>() + d * GH * I;
-            const auto row = [&](int64_t n) { return w_ih + ((n / units) * H + first + n % units) * I; };
+            const auto row = [&](int64_t n) {
+              return w_ih + ((n / units) * H + first + n % units) * I;
+            };
             if (fused_bf16) {
               w_ih_bf16[k].reset(I, G * units);
               w_ih_bf16[k].pack_panels_by_column(row, 0, w_ih_bf16[k].panels());
@@ -674,7 +676,8 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
       for (int64_t k = begin; k < end; ++k) {
         ForwardStep<T>& step = steps[k];
         step.t = t;
-        step.x_gates = fused ? x_gates_block[k].data_ptr<T>() : x_gates_base + t * x_gates.stride(0);
+        step.x_gates = fused ? x_gates_block[k].data_ptr<T>()
+                             : x_gates_base + t * x_gates.stride(0);
         step.workspace = workspace_base + t * workspace.stride(0);
         step.output = output_base + t * B * D * P;
         step.h_prev = h_buffers[projects ? 0 : s % 2];
