@@ -229,15 +229,20 @@ def unsupported(config: Config, dtype: str, device: torch.device, backend: str) 
 
 
 # ---- the report ------------------------------------------------------------------------------
-def ratio_rows(timings: dict[tuple[str, str, str], dict[str, tuple[float, float]]]) -> list[dict]:
-    """One row per (config, dtype, pass) from (min, median) seconds per implementation: torch.nn's
-    times and each fastrnn backend's times and ratio of fastest rounds to torch.nn's."""
+def ratio_rows(timings: dict[tuple[str, str, str], dict[str, tuple]]) -> list[dict]:
+    """One row per (config, dtype, pass) from ((min, median) seconds, torch.nn's paired (min,
+    median) seconds or None) per implementation: torch.nn's own times, and each fastrnn backend's
+    times and ratio of its fastest round to the fastest torch.nn round paired with it."""
     rows = []
     for (label, dtype, pass_name), times in timings.items():
-        torch_min, torch_median = times.get("torch", (None, None))
-        backends = {name: {"min_ms": 1e3 * fastest, "median_ms": 1e3 * median,
-                           "ratio": fastest / torch_min if torch_min else None}
-                    for name, (fastest, median) in times.items() if name != "torch"}
+        torch_min, torch_median = times["torch"][0] if "torch" in times else (None, None)
+        backends = {}
+        for name, ((fastest, median), paired) in times.items():
+            if name != "torch":
+                backends[name] = {"min_ms": 1e3 * fastest, "median_ms": 1e3 * median,
+                                  "torch_paired_min_ms": 1e3 * paired[0],
+                                  "torch_paired_median_ms": 1e3 * paired[1],
+                                  "ratio": fastest / paired[0]}
         rows.append({"config": label, "dtype": dtype, "pass": pass_name,
                      "torch_min_ms": None if torch_min is None else 1e3 * torch_min,
                      "torch_median_ms": None if torch_median is None else 1e3 * torch_median,
