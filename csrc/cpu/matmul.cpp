@@ -2,27 +2,67 @@
 
 #include "matmul.h"
 
+#include <ATen/EmptyTensor.h>
+#include <torch/library.h>
+
 #include <atomic>
 #include <cstdint>
+#include <limits>
+#include <memory>
 
 #if defined(__linux__)
 #include <dlfcn.h>
-#include <sys/mman.h>
 #endif
+
+#include "block_cache.h"
 
 namespace fastrnn_cpu {
 
 using at::Tensor;
 
+namespace {
+
+// A c10 allocator over block_cache.h: tensors from it reuse big blocks across calls (their
+// storages stay resizable, like at::empty's).
+class CachedBlockAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    auto block = std::make_unique<Block>();
+    block->data = acquire_block(bytes, &block->capacity);
+    void* data = block->data;
+    return {data, block.release(), &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* data = nullptr;
+    std::size_t capacity = 0;
+  };
+
+  static void release(void* context) {
+    std::unique_ptr<Block> block(static_cast<Block*>(context));
+    release_block(block->data, block->capacity);
+  }
+};
+
+}  // namespace
+
 Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor result = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(result.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + result.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
+  // Never destroyed: storages keep a pointer to their allocator.
+  static CachedBlockAllocator* allocator = new CachedBlockAllocator();
+  Tensor result = at::detail::empty_generic(sizes, allocator,
+                                            c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                            c10::typeMetaToScalarType(options.dtype()),
+                                            std::nullopt);
+  // Like at::empty: poisoned when torch is asked to fill uninitialised memory.
+  const auto& context = at::globalContext();
+  if (context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory()) {
+    result.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
   return result;
 }
 
@@ -75,3 +115,8 @@ void matmul(const Tensor& result, const Tensor& a, const Tensor& b, bool accumul
 }
 
 }  // namespace fastrnn_cpu
+
+TORCH_LIBRARY_FRAGMENT(fastrnn_cpu, m) {
+  m.def("cached_bytes() -> int", [] { return static_cast<int64_t>(fastrnn_cpu::cached_block_bytes()); });
+  m.def("empty_cache() -> int", [] { return static_cast<int64_t>(fastrnn_cpu::release_cached_blocks()); });
+}

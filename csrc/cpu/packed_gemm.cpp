@@ -16,7 +16,7 @@ namespace fastrnn_cpu {
 void PackedMatrix::reset(int64_t depth, int64_t columns) {
   depth_ = depth;
   columns_ = columns;
-  data_.reset(new float[panels() * depth * kPanelColumns]);
+  buffer_.reserve(sizeof(float) * panels() * depth * kPanelColumns);
 }
 
 void PackedMatrix::pack_panels(const float* source, int64_t stride_k, int64_t stride_n,
@@ -24,7 +24,7 @@ void PackedMatrix::pack_panels(const float* source, int64_t stride_k, int64_t st
   for (int64_t p = first; p < last; ++p) {
     const int64_t first_column = p * kPanelColumns;
     const int64_t width = std::min(kPanelColumns, columns_ - first_column);
-    float* panel = data_.get() + p * depth_ * kPanelColumns;
+    float* panel = data() + p * depth_ * kPanelColumns;
     for (int64_t k = 0; k < depth_; ++k) {
       const float* row = source + k * stride_k + first_column * stride_n;
       float* packed = panel + k * kPanelColumns;
@@ -43,7 +43,7 @@ void PackedMatrix::pack(const float* source, int64_t depth, int64_t columns, int
 void PackedMatrixBf16::reset(int64_t depth, int64_t columns) {
   depth_ = depth;
   columns_ = columns;
-  data_.reset(new uint16_t[panels() * pair_rows() * kPanelColumns * 2]);
+  buffer_.reserve(sizeof(uint16_t) * panels() * pair_rows() * kPanelColumns * 2);
 }
 
 uint16_t PackedMatrixBf16::to_bfloat16(float value) {

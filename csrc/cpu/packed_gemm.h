@@ -9,7 +9,8 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
+
+#include "block_cache.h"
 
 namespace fastrnn_cpu {
 
@@ -44,7 +45,7 @@ class PackedMatrix {
   template <typename Column>
   void pack_panels_by_column(Column column, int64_t first, int64_t last) {
     for_each_panel(column, columns_, first, last, [&](int64_t p, const float* const* sources) {
-      pack_panel(sources, data_.get() + p * depth_ * kPanelColumns);
+      pack_panel(sources, data() + p * depth_ * kPanelColumns);
     });
   }
   // reset and pack every panel.
@@ -55,15 +56,16 @@ class PackedMatrix {
   int64_t columns() const { return columns_; }  // N
   int64_t panels() const { return (columns_ + kPanelColumns - 1) / kPanelColumns; }
   const float* panel(int64_t index) const {     // [K, kPanelColumns]
-    return data_.get() + index * depth_ * kPanelColumns;
+    return data() + index * depth_ * kPanelColumns;
   }
 
  private:
   // panel[k, n] = sources[n][k] (0 for a null source), by AVX-512 transposes: like packed_gemm,
   // only where packed_gemm_supported().
   void pack_panel(const float* const* sources, float* panel) const;
+  float* data() const { return static_cast<float*>(buffer_.data()); }
 
-  std::unique_ptr<float[]> data_;
+  CachedBuffer buffer_;
   int64_t depth_ = 0;
   int64_t columns_ = 0;
 };
@@ -80,7 +82,7 @@ class PackedMatrixBf16 {
   template <typename Column>
   void pack_panels_by_column(Column column, int64_t first, int64_t last) {
     for_each_panel(column, columns_, first, last, [&](int64_t p, const float* const* sources) {
-      pack_panel(sources, data_.get() + p * pair_rows() * kPanelColumns * 2);
+      pack_panel(sources, data() + p * pair_rows() * kPanelColumns * 2);
     });
   }
 
@@ -89,7 +91,7 @@ class PackedMatrixBf16 {
   int64_t pair_rows() const { return (depth_ + 1) / 2; }
   int64_t panels() const { return (columns_ + kPanelColumns - 1) / kPanelColumns; }
   const uint16_t* panel(int64_t index) const {  // [K/2, kPanelColumns, 2]
-    return data_.get() + index * pair_rows() * kPanelColumns * 2;
+    return data() + index * pair_rows() * kPanelColumns * 2;
   }
 
   // float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN).
@@ -99,8 +101,9 @@ class PackedMatrixBf16 {
   // panel[k / 2, n, k % 2] = bfloat16 of sources[n][k] (0 for a null source or k past K); only
   // where packed_gemm_bf16_supported().
   void pack_panel(const float* const* sources, uint16_t* panel) const;
+  uint16_t* data() const { return static_cast<uint16_t*>(buffer_.data()); }
 
-  std::unique_ptr<uint16_t[]> data_;
+  CachedBuffer buffer_;
   int64_t depth_ = 0;
   int64_t columns_ = 0;
 };

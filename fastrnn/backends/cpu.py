@@ -20,7 +20,8 @@ from .base import Backend, LayerConfig
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _SOURCES = [pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu" / name
-            for name in ("rnn_cpu.cpp", "linear_cpu.cpp", "matmul.cpp", "packed_gemm.cpp")]
+            for name in ("rnn_cpu.cpp", "linear_cpu.cpp", "matmul.cpp", "packed_gemm.cpp",
+                         "block_cache.cpp")]
 
 
 def _load_kernels() -> str:
@@ -110,3 +111,18 @@ class CpuBackend(Backend):
 
 
 BACKEND = CpuBackend()
+
+
+def empty_cache() -> int:
+    """Free the big buffers the cpu kernels keep between calls for reuse (at most
+    FASTRNN_CPU_CACHE_MB, default 512 MiB; 0 keeps none). Returns the bytes freed."""
+    if not hasattr(torch.ops.fastrnn_cpu, "empty_cache"):
+        return 0
+    return torch.ops.fastrnn_cpu.empty_cache()
+
+
+def cached_bytes() -> int:
+    """Bytes held in the cpu kernels' cache of free buffers."""
+    if not hasattr(torch.ops.fastrnn_cpu, "cached_bytes"):
+        return 0
+    return torch.ops.fastrnn_cpu.cached_bytes()
