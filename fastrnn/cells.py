@@ -23,6 +23,12 @@ class CellSpec:
     def is_lstm(self) -> bool:
         return self.name == "lstm"
 
+    @property
+    def biases_share_gradient(self) -> bool:
+        """Whether b_ih and b_hh only enter as their sum, so that their gradients are equal (not
+        for GRU, whose b_hn is inside r * (W_hn h + b_hn))."""
+        return self.name != "gru"
+
 
 # Workspace contents per step and direction, in this order (all post-activation unless noted):
 #   LSTM: i, f, g, o, c_t                      (5H)

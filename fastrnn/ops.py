@@ -172,12 +172,15 @@ class _EagerLayer(torch.autograd.Function):
         grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = ctx.impl.backward(
             cell, grad_output, grad_h_n, grad_c_n if cell.has_cell_state else None, h0, c0, w_hh,
             w_hr, lengths, out, workspace)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias[0] and ctx.needs_input_grad[2]]
+        wants_b_ih = ctx.has_bias[0] and ctx.needs_input_grad[2]
+        shared = wants_b_ih and cell.biases_share_gradient  # grad b_ih = grad b_hh, summed once
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], wants_b_ih and not shared]
         grad_x, grad_w_ih, grad_b_ih = ctx.impl.input_projection_backward(grad_x_gates, x, w_ih,
                                                                          mask)
+        if shared:  # [D*G*H], a copy: autograd may keep it as another parameter's .grad
+            grad_b_ih = grad_b_hh.flatten().clone()
         return (grad_x if mask[0] else None, grad_w_ih if mask[1] else None,
-                grad_b_ih if mask[2] else None, grad_h0,
+                grad_b_ih if wants_b_ih else None, grad_h0,
                 grad_c0 if cell.has_cell_state else None, grad_w_hh,
                 grad_b_hh if ctx.has_bias[1] else None, grad_w_hr if w_hr is not None else None,
                 None, None, None)

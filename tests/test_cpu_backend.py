@@ -11,6 +11,9 @@ Legend: B batch, T time, H hidden, P proj_size or H, G gates, D directions.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -337,3 +340,55 @@ def test_concurrent_calls_from_python_threads():
         thread.join()
     for i, output in enumerate(expected):
         torch.testing.assert_close(results[i], output, rtol=0, atol=0)
+
+
+def test_buffers_are_reused_across_calls_and_freed_on_request():
+    """Big buffers (outputs, saved gates, gradients, packed weights) go back to the kernels'
+    cache when freed and are handed out again; results do not depend on what a reused block
+    held, and cpu.empty_cache() frees the cached blocks."""
+    torch.manual_seed(0)
+    model = MODULES["lstm"](64, 128)
+    x = torch.randn(40, 16, 64, requires_grad=True)  # output 320 KiB, saved gates 1.6 MiB
+
+    def run():
+        output = model(x)[0]
+        return [output.detach(), *torch.autograd.grad(output.sum(), [x, *model.parameters()])]
+
+    cpu.empty_cache()
+    torch.utils.deterministic.fill_uninitialized_memory = False  # reused blocks keep their NaNs
+    try:
+        first = run()
+        expected = [t.clone() for t in first]
+        for t in first:
+            t.fill_(float("nan"))
+        del first
+        assert cpu.cached_bytes() > 0
+        again = run()
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = True
+    for got, want in zip(again, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    again[0].resize_(2 * again[0].numel())  # storages from the cache stay resizable
+    del again
+    assert cpu.empty_cache() > 0 and cpu.cached_bytes() == 0
+
+
+def test_buffer_cache_can_be_turned_off():
+    code = ("import torch, fastrnn; from fastrnn.backends import cpu; "
+            "fastrnn.LSTM(64, 128)(torch.randn(40, 16, 64)); print(cpu.cached_bytes())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FASTRNN_CPU_CACHE_MB": "0"}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+def test_bias_gradients_are_separate_tensors(cell):
+    """b_ih and b_hh get equal gradients (computed once), in tensors of their own."""
+    torch.manual_seed(0)
+    model = MODULES[cell](8, 16, bidirectional=True)
+    model(torch.randn(5, 3, 8))[0].sum().backward()
+    for suffix in ("l0", "l0_reverse"):
+        b_ih, b_hh = getattr(model, f"bias_ih_{suffix}"), getattr(model, f"bias_hh_{suffix}")
+        torch.testing.assert_close(b_ih.grad, b_hh.grad, rtol=0, atol=0)
+        assert b_ih.grad.data_ptr() != b_hh.grad.data_ptr()
