@@ -7,6 +7,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
@@ -17,7 +18,7 @@
 namespace fastrnn_cpu {
 namespace {
 
-constexpr std::size_t kMinBlockBytes = std::size_t(128) << 10;  // smaller: plain malloc
+constexpr std::size_t kMinBlockBytes = std::size_t(128) << 10;  // smaller: never cached
 constexpr std::size_t kSmallClass = std::size_t(64) << 10;       // size classes below kHugePage
 constexpr std::size_t kHugePage = std::size_t(2) << 20;
 

@@ -116,7 +116,10 @@ void matmul(const Tensor& result, const Tensor& a, const Tensor& b, bool accumul
 
 }  // namespace fastrnn_cpu
 
+// The block cache from Python: bytes held in free blocks; free them all (returns the bytes freed).
 TORCH_LIBRARY_FRAGMENT(fastrnn_cpu, m) {
-  m.def("cached_bytes() -> int", [] { return static_cast<int64_t>(fastrnn_cpu::cached_block_bytes()); });
-  m.def("empty_cache() -> int", [] { return static_cast<int64_t>(fastrnn_cpu::release_cached_blocks()); });
+  m.def("cached_bytes() -> int",
+        [] { return static_cast<int64_t>(fastrnn_cpu::cached_block_bytes()); });
+  m.def("empty_cache() -> int",
+        [] { return static_cast<int64_t>(fastrnn_cpu::release_cached_blocks()); });
 }

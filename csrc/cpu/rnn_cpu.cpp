@@ -951,12 +951,17 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     } else {
       matmul(grad_w_hh_d, grad_h_gates_d.flatten(0, 1).t(), h_prev.flatten(0, 1), false);
     }
-    Tensor grad_b_hh_d = grad_b_hh[d];
-    at::sum_out(grad_b_hh_d, grad_h_gates_d.flatten(0, 1), at::IntArrayRef{0});
+    if (gru) {  // b_hn enters through r * (W_hn h + b_hn): the sum of the h gates' gradients
+      Tensor grad_b_hh_d = grad_b_hh[d];
+      at::sum_out(grad_b_hh_d, grad_h_gates_d.flatten(0, 1), at::IntArrayRef{0});
+    }
     if (projects) {
       Tensor grad_w_hr_d = grad_w_hr[d];
       at::mm_out(grad_w_hr_d, grad_step_all.flatten(0, 1).t(), h_unprojected_all.flatten(0, 1));
     }
+  }
+  if (!gru) {  // grad b_hh = grad b_ih: the very sum linear_backward takes, to the bit
+    grad_b_hh.view({D * GH}).copy_(grad_x_gates.reshape({-1, D * GH}).sum(0));
   }
 }
 
