@@ -394,3 +394,23 @@ def test_bias_gradients_are_separate_tensors(cell):
         b_ih, b_hh = getattr(model, f"bias_ih_{suffix}"), getattr(model, f"bias_hh_{suffix}")
         torch.testing.assert_close(b_ih.grad, b_hh.grad, rtol=0, atol=0)
         assert b_ih.grad.data_ptr() != b_hh.grad.data_ptr()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_layers_run_in_a_forked_child():
+    """A child forked after the parent ran layers (as DataLoader workers are) runs them too, on
+    one thread (torch's own ops hang in a child whose parent used OpenMP threads)."""
+    torch.manual_seed(0)
+    model = MODULES["lstm"](64, 128)
+    x = torch.randn(40, 16, 64)
+    with torch.no_grad():
+        expected = model(x)[0]
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            try:
+                torch.set_num_threads(1)
+                os._exit(0 if torch.equal(model(x)[0], expected) else 1)
+            finally:
+                os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

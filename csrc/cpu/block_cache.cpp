@@ -11,6 +11,9 @@
 #include <string>
 #include <utility>
 
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -111,8 +114,23 @@ class BlockCache {
 };
 
 // Never destroyed: tensors holding blocks may outlive static destructors at exit.
+BlockCache* instance = nullptr;
+
+#if defined(__unix__)
+// A child forked while another thread held the cache's lock would wait on it forever: it starts
+// with an empty cache instead (the parent's cached blocks stay allocated in it, unused).
+void start_empty_in_child() { instance = new BlockCache(); }
+#endif
+
 BlockCache& cache() {
-  static BlockCache* instance = new BlockCache();
+  static const bool created = [] {
+    instance = new BlockCache();
+#if defined(__unix__)
+    pthread_atfork(nullptr, nullptr, &start_empty_in_child);
+#endif
+    return true;
+  }();
+  (void)created;
   return *instance;
 }
 
