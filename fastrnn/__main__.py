@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 from fastrnn import backends
+from fastrnn.backends import cpu
 from fastrnn.backends.base import LayerConfig
 from fastrnn.cells import CELLS_BY_MODE
 
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     print(f"fastrnn {fastrnn.__version__}, torch {torch.__version__}, device {device}")
     print("backends: " + ", ".join(f"{n} ({'available' if not r else 'unavailable: ' + r})"
                                    for n, r in fastrnn.available_backends().items()))
+    if cpu.kernel_isa():
+        print(f"cpu kernels: {cpu.kernel_isa()}")
     ok = self_check(device, args.backend)
     if not args.no_speed:
         speed(device, args.backend, args.repeat)

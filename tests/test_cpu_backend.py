@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -414,3 +415,22 @@ def test_layers_run_in_a_forked_child():
                 os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_portable_paths_without_avx512():
+    """FASTRNN_CPU_ISA=generic runs the kernels as on a CPU without AVX-512 (per-step GEMMs on
+    oneDNN or MKL with a thread fork per step, the compiler-vectorised cells, bfloat16 layers
+    in float32): this file's and the projection's tests pass there too."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FASTRNN_CPU_ISA": "generic"}
+    code = ("import torch; from fastrnn.backends import cpu; cpu._load_kernels(); "
+            "print(torch.ops.fastrnn_cpu.kernel_isa())")
+    isa = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert isa.stdout.strip() == "generic", isa.stdout + isa.stderr
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "tests/test_cpu_backend.py", "tests/test_cpu_input_projection.py",
+         "-k", "not portable_paths and not forked_child and not buffer_cache"],
+        cwd=root, capture_output=True, text=True, env=env, timeout=900)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]

@@ -3,6 +3,7 @@
 #include "packed_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -56,8 +57,21 @@ uint16_t PackedMatrixBf16::to_bfloat16(float value) {
 
 #ifdef FASTRNN_PACKED_GEMM_X86
 
+namespace {
+
+// FASTRNN_CPU_ISA=generic: run as on a CPU without AVX-512 (to test or compare those paths).
+bool generic_isa_requested() {
+  static const bool generic = [] {
+    const char* isa = std::getenv("FASTRNN_CPU_ISA");
+    return isa != nullptr && std::strcmp(isa, "generic") == 0;
+  }();
+  return generic;
+}
+
+}  // namespace
+
 bool packed_gemm_supported() {
-  static const bool supported = __builtin_cpu_supports("avx512f");
+  static const bool supported = !generic_isa_requested() && __builtin_cpu_supports("avx512f");
   return supported;
 }
 
@@ -244,8 +258,9 @@ void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& 
 
 bool packed_gemm_bf16_supported() {
   static const bool supported =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+      !generic_isa_requested() && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bf16");
   return supported;
 }
 

@@ -108,7 +108,8 @@ class PackedMatrixBf16 {
   int64_t columns_ = 0;
 };
 
-// Whether this CPU runs packed_gemm (AVX-512F); where it does not, callers multiply another way.
+// Whether this CPU runs packed_gemm (AVX-512F, and FASTRNN_CPU_ISA is not "generic"); where it
+// does not, callers multiply another way. The other AVX-512 kernels follow the same answer.
 bool packed_gemm_supported();
 
 // c = a b + bias (accumulate: c += a b) on the calling thread.
@@ -117,7 +118,8 @@ bool packed_gemm_supported();
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate);
 
-// Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (AVX-512 F, BW, VL and BF16).
+// Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (AVX-512 F, BW, VL and BF16, and
+// FASTRNN_CPU_ISA is not "generic").
 bool packed_gemm_bf16_supported();
 
 // dst [M, even(K)] = bfloat16 of src [M, K] (rows src_stride and dst_stride apart), rounded to

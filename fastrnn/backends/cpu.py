@@ -113,6 +113,14 @@ class CpuBackend(Backend):
 BACKEND = CpuBackend()
 
 
+def kernel_isa() -> str:
+    """Which kernels the cpu backend runs here: "avx512_bf16", "avx512" or "generic" (set
+    FASTRNN_CPU_ISA=generic to run as on a CPU without AVX-512); "" when they do not load."""
+    if not BACKEND.available()[0]:
+        return ""
+    return torch.ops.fastrnn_cpu.kernel_isa()
+
+
 def empty_cache() -> int:
     """Free the big buffers the cpu kernels keep between calls for reuse (at most
     FASTRNN_CPU_CACHE_MB, default 512 MiB; 0 keeps none). Returns the bytes freed."""
