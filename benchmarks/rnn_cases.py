@@ -239,10 +239,12 @@ def ratio_rows(timings: dict[tuple[str, str, str], dict[str, tuple]]) -> list[di
         backends = {}
         for name, ((fastest, median), paired) in times.items():
             if name != "torch":
-                backends[name] = {"min_ms": 1e3 * fastest, "median_ms": 1e3 * median,
-                                  "torch_paired_min_ms": 1e3 * paired[0],
-                                  "torch_paired_median_ms": 1e3 * paired[1],
-                                  "ratio": fastest / paired[0]}
+                paired_min, paired_median = paired or (None, None)
+                backends[name] = {
+                    "min_ms": 1e3 * fastest, "median_ms": 1e3 * median,
+                    "torch_paired_min_ms": paired_min and 1e3 * paired_min,
+                    "torch_paired_median_ms": paired_median and 1e3 * paired_median,
+                    "ratio": paired_min and fastest / paired_min}
         rows.append({"config": label, "dtype": dtype, "pass": pass_name,
                      "torch_min_ms": None if torch_min is None else 1e3 * torch_min,
                      "torch_median_ms": None if torch_median is None else 1e3 * torch_median,
