@@ -118,11 +118,12 @@ void matmul(const Tensor& result, const Tensor& a, const Tensor& b, bool accumul
 }  // namespace fastrnn_cpu
 
 // The block cache from Python: bytes held in free blocks; free them all (returns the bytes freed).
-// And which kernels run here: "avx512_bf16", "avx512" or "generic" (see packed_gemm.h).
+// And which kernels run here: "avx512_bf16", "avx512", "avx2" or "generic" (packed_gemm.h).
 TORCH_LIBRARY_FRAGMENT(fastrnn_cpu, m) {
   m.def("kernel_isa() -> str", [] {
     return std::string(fastrnn_cpu::packed_gemm_bf16_supported() ? "avx512_bf16"
-                       : fastrnn_cpu::packed_gemm_supported()    ? "avx512"
+                       : fastrnn_cpu::avx512_kernels()           ? "avx512"
+                       : fastrnn_cpu::packed_gemm_supported()    ? "avx2"
                                                                  : "generic");
   });
   m.def("cached_bytes() -> int",

@@ -59,21 +59,29 @@ uint16_t PackedMatrixBf16::to_bfloat16(float value) {
 
 namespace {
 
-// FASTRNN_CPU_ISA=generic: run as on a CPU without AVX-512 (to test or compare those paths).
-bool generic_isa_requested() {
-  static const bool generic = [] {
-    const char* isa = std::getenv("FASTRNN_CPU_ISA");
-    return isa != nullptr && std::strcmp(isa, "generic") == 0;
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// The float32 kernels to run: the best this CPU has, or what FASTRNN_CPU_ISA asks for ("avx2":
+// as on a CPU without AVX-512; "generic": as on one without AVX2/FMA either), to test or compare.
+Isa float_isa() {
+  static const Isa isa = [] {
+    const char* asked = std::getenv("FASTRNN_CPU_ISA");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (asked != nullptr && std::strcmp(asked, "generic") == 0) return Isa::kGeneric;
+    if (asked != nullptr && std::strcmp(asked, "avx2") == 0) {
+      return avx2 ? Isa::kAvx2 : Isa::kGeneric;
+    }
+    if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+    return avx2 ? Isa::kAvx2 : Isa::kGeneric;
   }();
-  return generic;
+  return isa;
 }
 
 }  // namespace
 
-bool packed_gemm_supported() {
-  static const bool supported = !generic_isa_requested() && __builtin_cpu_supports("avx512f");
-  return supported;
-}
+bool packed_gemm_supported() { return float_isa() != Isa::kGeneric; }
+
+bool avx512_kernels() { return float_isa() == Isa::kAvx512; }
 
 namespace {
 
@@ -143,6 +151,48 @@ __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int6
     }
   }
   finish_tile<kRows>(low, high, masks, c, ldc, accumulate);
+}
+
+// The AVX2/FMA tile: c[kRows, columns] = a[kRows, K] half[K, 16] + bias (accumulate: c += ...),
+// half being 16 of a panel's 32 columns (rows 32 apart); columns in 1..16; bias: its 16 entries.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i lane_mask(int64_t columns) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(columns)),  // lanes j < columns
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+template <int kRows>
+__attribute__((target("avx2,fma"))) void tile_avx2(int64_t depth, const float* a, int64_t lda,
+                                                   const float* half, float* c, int64_t ldc,
+                                                   int64_t columns, const float* bias,
+                                                   bool accumulate) {
+  const __m256i mask0 = lane_mask(columns), mask1 = lane_mask(columns - 8);
+  const bool biased = bias != nullptr && !accumulate;
+  __m256 acc0[kRows], acc1[kRows];  // columns 0-7 and 8-15 of each row
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    acc0[r] = biased ? _mm256_maskload_ps(bias, mask0) : _mm256_setzero_ps();
+    acc1[r] = biased ? _mm256_maskload_ps(bias + 8, mask1) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(half + k * 32);
+    const __m256 b1 = _mm256_loadu_ps(half + k * 32 + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 a_rk = _mm256_broadcast_ss(a + r * lda + k);
+      acc0[r] = _mm256_fmadd_ps(a_rk, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(a_rk, b1, acc1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) {
+      acc0[r] = _mm256_add_ps(acc0[r], _mm256_maskload_ps(row, mask0));
+      acc1[r] = _mm256_add_ps(acc1[r], _mm256_maskload_ps(row + 8, mask1));
+    }
+    _mm256_maskstore_ps(row, mask0, acc0[r]);
+    _mm256_maskstore_ps(row + 8, mask1, acc1[r]);
+  }
 }
 
 // GCC 12 warns about the _mm512_undefined operands inside its own intrinsics headers.
@@ -228,11 +278,43 @@ constexpr int kTileRows = 8;
 constexpr int64_t kDepthChunk = 128;
 constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
                                         tile<5>, tile<6>, tile<7>, tile<8>};
+constexpr int kTileRowsAvx2 = 6;  // 12 accumulators, 2 panel rows and a broadcast: 15 of 16 ymm
+constexpr Tile kTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, tile_avx2<1>, tile_avx2<2>,
+                                                tile_avx2<3>, tile_avx2<4>, tile_avx2<5>,
+                                                tile_avx2<6>};
+
+// packed_gemm on AVX2/FMA: each panel as two halves of 16 columns.
+void packed_gemm_avx2(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
+                      int64_t ldc, const float* bias, bool accumulate) {
+  const int64_t width = PackedMatrix::kPanelColumns;
+  for (int64_t p = 0; p < b.panels(); ++p) {
+    const int64_t last = std::min(b.columns(), (p + 1) * width);
+    for (int64_t first = p * width; first < last; first += 16) {
+      const int64_t columns = std::min<int64_t>(16, last - first);
+      const float* half = b.panel(p) + (first - p * width);
+      for (int64_t m = 0; m < rows; m += kTileRowsAvx2) {
+        const Tile tile_of_rows = kTilesAvx2[std::min<int64_t>(kTileRowsAvx2, rows - m)];
+        for (int64_t k = 0; k < b.depth(); k += kDepthChunk) {
+          tile_of_rows(std::min(kDepthChunk, b.depth() - k), a + m * lda + k, lda,
+                       half + k * width, c + m * ldc + first, ldc, columns,
+                       bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
+        }
+      }
+    }
+  }
+}
 
 }  // namespace
 
 void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
-  pack_panel_avx512(sources, depth_, panel);
+  if (avx512_kernels()) {
+    pack_panel_avx512(sources, depth_, panel);
+    return;
+  }
+  for (int64_t n = 0; n < kPanelColumns; ++n) {  // column by column, each read along k
+    const float* source = sources[n];
+    for (int64_t k = 0; k < depth_; ++k) panel[k * kPanelColumns + n] = source ? source[k] : 0.0f;
+  }
 }
 
 void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) const {
@@ -241,6 +323,10 @@ void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) 
 
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate) {
+  if (!avx512_kernels()) {
+    packed_gemm_avx2(rows, a, lda, b, c, ldc, bias, accumulate);
+    return;
+  }
   const int64_t width = PackedMatrix::kPanelColumns;
   const int64_t panels = (b.columns() + width - 1) / width;
   for (int64_t p = 0; p < panels; ++p) {  // a panel stays in cache across the row tiles
@@ -258,9 +344,8 @@ void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& 
 
 bool packed_gemm_bf16_supported() {
   static const bool supported =
-      !generic_isa_requested() && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bf16");
+      avx512_kernels() && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
   return supported;
 }
 
@@ -334,7 +419,7 @@ void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const Packed
 #else
 
 void PackedMatrix::pack_panel(const float* const*, float*) const {
-  throw std::runtime_error("fastrnn cpu: packing panels needs an x86-64 CPU with AVX-512F");
+  throw std::runtime_error("fastrnn cpu: packing panels needs an x86-64 CPU with AVX2");
 }
 
 void PackedMatrixBf16::pack_panel(const float* const*, uint16_t*) const {
@@ -342,6 +427,7 @@ void PackedMatrixBf16::pack_panel(const float* const*, uint16_t*) const {
 }
 
 bool packed_gemm_supported() { return false; }
+bool avx512_kernels() { return false; }
 bool packed_gemm_bf16_supported() { return false; }
 
 void to_bfloat16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
@@ -355,7 +441,7 @@ void packed_gemm_bf16(int64_t, const uint16_t*, int64_t, const PackedMatrixBf16&
 
 void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, int64_t,
                  const float*, bool) {
-  throw std::runtime_error("fastrnn cpu: packed_gemm needs an x86-64 CPU with AVX-512F");
+  throw std::runtime_error("fastrnn cpu: packed_gemm needs an x86-64 CPU with AVX2");
 }
 
 #endif

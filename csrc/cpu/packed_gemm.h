@@ -108,9 +108,12 @@ class PackedMatrixBf16 {
   int64_t columns_ = 0;
 };
 
-// Whether this CPU runs packed_gemm (AVX-512F, and FASTRNN_CPU_ISA is not "generic"); where it
-// does not, callers multiply another way. The other AVX-512 kernels follow the same answer.
+// Whether this CPU runs packed_gemm: AVX-512F (8x32 tiles) or AVX2 with FMA (6x16 tiles), unless
+// FASTRNN_CPU_ISA=generic; where it does not, callers multiply another way.
 bool packed_gemm_supported();
+// Whether the AVX-512 kernels run (AVX-512F, and FASTRNN_CPU_ISA is neither "avx2" nor
+// "generic"): packed_gemm's larger tiles, the transposing packer, the LSTM cell of rnn_cpu.cpp.
+bool avx512_kernels();
 
 // c = a b + bias (accumulate: c += a b) on the calling thread.
 // a: [M, K] rows lda apart; b: packed [K, N]; c: [M, N] rows ldc apart; bias: [N] or null
@@ -118,8 +121,8 @@ bool packed_gemm_supported();
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate);
 
-// Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (AVX-512 F, BW, VL and BF16, and
-// FASTRNN_CPU_ISA is not "generic").
+// Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (avx512_kernels(), and AVX-512
+// BW, VL and BF16).
 bool packed_gemm_bf16_supported();
 
 // dst [M, even(K)] = bfloat16 of src [M, K] (rows src_stride and dst_stride apart), rounded to

@@ -468,7 +468,7 @@ __attribute__((target("avx512f"))) void lstm_segment_avx512(const ForwardStep<fl
 
 void run_segment(Cell cell, const ForwardStep<float>& s, int64_t b, int64_t j0, int64_t j1) {
 #ifdef FASTRNN_AVX512_CELL
-  static const bool avx512 = packed_gemm_supported();  // AVX-512F, not turned off
+  static const bool avx512 = avx512_kernels();
   if (cell == Cell::kLstm && avx512) {
     lstm_segment_avx512(s, b, j0, j1);
     return;
