@@ -1,8 +1,9 @@
 // C [M, N] = A [M, K] B [K, N] (+ bias, or C += A B) in float32, for a B that multiplies many As:
 // the recurrent weights, used once per time step, and the input weights, used for every row.
-// B is packed once into panels of 32 columns ([K, 32] each, zero-padded past N); an AVX-512
-// kernel then computes tiles of 8 rows x 32 columns with all 16 accumulators in registers across
-// the whole K. Framework-free and single-threaded: callers split rows or panels over threads.
+// B is packed once into panels of 32 columns ([K, 32] each, zero-padded past N); a kernel then
+// computes tiles of 8 rows x 32 columns (AVX-512: 16 zmm accumulators) or 6 rows x 16 columns
+// (AVX2/FMA: 12 ymm accumulators), in registers across chunks of K. Framework-free and
+// single-threaded: callers split rows or panels over threads.
 //
 // Legend: M rows of A and C, K depth, N columns of B and C.
 

@@ -9,9 +9,9 @@
 // grad h_prev = grad_gates W_hh by blocks of columns. The backward ends with one GEMM per weight
 // over all steps. Where the per-step products cannot throw (the packed kernels), each pass over
 // the steps is one OpenMP region with a barrier per step (parallel_steps.h).
-// In float32 on AVX-512 CPUs the per-step GEMMs run on packed_gemm.h, each thread's block of
-// weights packed once per call; elsewhere on matmul.h. There the LSTM forward cell is written with
-// AVX-512 intrinsics (divisions by a reciprocal estimate and one Newton step).
+// In float32 on AVX-512 or AVX2/FMA CPUs the per-step GEMMs run on packed_gemm.h, each thread's
+// block of weights packed once per call; elsewhere on matmul.h. On AVX-512 CPUs the LSTM forward
+// cell is written with intrinsics (divisions by a reciprocal estimate and one Newton step).
 // bfloat16/float16 inputs run in float32 and are rounded on output; on CPUs with bfloat16 dot
 // products (AVX512_BF16) the per-step GEMMs of a bfloat16 layer (and its grad W_hh) multiply in
 // bfloat16, h and grad_gates rounded to bfloat16 for them as oneDNN does, and sum in float32.
@@ -1029,7 +1029,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 }
 
 // One layer forward from its input x [T, B, I]: the input projection runs step by step inside the
-// recurrence (x_gates are never stored whole) for float32 on AVX-512 CPUs, where each x_gates
+// recurrence (x_gates are never stored whole) for float32 where packed_gemm runs, each x_gates
 // entry is computed as linear() computes it, so the results are those of linear() then
 // layer_forward(); and for bfloat16 on AVX512_BF16 CPUs, with x_gates kept in float32 where
 // linear() rounds them to bfloat16. Otherwise linear() runs before the recurrence.

@@ -4,7 +4,7 @@ on first use from the sources next to the package (torch.utils.cpp_extension.loa
 
 Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output, except
 the forward's per-step products, which use bfloat16 dot products where the CPU has them.
-The input projection of float32 layers runs on the same packed AVX-512 GEMM (csrc/cpu/linear_cpu.cpp);
+The input projection of float32 layers runs on the same packed GEMM (csrc/cpu/linear_cpu.cpp);
 in eager mode it runs step by step inside the recurrence (`forward_from_input`), as does that of
 bfloat16 layers on CPUs with bfloat16 dot products (its x_gates then stay in float32).
 """
@@ -114,8 +114,9 @@ BACKEND = CpuBackend()
 
 
 def kernel_isa() -> str:
-    """Which kernels the cpu backend runs here: "avx512_bf16", "avx512" or "generic" (set
-    FASTRNN_CPU_ISA=generic to run as on a CPU without AVX-512); "" when they do not load."""
+    """Which kernels the cpu backend runs here: "avx512_bf16", "avx512", "avx2" or "generic"
+    (FASTRNN_CPU_ISA=avx2 or generic runs as on a CPU without AVX-512, or without AVX2 either);
+    "" when they do not load."""
     if not BACKEND.available()[0]:
         return ""
     return torch.ops.fastrnn_cpu.kernel_isa()
