@@ -132,7 +132,7 @@ FASTRNN_AVX512_INLINE void finish_tile(__m512 (&low)[kRows], __m512 (&high)[kRow
 }
 
 // c[kRows, columns] = a[kRows, K] panel[K, 32] + bias (accumulate: c += a panel); columns in
-// 1..32; bias: this panel's 32 entries (zero-padded) or null.
+// 1..32; bias: this panel's entries (read only under the column masks) or null.
 template <int kRows>
 __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int64_t lda,
                                              const float* panel, float* c, int64_t ldc,
@@ -182,6 +182,19 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int64_t depth, const float* a
       acc0[r] = _mm256_fmadd_ps(a_rk, b0, acc0[r]);
       acc1[r] = _mm256_fmadd_ps(a_rk, b1, acc1[r]);
     }
+  }
+  if (columns == 16) {  // masked stores are slow on some CPUs: only for partial halves
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      float* row = c + r * ldc;
+      if (accumulate) {
+        acc0[r] = _mm256_add_ps(acc0[r], _mm256_loadu_ps(row));
+        acc1[r] = _mm256_add_ps(acc1[r], _mm256_loadu_ps(row + 8));
+      }
+      _mm256_storeu_ps(row, acc0[r]);
+      _mm256_storeu_ps(row + 8, acc1[r]);
+    }
+    return;
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
