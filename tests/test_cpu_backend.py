@@ -420,7 +420,7 @@ def test_layers_run_in_a_forked_child():
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_portable_paths_without_avx512(isa):
     """FASTRNN_CPU_ISA runs the kernels as on a CPU without AVX-512: "avx2" (packed GEMMs on
-    6x16 AVX2/FMA tiles, weights packed by a scalar loop), "generic" (per-step GEMMs on oneDNN
+    6x16 AVX2/FMA tiles, weights packed by 8x8 transposes), "generic" (per-step GEMMs on oneDNN
     or MKL with a thread fork per step); both with the compiler-vectorised cells and bfloat16
     layers in float32. This file's and the projection's tests pass there too."""
     if isa == "avx2" and cpu.kernel_isa() == "generic":

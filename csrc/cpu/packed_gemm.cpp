@@ -208,6 +208,41 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int64_t depth, const float* a
   }
 }
 
+// pack_panel on AVX2: 8x8 blocks of (column, k) read along k and transposed in registers.
+__attribute__((target("avx2,fma"))) void pack_panel_avx2(const float* const* sources,
+                                                        int64_t depth, float* panel) {
+  for (int64_t group = 0; group < 4; ++group) {  // columns 8 * group .. 8 * group + 7
+    const float* const* source = sources + 8 * group;
+    for (int64_t k0 = 0; k0 < depth; k0 += 8) {
+      const int64_t left = std::min<int64_t>(8, depth - k0);
+      const __m256i mask = lane_mask(left);
+      __m256 rows[8], t[8];  // rows[i]: column i, k0..k0+7
+      for (int i = 0; i < 8; ++i) {
+        rows[i] = source[i] == nullptr ? _mm256_setzero_ps()
+                  : left == 8          ? _mm256_loadu_ps(source[i] + k0)
+                                       : _mm256_maskload_ps(source[i] + k0, mask);
+      }
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        rows[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        rows[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        rows[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        rows[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int i = 0; i < 4; ++i) {  // rows[i]: k0 + i and k0 + i + 4 of columns 0-3, 4-7
+        t[i] = _mm256_permute2f128_ps(rows[i], rows[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(rows[i], rows[i + 4], 0x31);
+      }
+      for (int64_t j = 0; j < left; ++j) {
+        _mm256_storeu_ps(panel + (k0 + j) * 32 + 8 * group, t[j]);
+      }
+    }
+  }
+}
+
 // GCC 12 warns about the _mm512_undefined operands inside its own intrinsics headers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -322,11 +357,8 @@ void packed_gemm_avx2(int64_t rows, const float* a, int64_t lda, const PackedMat
 void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
   if (avx512_kernels()) {
     pack_panel_avx512(sources, depth_, panel);
-    return;
-  }
-  for (int64_t n = 0; n < kPanelColumns; ++n) {  // column by column, each read along k
-    const float* source = sources[n];
-    for (int64_t k = 0; k < depth_; ++k) panel[k * kPanelColumns + n] = source ? source[k] : 0.0f;
+  } else {
+    pack_panel_avx2(sources, depth_, panel);
   }
 }
 
