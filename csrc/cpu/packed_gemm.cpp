@@ -331,20 +331,23 @@ constexpr Tile kTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, tile_avx2<1>, tile_avx2
                                                 tile_avx2<3>, tile_avx2<4>, tile_avx2<5>,
                                                 tile_avx2<6>};
 
-// packed_gemm on AVX2/FMA: each panel as two halves of 16 columns.
-void packed_gemm_avx2(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
-                      int64_t ldc, const float* bias, bool accumulate) {
+// The walk of packed_gemm over tiles of tile_rows x tile_columns (32, or 16 for half panels):
+// panel by panel (a panel stays in cache across the row tiles), then rows, then chunks of K.
+// tiles[r] computes r rows.
+void run_tiles(const Tile* tiles, int64_t tile_rows, int64_t tile_columns, int64_t rows,
+               const float* a, int64_t lda, const PackedMatrix& b, float* c, int64_t ldc,
+               const float* bias, bool accumulate) {
   const int64_t width = PackedMatrix::kPanelColumns;
   for (int64_t p = 0; p < b.panels(); ++p) {
     const int64_t last = std::min(b.columns(), (p + 1) * width);
-    for (int64_t first = p * width; first < last; first += 16) {
-      const int64_t columns = std::min<int64_t>(16, last - first);
-      const float* half = b.panel(p) + (first - p * width);
-      for (int64_t m = 0; m < rows; m += kTileRowsAvx2) {
-        const Tile tile_of_rows = kTilesAvx2[std::min<int64_t>(kTileRowsAvx2, rows - m)];
+    for (int64_t first = p * width; first < last; first += tile_columns) {
+      const int64_t columns = std::min(tile_columns, last - first);
+      const float* columns_of_panel = b.panel(p) + (first - p * width);
+      for (int64_t m = 0; m < rows; m += tile_rows) {
+        const Tile tile_of_rows = tiles[std::min(tile_rows, rows - m)];
         for (int64_t k = 0; k < b.depth(); k += kDepthChunk) {
           tile_of_rows(std::min(kDepthChunk, b.depth() - k), a + m * lda + k, lda,
-                       half + k * width, c + m * ldc + first, ldc, columns,
+                       columns_of_panel + k * width, c + m * ldc + first, ldc, columns,
                        bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
         }
       }
@@ -368,22 +371,10 @@ void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) 
 
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate) {
-  if (!avx512_kernels()) {
-    packed_gemm_avx2(rows, a, lda, b, c, ldc, bias, accumulate);
-    return;
-  }
-  const int64_t width = PackedMatrix::kPanelColumns;
-  const int64_t panels = (b.columns() + width - 1) / width;
-  for (int64_t p = 0; p < panels; ++p) {  // a panel stays in cache across the row tiles
-    const int64_t first = p * width, columns = std::min(width, b.columns() - first);
-    for (int64_t m = 0; m < rows; m += kTileRows) {
-      const Tile tile_of_rows = kTiles[std::min<int64_t>(kTileRows, rows - m)];
-      for (int64_t k = 0; k < b.depth(); k += kDepthChunk) {
-        tile_of_rows(std::min(kDepthChunk, b.depth() - k), a + m * lda + k, lda,
-                     b.panel(p) + k * width, c + m * ldc + first, ldc, columns,
-                     bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
-      }
-    }
+  if (avx512_kernels()) {
+    run_tiles(kTiles, kTileRows, 32, rows, a, lda, b, c, ldc, bias, accumulate);
+  } else {  // AVX2/FMA: each panel as two halves of 16 columns
+    run_tiles(kTilesAvx2, kTileRowsAvx2, 16, rows, a, lda, b, c, ldc, bias, accumulate);
   }
 }
 

@@ -61,8 +61,8 @@ class PackedMatrix {
   }
 
  private:
-  // panel[k, n] = sources[n][k] (0 for a null source), by AVX-512 transposes: like packed_gemm,
-  // only where packed_gemm_supported().
+  // panel[k, n] = sources[n][k] (0 for a null source), by AVX-512 or AVX transposes: like
+  // packed_gemm, only where packed_gemm_supported().
   void pack_panel(const float* const* sources, float* panel) const;
   float* data() const { return static_cast<float*>(buffer_.data()); }
 
