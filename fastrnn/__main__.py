@@ -127,8 +127,9 @@ def main(argv=None) -> int:
     print(f"fastrnn {fastrnn.__version__}, torch {torch.__version__}, device {device}")
     print("backends: " + ", ".join(f"{n} ({'available' if not r else 'unavailable: ' + r})"
                                    for n, r in fastrnn.available_backends().items()))
-    if cpu.kernel_isa():
-        print(f"cpu kernels: {cpu.kernel_isa()}")
+    isa = cpu.kernel_isa()
+    if isa:
+        print(f"cpu kernels: {isa}")
     ok = self_check(device, args.backend)
     if not args.no_speed:
         speed(device, args.backend, args.repeat)
