@@ -9,18 +9,23 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import rnn as torch_rnn  # torch's classes, even where torch.nn.LSTM is rebound
 
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
 from .modules import _converted
 from .functional import autocast_dtype, needs_backward
-from .ops import LAYER_OPS
+from .ops import layer
 
 
 def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight_ih: Tensor,
               weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
               backend: str | None = None) -> tuple[Tensor, Tensor | None]:
     """One step. input [B, I], h [B, H], c [B, H] (LSTM) -> (h' [B, H], c' [B, H] or None)."""
+    for position, (argument, weight) in enumerate((("w_ih", weight_ih), ("w_hh", weight_hh)), 3):
+        if weight is None:  # a weight set to None, with the message of torch's _VF cell op
+            raise TypeError(f"{cell.name}_cell(): argument '{argument}' (position {position}) "
+                            "must be Tensor, not NoneType")
     if input.size(1) != weight_ih.size(1):
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} "
                            f"expected {weight_ih.size(1)}")
@@ -45,8 +50,8 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         bias_ih = None if bias_ih is None else bias_ih.to(cast)
         bias_hh = None if bias_hh is None else bias_hh.to(cast)
     x_gates = F.linear(input, weight_ih, bias_ih).unsqueeze(0)  # [1, B, G*H]
-    _, h_n, c_n, _ = LAYER_OPS[cell.name](
-        x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0), weight_hh.unsqueeze(0),
+    _, h_n, c_n = layer(
+        cell, x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0), weight_hh.unsqueeze(0),
         None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
         check_backend_name(backend) or "",
         needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh))
@@ -99,9 +104,11 @@ class RNNCellBase(nn.Module):
         """A fastrnn cell with the hyper-parameters, weights and training mode of `module`."""
         return _converted(cls, module, backend=backend)
 
+    torch_class: type[nn.Module]  # the torch.nn class this one replaces
+
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn cell, with a copy of this cell's weights."""
-        return _converted(getattr(nn, type(self).__name__), self)
+        return _converted(self.torch_class, self)
 
     def _step(self, cell: CellSpec, input: Tensor, hx, name: str):
         """Unbatched handling, zero state and the step itself; hx is h or (h, c)."""
@@ -114,9 +121,13 @@ class RNNCellBase(nn.Module):
                 which = f"hx[{index}]" if is_lstm else "hidden"
                 raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {state.dim()}D instead")
         is_batched = input.dim() == 2
-        if not is_batched:
+        if not is_batched:  # as torch: an unbatched LSTMCell takes hx[0] and hx[1] of any tuple
             input = input.unsqueeze(0)
-            states = tuple(state.unsqueeze(0) for state in states)
+            states = tuple(state.unsqueeze(0) for state in (states[:2] if is_lstm else states))
+        if is_lstm and states and len(states) != 2:
+            if len(states) < 2 and not is_batched:
+                raise IndexError("tuple index out of range")
+            raise RuntimeError("lstm_cell expects two hidden states")
         if not states:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros) if is_lstm else (zeros,)
@@ -130,6 +141,8 @@ class RNNCellBase(nn.Module):
 class LSTMCell(RNNCellBase):
     """Drop-in torch.nn.LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None)."""
 
+    torch_class = torch_rnn.LSTMCell
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: str | None = None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype,
@@ -141,6 +154,8 @@ class LSTMCell(RNNCellBase):
 
 class GRUCell(RNNCellBase):
     """Drop-in torch.nn.GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None)."""
+
+    torch_class = torch_rnn.GRUCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: str | None = None) -> None:
@@ -154,6 +169,8 @@ class GRUCell(RNNCellBase):
 class RNNCell(RNNCellBase):
     """Drop-in torch.nn.RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh',
     device=None, dtype=None)."""
+
+    torch_class = torch_rnn.RNNCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None, *,

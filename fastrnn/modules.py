@@ -13,6 +13,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import rnn as torch_rnn  # torch's classes, even where torch.nn.LSTM is rebound
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
@@ -230,9 +231,16 @@ class RNNBase(nn.Module):
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if is_lstm else hx.unsqueeze(1)
             self.check_forward_args(data, hx, batch_sizes)
 
+        if is_lstm and len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
+        weights = self._flat_weights
+        for index, weight in enumerate(weights):  # a parameter set to None, as torch's _VF says
+            if weight is None:
+                raise TypeError(f"expected Tensor as element {index} in argument "
+                                f"{3 if is_packed else 2}, but got NoneType")
         output, h_n, c_n = functional.recurrence(
             CELLS_BY_MODE[self.mode], data, hx[0] if is_lstm else hx, hx[1] if is_lstm else None,
-            self._flat_weights, num_layers=self.num_layers, dropout=self.dropout,
+            weights, num_layers=self.num_layers, dropout=self.dropout,
             training=self.training, bidirectional=self.bidirectional,
             batch_first=self.batch_first, batch_sizes=batch_sizes, backend=self.backend)
         hidden = (h_n, c_n) if is_lstm else h_n
@@ -250,9 +258,11 @@ class RNNBase(nn.Module):
         """A fastrnn module with the hyper-parameters, weights and training mode of `module`."""
         return _converted(cls, module, backend=backend)
 
+    torch_class: type[nn.Module]  # the torch.nn class this one replaces
+
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn module, with a copy of this module's weights."""
-        return _converted(getattr(nn, type(self).__name__), self)
+        return _converted(self.torch_class, self)
 
 
 def _converted(cls, module: nn.Module, **extra) -> nn.Module:
@@ -282,12 +292,16 @@ class LSTM(RNNBase):
     batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
     *, backend=None)."""
 
+    torch_class = torch_rnn.LSTM
+
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
 
 class GRU(RNNBase):
     """Drop-in torch.nn.GRU (same arguments as LSTM without proj_size)."""
+
+    torch_class = torch_rnn.GRU
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
@@ -299,6 +313,8 @@ class RNN(RNNBase):
     """Drop-in torch.nn.RNN: RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh',
     bias=True, batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
     *, backend=None)."""
+
+    torch_class = torch_rnn.RNN
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:

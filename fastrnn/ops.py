@@ -21,18 +21,28 @@ be differentiated) the workspace comes back empty ([0, B, D, W]) and backends ma
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
 from .backends.base import LayerConfig, workspace_dtype
+from .backends.reference import layer_forward as differentiable_layer
 from .cells import CELLS, CellSpec
 
 
 def _backend_for(cell: CellSpec, name: str, x_gates, h0, w_hh, w_hr, lengths):
     config = LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths)
+    if config.batch_size == 0 or config.hidden_size == 0:
+        # nothing to compute: the reference backend's plain ops give the empty results (the
+        # kernels divide work by B and H); the requested name is still checked
+        backends.requested_backend(name or None)
+        return backends.reference_backend()
     return backends.resolve(name or None, config)
 
 
@@ -90,19 +100,31 @@ def _define(cell: CellSpec):
         x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace = inputs
         out, _, _, workspace = output
         ctx.keep_workspace = keep_workspace
-        ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace)
+        # x_gates and b_hh only serve a double backward, which torch.compile does not support
+        ctx.has_inputs = not torch.compiler.is_compiling()
+        kept = (x_gates, b_hh) if ctx.has_inputs else (None, None)
+        ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace, *kept)
         ctx.has_bias = b_hh is not None
         ctx.backend = backend
         ctx.mark_non_differentiable(workspace)
         ctx.set_materialize_grads(False)  # unused outputs get None, not zeros the size of them
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-        h0, c0, w_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
+        h0, c0, w_hh, w_hr, lengths, out, workspace, x_gates, b_hh = ctx.saved_tensors
+        if not cell.has_cell_state:
+            grad_c_n = None
+        if _backward_needs_graph(grad_output, grad_h_n, grad_c_n):
+            if not ctx.has_inputs:
+                raise RuntimeError("fastrnn: double backward through a compiled layer is not "
+                                   "supported (torch.compile supports none); run it eagerly")
+            grads = _vjp_by_recompute(
+                lambda *inputs: differentiable_layer(cell, *inputs, lengths, False)[:3],
+                (x_gates, h0, c0, w_hh, b_hh, w_hr), ctx.needs_input_grad[:6],
+                (grad_output, grad_h_n, grad_c_n))
+            return (*grads, None, None, None)
         if not ctx.keep_workspace:
             raise RuntimeError("fastrnn: this layer ran with keep_workspace=False, so it has no "
                                "saved activations to differentiate through")
-        if not cell.has_cell_state:
-            grad_c_n = None
         grad_x, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = layer_backward(
             grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, out, workspace,
             ctx.backend)
@@ -129,6 +151,9 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
     the cpu backend then computes the input projection step by step inside its time loop.
     """
+    if _transforms_active():
+        return layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths, backend,
+                     keep_workspace)
     if type(x) is Tensor and not torch.compiler.is_compiling():
         impl = _backend_for(cell, backend, x, h0, w_hh, w_hr, lengths)
         if keep_workspace:
@@ -139,15 +164,75 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     if x.device.type == "cpu":
         x_gates = input_projection(x, w_ih, b_ih, backend)
     else:
-        x_gates = torch.nn.functional.linear(x, w_ih, b_ih)
+        x_gates = F.linear(x, w_ih, b_ih)
+    return layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace)
+
+
+def layer(cell: CellSpec, x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+          b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor], backend: str,
+          keep_workspace: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer from its input projection x_gates [T, B, D*G*H]: (output, h_n, c_n), through the
+    layer op, or under torch.func transforms through plain differentiable torch ops."""
+    if _transforms_active():
+        _warn_transforms_once()
+        return differentiable_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, False)[:3]
     output, h_n, c_n, _ = LAYER_OPS[cell.name](x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
                                                backend, keep_workspace)
     return output, h_n, c_n
 
 
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running."""
+    return torch._C._are_functorch_transforms_active()
+
+
+_warned_transforms = False
+
+
+def _warn_transforms_once() -> None:
+    global _warned_transforms
+    if not _warned_transforms:
+        _warned_transforms = True
+        warnings.warn("fastrnn: under torch.func transforms the layers run as plain torch ops "
+                      "(the reference recurrence), not on the fused kernels", stacklevel=4)
+
+
+def _backward_needs_graph(*grads: Optional[Tensor]) -> bool:
+    """Whether a backward must itself be differentiable or batched: a graph is being built over
+    it (create_graph=True), it runs under a torch.func transform, or its gradients are batched by
+    torch's legacy vmap (gradcheck's check_batched_grad); the fused backward kernels are neither."""
+    return (torch.is_grad_enabled() or _transforms_active()
+            or any(grad is not None and _legacy_batched(grad) for grad in grads))
+
+
+def _legacy_batched(tensor: Tensor) -> bool:
+    """Whether `tensor` is a BatchedTensor of torch._vmap_internals (dispatch key "Batched")."""
+    return "Batched" in re.findall(r"\w+", str(torch._C._dispatch_keys(tensor)))
+
+
+def _vjp_by_recompute(forward: Callable, inputs: Sequence[Optional[Tensor]],
+                      wanted: Sequence[bool], grads: Sequence[Optional[Tensor]]
+                      ) -> list[Optional[Tensor]]:
+    """The gradients of forward(*inputs) with respect to the wanted inputs, for the gradients of
+    its outputs (None where an output was unused), by running forward again in differentiable ops:
+    the result carries a graph when create_graph is on, and batches under vmap. None where an
+    input is not wanted."""
+    with torch.enable_grad():
+        outputs = forward(*inputs)
+    pairs = [(output, grad) for output, grad in zip(outputs, grads) if grad is not None]
+    targets = [tensor for tensor, want in zip(inputs, wanted) if want]
+    if not pairs or not targets:
+        return [None] * len(inputs)
+    found = iter(torch.autograd.grad([output for output, _ in pairs], targets,
+                                     [grad for _, grad in pairs],
+                                     create_graph=torch.is_grad_enabled(), allow_unused=True))
+    return [next(found) if want else None for want in wanted]
+
+
 class _EagerLayer(torch.autograd.Function):
     """Input projection and layer as one autograd node, run by one backend in eager mode; the
-    gradients are those of input_projection and the layer op."""
+    gradients are those of input_projection and the layer op (by recomputation in differentiable
+    ops where the backward must itself be differentiated or batched)."""
 
     @staticmethod
     def forward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl):
@@ -158,17 +243,26 @@ class _EagerLayer(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl = inputs
         out, _, _, workspace = output
-        ctx.save_for_backward(x, w_ih, h0, c0, w_hh, w_hr, lengths, out, workspace)
+        ctx.save_for_backward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, out, workspace)
         ctx.cell, ctx.impl = cell, impl
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.mark_non_differentiable(workspace)
         ctx.set_materialize_grads(False)  # unused outputs get None, not zeros the size of them
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-        x, w_ih, h0, c0, w_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
+        x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
         cell = ctx.cell
+        if _backward_needs_graph(grad_output, grad_h_n, grad_c_n):
+            def forward(x, w_ih, b_ih, *layer_inputs):
+                return differentiable_layer(cell, F.linear(x, w_ih, b_ih), *layer_inputs,
+                                            lengths, False)[:3]
+
+            grads = _vjp_by_recompute(forward, (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr),
+                                      ctx.needs_input_grad[:8],
+                                      (grad_output, grad_h_n,
+                                       grad_c_n if cell.has_cell_state else None))
+            return (*grads, None, None, None)
         grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = ctx.impl.backward(
             cell, grad_output, grad_h_n, grad_c_n if cell.has_cell_state else None, h0, c0, w_hh,
             w_hr, lengths, out, workspace)
@@ -228,3 +322,25 @@ def _projection_backward(ctx, grad):
 
 
 input_projection.register_autograd(_projection_backward, setup_context=_projection_setup_context)
+
+
+def _register_per_sample_vmap(op) -> None:
+    """Give `op` a vmap rule that runs it once per sample and stacks the results (the kernels
+    take one problem per call; batching over stacked weights is a different problem anyway)."""
+
+    def rule(info, in_dims, *args, **kwargs):
+        results = []
+        for index in range(info.batch_size):
+            sample = [arg if dim is None else arg.select(dim, index)
+                      for arg, dim in zip(args, in_dims)]
+            results.append(op(*sample, **kwargs))
+        if isinstance(results[0], Tensor):
+            return torch.stack(results), 0
+        return tuple(torch.stack(parts) for parts in zip(*results)), (0,) * len(results[0])
+
+    torch.library.register_vmap(op, rule)
+
+
+for _op in (*LAYER_OPS.values(), input_projection, input_projection_backward,
+            *(getattr(torch.ops.fastrnn, f"{name}_layer_backward").default for name in CELLS)):
+    _register_per_sample_vmap(_op)

@@ -81,6 +81,18 @@ def test_from_torch_and_to_torch(torch_cls, fast_cls, args, kwargs):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("name,args", [("LSTM", (3, 4)), ("GRU", (3, 4)), ("RNN", (3, 4)),
+                                       ("LSTMCell", (3, 4)), ("GRUCell", (3, 4)),
+                                       ("RNNCell", (3, 4))])
+def test_to_torch_while_torch_nn_names_are_rebound(name, args, monkeypatch):
+    """A test suite that swaps implementations by rebinding torch.nn.LSTM still gets torch's
+    class back from to_torch()."""
+    torch_cls = getattr(nn, name)
+    monkeypatch.setattr(nn, name, getattr(fastrnn, name))
+    back = getattr(fastrnn, name)(*args).to_torch()
+    assert type(back) is torch_cls
+
+
 def _flat(result):
     output, hidden = result
     return (output, *hidden) if isinstance(hidden, tuple) else (output, hidden)

@@ -121,3 +121,83 @@ def test_unknown_cell_nonlinearity_matches_torch():
     for library in (nn, fastrnn):
         with pytest.raises(RuntimeError, match="Unknown nonlinearity: x"):
             library.RNNCell(10, 20, nonlinearity="x")(torch.randn(3, 10))
+
+
+def _outcome(call):
+    """("ok", outputs) or (exception type, message) of call(), to compare torch.nn and fastrnn."""
+    try:
+        result = call()
+    except Exception as error:  # noqa: BLE001 - the point is to compare whatever is raised
+        return type(error), str(error)
+    flat = [t for item in (result if isinstance(result, tuple) else (result,))
+            for t in (item if isinstance(item, tuple) else (item,))]
+    return "ok", [t.data if isinstance(t, torch.nn.utils.rnn.PackedSequence) else t for t in flat]
+
+
+def _same_outcome(make, call, change=lambda module: None):
+    """Run call on a torch.nn module and on fastrnn's copy of it (after change() on both); both
+    raise the same error or both return the same values."""
+    torch.manual_seed(0)
+    theirs = make(nn)
+    ours = type(make(fastrnn)).from_torch(theirs)
+    change(theirs)
+    change(ours)
+    expected, got = _outcome(lambda: call(theirs)), _outcome(lambda: call(ours))
+    assert got[0] == expected[0], (got, expected)
+    if expected[0] == "ok":
+        for g, e in zip(got[1], expected[1]):
+            torch.testing.assert_close(g, e)
+    else:
+        assert got[1] == expected[1]
+
+
+STATES = [torch.randn(1, 3, 20) for _ in range(3)]
+UNBATCHED_STATES = [torch.randn(1, 20) for _ in range(3)]
+PACKED = pack_sequence([torch.randn(4, 10) for _ in range(3)])
+UNBATCHED = torch.randn(5, 10)
+CELL_INPUT = torch.randn(3, 10)
+HX_CALLS = {
+    "batched-3": lambda m: m(x, tuple(STATES)),
+    "batched-1": lambda m: m(x, tuple(STATES[:1])),
+    "packed-3": lambda m: m(PACKED, tuple(STATES)),
+    "unbatched-3": lambda m: m(UNBATCHED, tuple(UNBATCHED_STATES)),  # torch takes the first two
+}
+CELL_HX_CALLS = {
+    "batched-3": lambda c: c(CELL_INPUT, tuple(s[0] for s in STATES)),
+    "batched-1": lambda c: c(CELL_INPUT, (STATES[0][0],)),
+    "unbatched-3": lambda c: c(CELL_INPUT[0], tuple(s[0] for s in UNBATCHED_STATES)),
+    "unbatched-1": lambda c: c(CELL_INPUT[0], (UNBATCHED_STATES[0][0],)),
+}
+
+
+@pytest.mark.parametrize("kind", HX_CALLS)
+def test_lstm_hx_of_other_than_two_states_matches_torch(kind):
+    _same_outcome(lambda library: library.LSTM(10, 20), HX_CALLS[kind])
+
+
+@pytest.mark.parametrize("kind", CELL_HX_CALLS)
+def test_lstm_cell_hx_of_other_than_two_states_matches_torch(kind):
+    _same_outcome(lambda library: library.LSTMCell(10, 20), CELL_HX_CALLS[kind])
+
+
+PARAMETERS_SET_TO_NONE = [(name, parameter, inputs)
+                          for name in ("LSTM", "GRU", "RNN")
+                          for parameter in ("bias_hh_l0", "bias_ih_l0", "weight_hh_l0",
+                                            "bias_hh_l1_reverse")
+                          for inputs in ("padded", "packed", "unbatched")]
+
+
+@pytest.mark.parametrize("name,parameter,inputs", PARAMETERS_SET_TO_NONE,
+                         ids=["-".join(case) for case in PARAMETERS_SET_TO_NONE])
+def test_parameter_set_to_none_matches_torch(name, parameter, inputs):
+    data = {"padded": x, "packed": PACKED, "unbatched": UNBATCHED}[inputs]
+    _same_outcome(lambda library: getattr(library, name)(10, 20, num_layers=2, bidirectional=True),
+                  lambda module: module(data), lambda module: setattr(module, parameter, None))
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("parameter", ["bias_hh", "bias_ih", "weight_hh", "weight_ih"])
+def test_cell_parameter_set_to_none_matches_torch(name, parameter):
+    # a bias of None means no bias, in torch too
+    _same_outcome(lambda library: getattr(library, name)(10, 20),
+                  lambda cell: cell(CELL_INPUT), lambda cell: setattr(cell, parameter, None))

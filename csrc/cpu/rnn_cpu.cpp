@@ -213,7 +213,7 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
       #pragma GCC ivdep
       for (int64_t j = 0; j < n; ++j) {
         const T pre = xg[j] + hg[j] + bias[j];
-        const T h_new = pre > T(0) ? pre : T(0);
+        const T h_new = pre < T(0) ? T(0) : pre;  // NaN stays NaN, as in torch.relu
         h_next[j] = h_new;
         out[j] = h_new;
       }
@@ -337,7 +337,7 @@ FASTRNN_INLINE void backward_segment(Cell cell, const BackwardStep<T>& s, int64_
       for (int64_t j = j0; j < j1; ++j) {
         const T dh = go == nullptr ? gh_in[j] : gh_in[j] + go[j];
         gx[j] = cell == Cell::kRnnTanh ? dh * (T(1) - h_new[j] * h_new[j])
-                                       : (h_new[j] > T(0) ? dh : T(0));
+                                       : (h_new[j] <= T(0) ? T(0) : dh);  // NaN passes
         gh_next[j] = T(0);
       }
       break;
@@ -377,7 +377,8 @@ FASTRNN_AVX512 __m512 reciprocal16(__m512 d) {
 }
 
 FASTRNN_AVX512 __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  // min/max return their second operand when either is NaN: x goes second, so NaN stays NaN
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
   const __m512 shift = _mm512_set1_ps(12582912.0f);
   const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift),
                                  shift);
@@ -402,8 +403,8 @@ FASTRNN_AVX512 __m512 sigmoid16(__m512 x) {
 
 FASTRNN_AVX512 __m512 tanh16(__m512 x) {
   const __m512 limit = _mm512_set1_ps(7.90531110763549805f);
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), limit)),
-                                  limit);
+  const __m512 xc = _mm512_min_ps(limit,  // x second: NaN stays NaN (see exp16)
+                                  _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), limit), x));
   const __m512 x2 = _mm512_mul_ps(xc, xc);
   __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
   p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));

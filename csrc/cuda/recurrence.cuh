@@ -100,11 +100,11 @@ struct RnnCell {
   __device__ static void forward(const float* xg, const float* hg, float, float, float& h, float&,
                                  float*) {
     const float pre = xg[0] + hg[0];
-    h = kRelu ? fmaxf(pre, 0.f) : tanhf(pre);
+    h = kRelu ? (pre < 0.f ? 0.f : pre) : tanhf(pre);  // NaN stays NaN (not fmaxf)
   }
   __device__ static void backward(float gh, float, const float*, float, float, float h_new,
                                   float* gx, float* ghg, float& direct, float& gc_prev) {
-    gx[0] = kRelu ? (h_new > 0.f ? gh : 0.f) : gh * (1.f - h_new * h_new);
+    gx[0] = kRelu ? (h_new <= 0.f ? 0.f : gh) : gh * (1.f - h_new * h_new);
     ghg[0] = gx[0];
     direct = 0.f;
     gc_prev = 0.f;

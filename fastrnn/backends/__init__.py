@@ -95,6 +95,11 @@ def resolve(name: str | None, config: LayerConfig) -> Backend:
     raise RuntimeError(f"no fastrnn backend can run this {config.cell.mode} layer on {config.device_type}")
 
 
+def reference_backend() -> Backend:
+    """The reference backend, which every build has."""
+    return _load("reference")
+
+
 def projection_backend(name: str | None, device_type: str) -> Backend:
     """The backend that runs a layer's input projection: the requested one (or auto's first
     available choice for the device) when it is available, else the reference backend. A backend
@@ -127,4 +132,5 @@ def available_backends() -> dict[str, str]:
 
 
 __all__ = ["AUTO_ORDER", "BACKEND_NAMES", "Backend", "LayerConfig", "available_backends",
-           "check_backend_name", "projection_backend", "requested_backend", "resolve", "why_not"]
+           "check_backend_name", "projection_backend", "reference_backend", "requested_backend",
+           "resolve", "why_not"]

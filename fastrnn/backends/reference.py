@@ -88,8 +88,60 @@ def _cell_backward(cell: CellSpec, grad_h, grad_c, saved, h_prev, c_prev, h_new)
     if cell.name == "rnn_tanh":
         grad_pre = grad_h * (1 - h_new * h_new)
     else:
-        grad_pre = grad_h * (h_new > 0)
+        grad_pre = torch.where(h_new <= 0, 0, grad_h)  # torch's threshold_backward
     return grad_pre, grad_pre, None, None
+
+
+def layer_forward(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
+                  keep_workspace: bool = True):
+    """The forward of base.py in plain, out-of-place torch ops: (output, h_n, c_n, workspace).
+
+    Differentiable to any order and free of in-place writes, so that autograd (create_graph),
+    torch.func.grad and torch.func.vmap all run through it; with keep_workspace=False the
+    workspace is an empty [0, B, D, W] tensor.
+    """
+    seq_len, batch, _ = x_gates.shape
+    num_directions, gate_rows, out_size = w_hh.shape
+    hidden = gate_rows // cell.gates
+    dtype = x_gates.dtype
+    compute = workspace_dtype(dtype)
+    x_gates = x_gates.to(compute).unflatten(2, (num_directions, gate_rows))
+    outputs, saves, h_last, c_last = [], [], [], []
+    for d in range(num_directions):
+        weight = w_hh[d].to(compute)
+        bias = None if b_hh is None else b_hh[d].to(compute)
+        projection = None if w_hr is None else w_hr[d].to(compute)
+        h = h0[d].to(compute)
+        c = c0[d].to(compute) if cell.has_cell_state else None
+        steps = _step_order(seq_len, reverse=d == 1)
+        output, saved_steps = [None] * seq_len, [None] * seq_len  # per step [B, P], [B, W]
+        for t in steps:
+            h_gates = torch.nn.functional.linear(h, weight, bias)
+            h_new, c_new, saved = _cell_forward(cell, x_gates[t, :, d], h_gates, h, c)
+            if projection is not None:
+                h_new = h_new @ projection.T
+            valid = _valid(lengths, t)
+            if valid is not None:
+                h_new = torch.where(valid, h_new, h)
+                c_new = None if c_new is None else torch.where(valid, c_new, c)
+                output[t] = torch.where(valid, h_new, 0)
+                saved = torch.where(valid, saved, 0)
+            else:
+                output[t] = h_new
+            saved_steps[t] = saved
+            h, c = h_new, c_new
+        outputs.append(torch.stack(output))
+        if keep_workspace:
+            saves.append(torch.stack(saved_steps))
+        h_last.append(h)
+        c_last.append(c)
+    output = torch.stack(outputs, dim=2)  # [T, B, D, P]
+    if keep_workspace:
+        workspace = torch.stack(saves, dim=2)  # [T, B, D, W]
+    else:
+        workspace = x_gates.new_zeros(0, batch, num_directions, cell.workspace_gates * hidden)
+    c_n = torch.stack(c_last).to(dtype) if cell.has_cell_state else x_gates.new_empty(0, dtype=dtype)
+    return output.flatten(2).to(dtype), torch.stack(h_last).to(dtype), c_n, workspace
 
 
 class ReferenceBackend(Backend):
@@ -101,45 +153,7 @@ class ReferenceBackend(Backend):
         return True, ""
 
     def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace=True):
-        seq_len, batch, _ = x_gates.shape
-        num_directions, gate_rows, out_size = w_hh.shape
-        hidden = gate_rows // cell.gates
-        dtype = x_gates.dtype
-        compute = workspace_dtype(dtype)
-        x_gates = x_gates.to(compute).unflatten(2, (num_directions, gate_rows))
-        output = x_gates.new_zeros(seq_len, batch, num_directions, out_size)
-        workspace = x_gates.new_zeros(seq_len if keep_workspace else 0, batch, num_directions,
-                                      cell.workspace_gates * hidden)
-        h_n = x_gates.new_empty(num_directions, batch, out_size)
-        c_n = x_gates.new_empty(num_directions, batch, hidden) if cell.has_cell_state else None
-        for d in range(num_directions):
-            weight = w_hh[d].to(compute)
-            bias = None if b_hh is None else b_hh[d].to(compute)
-            projection = None if w_hr is None else w_hr[d].to(compute)
-            h = h0[d].to(compute)
-            c = c0[d].to(compute) if cell.has_cell_state else None
-            for t in _step_order(seq_len, reverse=d == 1):
-                h_gates = torch.nn.functional.linear(h, weight, bias)
-                h_new, c_new, saved = _cell_forward(cell, x_gates[t, :, d], h_gates, h, c)
-                if projection is not None:
-                    h_new = h_new @ projection.T
-                valid = _valid(lengths, t)
-                if valid is not None:
-                    h_new = torch.where(valid, h_new, h)
-                    c_new = None if c_new is None else torch.where(valid, c_new, c)
-                    output[t, :, d] = torch.where(valid, h_new, 0)
-                    if keep_workspace:
-                        workspace[t, :, d] = torch.where(valid, saved, 0)
-                else:
-                    output[t, :, d] = h_new
-                    if keep_workspace:
-                        workspace[t, :, d] = saved
-                h, c = h_new, c_new
-            h_n[d] = h
-            if c_n is not None:
-                c_n[d] = c
-        c_n = c_n.to(dtype) if c_n is not None else x_gates.new_empty(0, dtype=dtype)
-        return output.flatten(2).to(dtype), h_n.to(dtype), c_n, workspace
+        return layer_forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace)
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
                  output, workspace):

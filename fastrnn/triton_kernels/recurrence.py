@@ -282,7 +282,7 @@ def _recurrence_fwd_kernel(
                 elif CELL == CELL_RNN_TANH:
                     h_new = _tanh(x0 + acc0)
                 else:
-                    h_new = tl.maximum(x0 + acc0, 0.0)
+                    h_new = tl.where(x0 + acc0 < 0.0, 0.0, x0 + acc0)  # NaN stays NaN
                 if HAS_PROJ:
                     tl.store(m_state_ptr + state_ptrs, h_new, mask=mask)
                 else:
@@ -456,7 +456,7 @@ def _recurrence_bwd_kernel(
                     if CELL == CELL_RNN_TANH:
                         grad_pre = grad_h * (1.0 - h_new * h_new)
                     else:
-                        grad_pre = tl.where(h_new > 0.0, grad_h, 0.0)
+                        grad_pre = tl.where(h_new <= 0.0, 0.0, grad_h)  # NaN passes, as torch
                     grad_pre = tl.where(keep, grad_pre, 0.0)
                     tl.store(x_ptrs, grad_pre.to(dtype), mask=mask)
                     tl.store(hg_ptrs, grad_pre, mask=mask)
