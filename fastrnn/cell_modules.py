@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import rnn as torch_rnn  # torch's classes, even where torch.nn.LSTM is rebound
+from torch.nn.modules import rnn as torch_rnn  # torch's classes, even if torch.nn's are rebound
 
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
@@ -51,7 +51,8 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         bias_hh = None if bias_hh is None else bias_hh.to(cast)
     x_gates = F.linear(input, weight_ih, bias_ih).unsqueeze(0)  # [1, B, G*H]
     _, h_n, c_n = layer(
-        cell, x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0), weight_hh.unsqueeze(0),
+        cell, x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0),
+        weight_hh.unsqueeze(0),
         None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
         check_backend_name(backend) or "",
         needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh))

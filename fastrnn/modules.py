@@ -13,7 +13,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import rnn as torch_rnn  # torch's classes, even where torch.nn.LSTM is rebound
+from torch.nn.modules import rnn as torch_rnn  # torch's classes, even if torch.nn's are rebound
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional

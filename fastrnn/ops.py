@@ -17,6 +17,11 @@ Shapes and meaning: backends/base.py. `backend` is a
 name from backends.BACKEND_NAMES, or "" for FASTRNN_BACKEND / "auto"; it is resolved when the op
 runs, so `torch.compile` sees each op as one opaque node. With keep_workspace=False (nothing will
 be differentiated) the workspace comes back empty ([0, B, D, W]) and backends may skip saving it.
+
+The fused backward kernels give first derivatives. A backward that must itself be differentiated
+(create_graph=True) or batched (vmap over it) instead runs the layer again in the reference
+recurrence's differentiable torch ops and differentiates those; under torch.func transforms the
+layers run as those ops from the start. Every op also has a per-sample vmap rule.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch import nn
@@ -18,6 +19,14 @@ def cpu_backends() -> list[str]:
     """Backends that run CPU tensors in this build (reference always; cpu once built)."""
     available = fastrnn.available_backends()
     return [name for name in ("reference", "cpu") if available.get(name) == ""]
+
+
+def every_backend_here() -> list[str]:
+    """The CPU backends, and triton where its interpreter runs CPU tensors (TRITON_INTERPRET=1,
+    set by conftest.py without a GPU)."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    triton = interpreting and fastrnn.available_backends().get("triton") == ""
+    return cpu_backends() + (["triton"] if triton else [])
 
 
 @dataclasses.dataclass

@@ -21,7 +21,8 @@ torch.backends.cudnn.enabled = False  # torch.nn's double backward needs the nat
 
 I, H, T, B = 2, 3, 3, 2
 CELL_CLASSES = {"lstm": (nn.LSTMCell, fastrnn.LSTMCell), "gru": (nn.GRUCell, fastrnn.GRUCell),
-                "rnn_tanh": (nn.RNNCell, fastrnn.RNNCell), "rnn_relu": (nn.RNNCell, fastrnn.RNNCell)}
+                "rnn_tanh": (nn.RNNCell, fastrnn.RNNCell),
+                "rnn_relu": (nn.RNNCell, fastrnn.RNNCell)}
 LAYOUTS = {"L1-uni": dict(num_layers=1), "L2-bi": dict(num_layers=2, bidirectional=True),
            "L1-bi-packed": dict(bidirectional=True), "L1-proj": dict(proj_size=2)}
 LAYER_CASES = [(cell, layout) for cell in FAST_CLASSES for layout in LAYOUTS
@@ -66,9 +67,10 @@ def as_function(module: nn.Module, layout: str | None, cell: str):
         if cell == "lstm":
             states.append(rand(module.num_layers * directions, B, H))
     lengths = torch.tensor([T, T - 1]) if layout == "L1-bi-packed" else None
+    count = len(states)
 
     def f(x, *tensors):
-        states, params = tensors[:len(states_init)], tensors[len(states_init):]
+        states, params = tensors[:count], tensors[count:]
         hx = tuple(states) if cell == "lstm" else states[0]
         data = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
         result = functional_call(module, dict(zip(names, params)), (data, hx))
@@ -79,7 +81,6 @@ def as_function(module: nn.Module, layout: str | None, cell: str):
             output = pad_packed_sequence(output)[0]
         return (output, *(hidden if isinstance(hidden, tuple) else (hidden,)))
 
-    states_init = states
     params = [p.detach().clone().requires_grad_() for p in module.parameters()]
     return f, (x, *states, *params)
 
@@ -90,9 +91,13 @@ def second_derivatives(f, inputs):
     outputs = f(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     generator = torch.Generator().manual_seed(2)
-    loss = sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype)).sum() for o in outputs)
-    firsts = torch.autograd.grad(loss, inputs, create_graph=True)
-    inner = sum((g * torch.randn(g.shape, generator=generator, dtype=g.dtype)).sum() for g in firsts)
+
+    def weighted(tensors):  # <random weights, tensors>
+        return sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum()
+                   for t in tensors)
+
+    firsts = torch.autograd.grad(weighted(outputs), inputs, create_graph=True)
+    inner = weighted(firsts)
     return torch.autograd.grad(inner, inputs, allow_unused=True)
 
 

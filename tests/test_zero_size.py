@@ -4,14 +4,12 @@ process, so that a crash (a division by zero in a kernel, say) fails the test, n
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-import fastrnn
-from helpers import cpu_backends
+from helpers import every_backend_here
 
 CHILD = r"""
 import sys, warnings
@@ -73,13 +71,7 @@ print("compared", count + 1)
 """
 
 
-def zero_size_backends() -> list[str]:
-    triton = (["triton"] if os.environ.get("TRITON_INTERPRET") == "1"
-              and fastrnn.available_backends().get("triton") == "" else [])
-    return cpu_backends() + triton
-
-
-@pytest.mark.parametrize("backend", zero_size_backends())
+@pytest.mark.parametrize("backend", every_backend_here())
 def test_zero_size_shapes_match_torch_in_a_child_process(backend):
     child = subprocess.run([sys.executable, "-c", CHILD, backend], capture_output=True,
                            text=True, timeout=600)

@@ -140,7 +140,10 @@ def layer_forward(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
         workspace = torch.stack(saves, dim=2)  # [T, B, D, W]
     else:
         workspace = x_gates.new_zeros(0, batch, num_directions, cell.workspace_gates * hidden)
-    c_n = torch.stack(c_last).to(dtype) if cell.has_cell_state else x_gates.new_empty(0, dtype=dtype)
+    if cell.has_cell_state:
+        c_n = torch.stack(c_last).to(dtype)
+    else:
+        c_n = x_gates.new_empty(0, dtype=dtype)
     return output.flatten(2).to(dtype), torch.stack(h_last).to(dtype), c_n, workspace
 
 
