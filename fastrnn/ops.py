@@ -20,8 +20,8 @@ be differentiated) the workspace comes back empty ([0, B, D, W]) and backends ma
 
 The fused backward kernels give first derivatives. A backward that must itself be differentiated
 (create_graph=True) or batched (vmap over it) instead runs the layer again in the reference
-recurrence's differentiable torch ops and differentiates those; under torch.func transforms the
-layers run as those ops from the start. Every op also has a per-sample vmap rule.
+recurrence's differentiable torch ops and differentiates those; under torch.func transforms and
+forward-mode AD the layers run as those ops from the start. Every op has a per-sample vmap rule.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import backends
 from .backends.base import LayerConfig, workspace_dtype
@@ -156,7 +157,7 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
     the cpu backend then computes the input projection step by step inside its time loop.
     """
-    if _transforms_active():
+    if _needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
         return layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths, backend,
                      keep_workspace)
     if type(x) is Tensor and not torch.compiler.is_compiling():
@@ -177,9 +178,10 @@ def layer(cell: CellSpec, x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_h
           b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor], backend: str,
           keep_workspace: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One layer from its input projection x_gates [T, B, D*G*H]: (output, h_n, c_n), through the
-    layer op, or under torch.func transforms through plain differentiable torch ops."""
-    if _transforms_active():
-        _warn_transforms_once()
+    layer op, or under torch.func transforms and forward-mode AD through plain differentiable torch
+    ops."""
+    if _needs_plain_ops(x_gates, h0, c0, w_hh, b_hh, w_hr):
+        _warn_plain_ops_once()
         return differentiable_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, False)[:3]
     output, h_n, c_n, _ = LAYER_OPS[cell.name](x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
                                                backend, keep_workspace)
@@ -191,15 +193,27 @@ def _transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-_warned_transforms = False
+def _needs_plain_ops(*tensors: Optional[Tensor]) -> bool:
+    """Whether a layer must run as plain differentiable torch ops: under a torch.func transform,
+    or with forward-mode AD tangents (torch.autograd.forward_ad) on any of `tensors`; the fused
+    kernels have neither vmap nor jvp rules."""
+    if _transforms_active():
+        return True
+    if forward_ad._current_level < 0:  # no dual level is open: no tangents anywhere
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _warn_transforms_once() -> None:
-    global _warned_transforms
-    if not _warned_transforms:
-        _warned_transforms = True
-        warnings.warn("fastrnn: under torch.func transforms the layers run as plain torch ops "
-                      "(the reference recurrence), not on the fused kernels", stacklevel=4)
+_warned_plain_ops = False
+
+
+def _warn_plain_ops_once() -> None:
+    global _warned_plain_ops
+    if not _warned_plain_ops:
+        _warned_plain_ops = True
+        warnings.warn("fastrnn: under torch.func transforms and forward-mode AD the layers run as "
+                      "plain torch ops (the reference recurrence), not on the fused kernels",
+                      stacklevel=4)
 
 
 def _backward_needs_graph(*grads: Optional[Tensor]) -> bool:

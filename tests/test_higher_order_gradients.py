@@ -1,6 +1,7 @@
 """Gradients beyond the first: double backward (create_graph), gradgradcheck, batched gradients
-(gradcheck's check_batched_grad) and torch.func.vmap over torch.func.grad, all side by side with
-torch.nn, on every cell module and layer module, in float64."""
+(gradcheck's check_batched_grad), torch.func.vmap over torch.func.grad, and forward-mode AD (dual
+tensors, torch.func.jvp), all side by side with torch.nn, on every cell and layer module, in
+float64."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call, grad, stack_module_state, vmap
@@ -242,3 +244,41 @@ def test_layer_ops_vmap_per_sample(name):
                             output[index], workspace[index], "")
         for g, e in zip(grads, expected):
             torch.testing.assert_close(g[index], e)
+
+
+def _forward_derivatives(f, inputs):
+    """The forward-mode derivative of f along fixed random tangents of all inputs (dual tensors
+    of torch.autograd.forward_ad), and torch.func.jvp's."""
+    generator = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in inputs]
+    primals = [t.detach() for t in inputs]
+    with fwAD.dual_level():
+        outputs = f(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        duals = [fwAD.unpack_dual(o).tangent for o in outputs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, jvps = torch.func.jvp(f, tuple(primals), tuple(tangents))
+    return duals, list(jvps)
+
+
+# not packed: torch's pack_padded_sequence has no forward-mode derivative
+FORWARD_CASES = ([(cell, layout) for cell, layout in LAYER_CASES if "packed" not in layout]
+                 + [(cell, None) for cell in CELL_CLASSES])
+
+
+@pytest.mark.parametrize("cell,layout", FORWARD_CASES, ids=[f"{c}-{lay or 'cell'}"
+                                                            for c, lay in FORWARD_CASES])
+def test_forward_mode_ad_matches_torch(cell, layout):
+    theirs, ours = layer_pair(cell, layout, None) if layout else cell_pair(cell, None)
+    f_theirs, inputs = as_function(theirs, layout, cell)
+    f_ours, _ = as_function(ours, layout, cell)
+
+    def as_tuple(f):
+        return lambda *a: (lambda out: out if isinstance(out, tuple) else (out,))(f(*a))
+
+    expected_duals, expected_jvps = _forward_derivatives(as_tuple(f_theirs), inputs)
+    got_duals, got_jvps = _forward_derivatives(as_tuple(f_ours), inputs)
+    for got, expected in zip(got_duals + got_jvps, expected_duals + expected_jvps):
+        torch.testing.assert_close(got, expected)
+    assert gradcheck(f_ours, inputs, check_forward_ad=True, check_backward_ad=False,
+                     check_undefined_grad=False, fast_mode=True)
