@@ -13,7 +13,7 @@ from torch.nn.modules import rnn as torch_rnn  # torch's classes, even if torch.
 
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
-from .modules import _converted
+from .modules import _converted, not_scriptable
 from .functional import autocast_dtype, needs_backward
 from .ops import layer
 
@@ -110,6 +110,9 @@ class RNNCellBase(nn.Module):
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn cell, with a copy of this cell's weights."""
         return _converted(self.torch_class, self)
+
+    def __prepare_scriptable__(self):
+        raise not_scriptable(self)
 
     def _step(self, cell: CellSpec, input: Tensor, hx, name: str):
         """Unbatched handling, zero state and the step itself; hx is h or (h, c)."""

@@ -50,8 +50,11 @@ def _layer_weights(weights: Sequence[Tensor], layer: int, num_layers: int, num_d
 
 
 def needs_backward(*tensors: Tensor | None) -> bool:
-    """Whether autograd will differentiate through a layer taking these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd will differentiate through a layer taking these tensors. While
+    torch.jit.trace records, grad mode is left out: its check traces again under no_grad, and the
+    graph it records is one for training and inference alike."""
+    wanted = any(t is not None and t.requires_grad for t in tensors)
+    return wanted if torch.jit.is_tracing() else torch.is_grad_enabled() and wanted
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

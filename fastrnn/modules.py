@@ -264,6 +264,18 @@ class RNNBase(nn.Module):
         """The equivalent torch.nn module, with a copy of this module's weights."""
         return _converted(self.torch_class, self)
 
+    def __prepare_scriptable__(self):
+        raise not_scriptable(self)
+
+
+def not_scriptable(module: nn.Module) -> RuntimeError:
+    """The error torch.jit.script gets for a fastrnn module (it calls __prepare_scriptable__)."""
+    name = type(module).__name__
+    return RuntimeError(
+        f"fastrnn.{name} cannot be compiled by torch.jit.script (its layers are custom ops run "
+        "from Python): use torch.jit.trace, torch.export or torch.compile on it, or "
+        f"module.to_torch() for a torch.nn.{name} with the same weights")
+
 
 def _converted(cls, module: nn.Module, **extra) -> nn.Module:
     """A `cls` module with the constructor arguments, weights and training mode of `module`."""

@@ -151,7 +151,7 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
               ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer from its input x [T, B, I]: (output, h_n, c_n).
 
-    Under a compiler, or for tensor subclasses, through the ops (input_projection on CPU tensors,
+    Under a compiler or torch.jit.trace, or for tensor subclasses, through the ops (input_projection on CPU tensors,
     else F.linear; then the layer op), which torch.compile sees as opaque nodes. In eager mode the
     backend the layer op would pick runs projection and layer as one call (`forward_from_input`,
     with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
@@ -160,7 +160,7 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     if _needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
         return layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths, backend,
                      keep_workspace)
-    if type(x) is Tensor and not torch.compiler.is_compiling():
+    if type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         impl = _backend_for(cell, backend, x, h0, w_hh, w_hr, lengths)
         if keep_workspace:
             return _EagerLayer.apply(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell,
