@@ -125,12 +125,12 @@ class RNNCellBase(nn.Module):
                 which = f"hx[{index}]" if is_lstm else "hidden"
                 raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {state.dim()}D instead")
         is_batched = input.dim() == 2
-        if not is_batched:  # as torch: an unbatched LSTMCell takes hx[0] and hx[1] of any tuple
+        if not is_batched:
             input = input.unsqueeze(0)
-            states = tuple(state.unsqueeze(0) for state in (states[:2] if is_lstm else states))
+            if is_lstm and states:  # as torch: hx[0] and hx[1] of any tuple (IndexError if short)
+                states = (states[0], states[1])
+            states = tuple(state.unsqueeze(0) for state in states)
         if is_lstm and states and len(states) != 2:
-            if len(states) < 2 and not is_batched:
-                raise IndexError("tuple index out of range")
             raise RuntimeError("lstm_cell expects two hidden states")
         if not states:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)

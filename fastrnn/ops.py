@@ -151,15 +151,15 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
               ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer from its input x [T, B, I]: (output, h_n, c_n).
 
-    Under a compiler or torch.jit.trace, or for tensor subclasses, through the ops (input_projection on CPU tensors,
-    else F.linear; then the layer op), which torch.compile sees as opaque nodes. In eager mode the
+    Under a compiler or torch.jit.trace, or for tensor subclasses, through the ops
+    (input_projection on CPU tensors, else F.linear; then the layer op), which torch.compile sees
+    as opaque nodes. Under torch.func transforms and forward-mode AD, as plain differentiable ops. In eager mode the
     backend the layer op would pick runs projection and layer as one call (`forward_from_input`,
     with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
     the cpu backend then computes the input projection step by step inside its time loop.
     """
     if _needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
-        return layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths, backend,
-                     keep_workspace)
+        return _plain_layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths)
     if type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         impl = _backend_for(cell, backend, x, h0, w_hh, w_hr, lengths)
         if keep_workspace:
@@ -181,11 +181,17 @@ def layer(cell: CellSpec, x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_h
     layer op, or under torch.func transforms and forward-mode AD through plain differentiable torch
     ops."""
     if _needs_plain_ops(x_gates, h0, c0, w_hh, b_hh, w_hr):
-        _warn_plain_ops_once()
-        return differentiable_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, False)[:3]
+        return _plain_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
     output, h_n, c_n, _ = LAYER_OPS[cell.name](x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
                                                backend, keep_workspace)
     return output, h_n, c_n
+
+
+def _plain_layer(cell: CellSpec, x_gates: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer in the reference recurrence's differentiable ops, with the one-time notice."""
+    _warn_plain_ops_once()
+    return differentiable_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, False)[:3]
 
 
 def _transforms_active() -> bool:
@@ -213,7 +219,7 @@ def _warn_plain_ops_once() -> None:
         _warned_plain_ops = True
         warnings.warn("fastrnn: under torch.func transforms and forward-mode AD the layers run as "
                       "plain torch ops (the reference recurrence), not on the fused kernels",
-                      stacklevel=4)
+                      stacklevel=5)
 
 
 def _backward_needs_graph(*grads: Optional[Tensor]) -> bool:
