@@ -35,7 +35,10 @@ CELL_RNN_TANH = tl.constexpr(2)
 CELL_RNN_RELU = tl.constexpr(3)
 
 # Runtime sizes are not specialized on, so no batch size or sequence length compiles anew.
-_RUNTIME_INTS = ["B", "T", "H", "P", "phase_begin", "phase_end", "num_programs"]
+_RUNTIME_INTS = ["B", "T", "H", "P", "phase_begin", "phase_end", "num_programs", "spin_limit"]
+# Set in a direction's arrival counter by a program that waited longer than spin_limit polls:
+# every later wait passes at once, and the launcher raises. Arrivals alone never reach it.
+TIMED_OUT = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -49,10 +52,15 @@ def _tanh(x):
 
 
 @triton.jit
-def _wait_for_arrivals(counter_ptr, target):
-    """Spin until the direction's arrival counter reaches `target`."""
+def _wait_for_arrivals(counter_ptr, target, spin_limit):
+    """Spin until the direction's arrival counter reaches `target`; after spin_limit polls,
+    mark the counter TIMED_OUT (the programs are not all resident) and stop waiting."""
     arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    polls = 0
     while arrived < target:
+        polls += 1
+        if polls > spin_limit:
+            tl.atomic_or(counter_ptr, TIMED_OUT, sem="relaxed")
         arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
     tl.debug_barrier()
 
@@ -109,27 +117,58 @@ def _load_rows(a_ptr, a_rows, extra_ptr, extra_rows, extra_valid, row_mask, k, K
 
 
 @triton.jit
-def _load_weight(w_ptr, k, K, n, N, stride_k, stride_n):
-    """[len(k), len(n)] weight tile w[k * stride_k + n * stride_n], 0 outside K x N."""
-    mask = (k < K)[:, None] & (n < N)[None, :]
-    return tl.load(w_ptr + k[:, None] * stride_k + n[None, :] * stride_n, mask=mask, other=0.0)
+def _load_weight(w_ptr, k, K, n_offsets, n_mask, stride_k):
+    """[len(k), len(n)] weight tile w[k * stride_k + n_offsets], 0 where k >= K or not n_mask.
+
+    Kept in cache (evict_last): streamed plans read the same slice every step.
+    """
+    mask = (k < K)[:, None] & n_mask[None, :]
+    return tl.load(w_ptr + k[:, None] * stride_k + n_offsets[None, :], mask=mask, other=0.0,
+                   eviction_policy="evict_last")
+
+
+@triton.jit
+def _gate_columns(j, H, P, G: tl.constexpr, GP: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The weight columns of program j's merged gate tile: column c is gate c // BLOCK_H of unit
+    j * BLOCK_H + c % BLOCK_H (GP = G rounded up to a power of two; columns of gates >= G and
+    units >= H are masked). Returns (offsets of row gate*H + unit in w_hh [G*H, P], mask)."""
+    c = tl.arange(0, GP * BLOCK_H)
+    gate = c // BLOCK_H
+    unit = j * BLOCK_H + c % BLOCK_H
+    return (gate * H + unit) * P, (gate < G) & (unit < H)
+
+
+@triton.jit
+def _split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, GP: tl.constexpr):
+    """[BLOCK_B, GP*BLOCK_H] (columns as in _gate_columns, GP 1 or 4) -> four [BLOCK_B, BLOCK_H]
+    tiles, one per gate (all four are acc itself when GP == 1)."""
+    tl.static_assert(GP == 1 or GP == 4)
+    if GP == 1:
+        return acc, acc, acc, acc
+    else:
+        # column (2a + b) * BLOCK_H + u -> [row, u, a, b]
+        by_gate = tl.permute(tl.reshape(acc, [BLOCK_B, 2, 2, BLOCK_H]), (0, 3, 1, 2))
+        even, odd = tl.split(by_gate)  # b = 0: gates 0, 2; b = 1: gates 1, 3
+        g0, g2 = tl.split(even)
+        g1, g3 = tl.split(odd)
+        return g0, g1, g2, g3
 
 
 @triton.jit
 def _streamed_matmul(a_ptr, a_rows, extra_ptr, extra_rows, extra_valid, row_mask, K,
-                     w_ptr, stride_k, n, N, stride_n, HAS_EXTRA: tl.constexpr,
+                     w_ptr, stride_k, n_offsets, n_mask, HAS_EXTRA: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """[BLOCK_B, BLOCK_N] float32: rows of a (see _load_rows) @ weight tile, K in BLOCK_K chunks.
 
-    n: [BLOCK_N] weight columns; the weight element (k, n) is w_ptr[k * stride_k + n * stride_n].
+    The weight element (k, n) is w_ptr[k * stride_k + n_offsets[n]] (0 where not n_mask[n]).
     """
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = _load_rows(a_ptr, a_rows, extra_ptr, extra_rows, extra_valid, row_mask, k, K,
                        HAS_EXTRA)
-        w = _load_weight(w_ptr, k, K, n, N, stride_k, stride_n)
+        w = _load_weight(w_ptr, k, K, n_offsets, n_mask, stride_k)
         acc = _dot(a, w, acc, DOT_FP32, INPUT_PRECISION)
     return acc
 
@@ -159,17 +198,19 @@ def _recurrence_fwd_kernel(
     m_state_ptr,  # [D, B, H] float32: o * tanh(c) of the step (HAS_PROJ)
     c_state_ptr,  # [D, B, H] float32: cell state (LSTM), c0 on entry, c_n on exit
     counter_ptr,  # [D] int32 barrier arrivals
-    B, T, H, P, phase_begin, phase_end, num_programs,
-    CELL: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
+    B, T, H, P, phase_begin, phase_end, num_programs, spin_limit,
+    CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, WS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    RESIDENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_KH: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Run phases phase_begin .. phase_end of the forward recurrence (see the module docstring).
 
-    BLOCK_K: K chunk over P of the gate matmuls, BLOCK_KH: K chunk over H of the projection
-    (all of it when RESIDENT).
+    GP: G rounded up to a power of two: the gates of own units form one [P, GP*BLOCK_H] weight
+    tile and one matmul (_gate_columns). BLOCK_K: K chunk over P of that matmul, BLOCK_KH: K
+    chunk over H of the projection (all of it when RESIDENT).
     """
     j = tl.program_id(0)
     d = tl.program_id(1)
@@ -180,21 +221,17 @@ def _recurrence_fwd_kernel(
     w_gates_ptr = w_hh_ptr + d * G * H * P
     w_proj_ptr = w_hr_ptr + d * P * H
     bias_ptr = b_hh_ptr + d * G * H
-    if RESIDENT:  # weight slices kept on-chip for the whole sequence; tile [k, unit]
+    gate_offsets, gate_mask = _gate_columns(j, H, P, G, GP, BLOCK_H)
+    if RESIDENT:  # weight slices kept on-chip for the whole sequence
         k_all = tl.arange(0, BLOCK_K)
-        w0 = _load_weight(w_gates_ptr, k_all, P, units, H, 1, P)
-        if G > 1:
-            w1 = _load_weight(w_gates_ptr + H * P, k_all, P, units, H, 1, P)
-            w2 = _load_weight(w_gates_ptr + 2 * H * P, k_all, P, units, H, 1, P)
-        if G > 3:
-            w3 = _load_weight(w_gates_ptr + 3 * H * P, k_all, P, units, H, 1, P)
+        w_gates = _load_weight(w_gates_ptr, k_all, P, gate_offsets, gate_mask, 1)  # [P, GP*BH]
         if HAS_PROJ:
             k_hidden = tl.arange(0, BLOCK_KH)
-            w_proj = _load_weight(w_proj_ptr, k_hidden, H, cols, P, 1, H)  # [H, own cols]
+            w_proj = _load_weight(w_proj_ptr, k_hidden, H, cols * H, cols < P, 1)  # [H, own cols]
 
     for ph in range(phase_begin, phase_end):
         s = ph // PHASES
-        _wait_for_arrivals(counter_ptr + d, num_programs * ph)
+        _wait_for_arrivals(counter_ptr + d, num_programs * ph, spin_limit)
         h_prev_ptr = h_state_ptr + ((s % 2) * D + d) * B * P
         h_next_ptr = h_state_ptr + (((s + 1) % 2) * D + d) * B * P
         if ph % PHASES == 0:  # cell phase: own units of every row
@@ -207,34 +244,14 @@ def _recurrence_fwd_kernel(
                 if RESIDENT:
                     h_prev = _load_rows(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid, row_mask,
                                         k_all, P, False)
-                    acc0 = _dot(h_prev, w0, tl.zeros([BLOCK_B, BLOCK_H], tl.float32),
-                                DOT_FP32, INPUT_PRECISION)
-                    if G > 1:
-                        acc1 = _dot(h_prev, w1, tl.zeros([BLOCK_B, BLOCK_H], tl.float32),
-                                    DOT_FP32, INPUT_PRECISION)
-                        acc2 = _dot(h_prev, w2, tl.zeros([BLOCK_B, BLOCK_H], tl.float32),
-                                    DOT_FP32, INPUT_PRECISION)
-                    if G > 3:
-                        acc3 = _dot(h_prev, w3, tl.zeros([BLOCK_B, BLOCK_H], tl.float32),
-                                    DOT_FP32, INPUT_PRECISION)
+                    acc = _dot(h_prev, w_gates, tl.zeros([BLOCK_B, GP * BLOCK_H], tl.float32),
+                               DOT_FP32, INPUT_PRECISION)
                 else:
-                    acc0 = _streamed_matmul(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid,
-                                            row_mask, P, w_gates_ptr, 1, units, H, P, False,
-                                            BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32, INPUT_PRECISION)
-                    if G > 1:
-                        acc1 = _streamed_matmul(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid,
-                                                row_mask, P, w_gates_ptr + H * P, 1, units, H, P,
-                                                False, BLOCK_B, BLOCK_H, BLOCK_K, DOT_FP32,
-                                                INPUT_PRECISION)
-                        acc2 = _streamed_matmul(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid,
-                                                row_mask, P, w_gates_ptr + 2 * H * P, 1, units,
-                                                H, P, False, BLOCK_B, BLOCK_H, BLOCK_K,
-                                                DOT_FP32, INPUT_PRECISION)
-                    if G > 3:
-                        acc3 = _streamed_matmul(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid,
-                                                row_mask, P, w_gates_ptr + 3 * H * P, 1, units,
-                                                H, P, False, BLOCK_B, BLOCK_H, BLOCK_K,
-                                                DOT_FP32, INPUT_PRECISION)
+                    acc = _streamed_matmul(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid,
+                                           row_mask, P, w_gates_ptr, 1, gate_offsets, gate_mask,
+                                           False, BLOCK_B, GP * BLOCK_H, BLOCK_K, DOT_FP32,
+                                           INPUT_PRECISION)
+                acc0, acc1, acc2, acc3 = _split_gates(acc, BLOCK_B, BLOCK_H, GP)
                 x_rows = t_row * stride_xt + rows * stride_xb + d * G * H
                 ws_rows = ((t_row * B + rows) * D + d) * (WS * H)
                 out_ptrs = output_ptr + (t_row * B + rows)[:, None] * (D * P) + d * P + units[None, :]
@@ -306,8 +323,8 @@ def _recurrence_fwd_kernel(
                                      DOT_FP32, INPUT_PRECISION)
                     else:
                         h_new = _streamed_matmul(m_ptr, m_rows, m_ptr, m_rows, valid, row_mask, H,
-                                                 w_proj_ptr, 1, cols, P, H, False, BLOCK_B, BLOCK_R,
-                                                 BLOCK_KH, DOT_FP32, INPUT_PRECISION)
+                                                 w_proj_ptr, 1, cols * H, cols < P, False, BLOCK_B,
+                                                 BLOCK_R, BLOCK_KH, DOT_FP32, INPUT_PRECISION)
                     h_cols = (rows * P)[:, None] + cols[None, :]
                     h_own = tl.load(h_prev_ptr + h_cols, mask=mask, other=0.0)
                     tl.store(h_next_ptr + h_cols, tl.where(keep, h_new, h_own), mask=mask)
@@ -333,7 +350,7 @@ def _recurrence_bwd_kernel(
     grad_h_state_ptr,  # [2, D, B, P] float32: grad of h after step s in buffer (T-1-s) % 2
     grad_c_state_ptr,  # [D, B, H] float32: grad of c (LSTM), grad_c_n on entry, grad_c0 on exit
     counter_ptr,  # [D] int32 barrier arrivals
-    B, T, H, P, phase_begin, phase_end, num_programs,
+    B, T, H, P, phase_begin, phase_end, num_programs, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -356,17 +373,17 @@ def _recurrence_bwd_kernel(
     go_ptr = grad_output_ptr + d * P
     if RESIDENT:
         k_gates = tl.arange(0, BLOCK_K)
-        w_cols = _load_weight(w_gates_ptr, k_gates, GH, cols, P, P, 1)  # [G*H, own cols]
+        w_cols = _load_weight(w_gates_ptr, k_gates, GH, cols, cols < P, P)  # [G*H, own cols]
         if HAS_PROJ:
             k_proj = tl.arange(0, BLOCK_KP)
-            w_units = _load_weight(w_proj_ptr, k_proj, P, units, H, H, 1)  # [P, own units]
+            w_units = _load_weight(w_proj_ptr, k_proj, P, units, units < H, H)  # [P, own units]
 
     for ph in range(phase_begin, phase_end):
         s = T - 1 - ph // 2
         if HAS_PROJ:
-            _wait_for_arrivals(counter_ptr + d, num_programs * ph)
+            _wait_for_arrivals(counter_ptr + d, num_programs * ph, spin_limit)
         elif ph % 2 == 1:  # without projection the cell phase reads only its own columns
-            _wait_for_arrivals(counter_ptr + d, num_programs * ph)
+            _wait_for_arrivals(counter_ptr + d, num_programs * ph, spin_limit)
         grad_in_ptr = grad_h_state_ptr + (((ph // 2) % 2) * D + d) * B * P
         grad_out_ptr = grad_h_state_ptr + (((ph // 2 + 1) % 2) * D + d) * B * P
         if ph % 2 == 0:  # cell phase: own units
@@ -388,7 +405,7 @@ def _recurrence_bwd_kernel(
                                       INPUT_PRECISION)
                     else:
                         grad_h = _streamed_matmul(grad_in_ptr, rows * P, go_ptr, go_rows, valid,
-                                                  row_mask, P, w_proj_ptr, H, units, H, 1,
+                                                  row_mask, P, w_proj_ptr, H, units, units < H,
                                                   HAS_GRAD_OUTPUT, BLOCK_B, BLOCK_H, BLOCK_KP,
                                                   DOT_FP32, INPUT_PRECISION)
                 else:
@@ -474,7 +491,8 @@ def _recurrence_bwd_kernel(
                                      DOT_FP32, INPUT_PRECISION)
                 else:
                     grad_prev = _streamed_matmul(grad_hg_ptr, hg_rows, grad_hg_ptr, hg_rows,
-                                                 valid, row_mask, GH, w_gates_ptr, P, cols, P, 1,
+                                                 valid, row_mask, GH, w_gates_ptr, P, cols,
+                                                 cols < P,
                                                  False, BLOCK_B, BLOCK_R, BLOCK_K, DOT_FP32,
                                                  INPUT_PRECISION)
                 grad_cols = (rows * P)[:, None] + cols[None, :]

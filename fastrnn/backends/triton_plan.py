@@ -1,0 +1,394 @@
+"""Plans for the `triton` backend, chosen from what the compiler reports for each kernel.
+
+Legend as in base.py. A plan fixes the tiling (hidden units and output columns per program, batch
+rows per chunk, K chunk), whether the weight slices stay on-chip (resident) or are streamed from
+L2 each step, and whether one launch runs the whole sequence (persistent) or one launch runs each
+phase (step-wise). A persistent launch spins at a grid barrier, so all of its programs must be
+resident at once: a persistent plan is taken only when the compiled kernel (registers, spills,
+shared memory, from `ptxas -v` on the PTX Triton produces for the target) fits the device with
+every program co-resident. Nothing here is a guessed budget: candidates are compiled and the first
+that fits is taken, in the order resident persistent, streamed persistent, step-wise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+from ..cells import CellSpec
+from .base import LayerConfig, workspace_dtype
+
+MIN_BLOCK = 16  # smallest tl.dot tile side
+STREAM_BLOCK_K = 64
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a layer is tiled and launched.
+
+    block_h: hidden units per program; block_r: output columns (of P) per program, equal to
+    block_h without projection; block_b: batch rows per chunk; resident: weight slices loaded
+    once and kept on-chip, else streamed in block_k chunks every phase; persistent: one launch
+    runs every phase (all programs co-resident), else one launch per phase; num_warps per program.
+    """
+
+    block_h: int
+    block_r: int
+    block_b: int
+    resident: bool
+    persistent: bool
+    block_k: int = STREAM_BLOCK_K
+    num_warps: int = 4
+
+    def num_programs(self, hidden: int) -> int:
+        return cdiv(hidden, self.block_h)
+
+    @property
+    def kind(self) -> str:
+        if not self.persistent:
+            return "step-wise"
+        return "persistent" if self.resident else "streamed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """What a GPU allows one kernel launch (per SM unless stated)."""
+
+    name: str
+    arch: int  # compute capability as 90 for sm_90
+    sm_count: int
+    registers: int = 65536
+    shared_bytes: int = 233472  # per SM
+    shared_bytes_per_program: int = 232448  # opt-in maximum for one block
+    max_threads: int = 2048
+    max_programs: int = 32
+    warp_size: int = 32
+
+
+# Offline targets: the device each --target of gpu_report stands for.
+TARGETS = {"sm_90": Device("H100/H200 (sm_90)", 90, 132)}
+
+
+@functools.cache
+def cuda_device(index: int) -> Device:
+    """The limits of CUDA device `index`, from the driver."""
+    props = torch.cuda.get_device_properties(index)
+    return Device(
+        name=props.name, arch=props.major * 10 + props.minor,
+        sm_count=props.multi_processor_count,
+        registers=getattr(props, "regs_per_multiprocessor", 65536),
+        shared_bytes=getattr(props, "shared_memory_per_multiprocessor", 233472),
+        shared_bytes_per_program=getattr(props, "shared_memory_per_block_optin", 232448),
+        max_threads=getattr(props, "max_threads_per_multi_processor", 2048),
+        warp_size=getattr(props, "warp_size", 32),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What ptxas reports for one compiled kernel variant."""
+
+    registers: int  # per thread
+    spill_bytes: int  # spill stores + spill loads
+    shared_bytes: int  # Triton's shared memory per program
+    num_warps: int
+
+    def programs_per_sm(self, device: Device) -> int:
+        """How many programs of this kernel one SM holds at once (CUDA occupancy rules: registers
+        allocated per warp in units of 256, shared memory with 1 KB reserved per block)."""
+        threads = self.num_warps * device.warp_size
+        by_threads = device.max_threads // threads
+        registers_per_warp = -(-max(self.registers, 1) * device.warp_size // 256) * 256
+        by_registers = device.registers // (registers_per_warp * self.num_warps)
+        by_shared = (device.shared_bytes // (self.shared_bytes + 1024) if self.shared_bytes
+                     else device.max_programs)
+        return min(by_threads, by_registers, by_shared, device.max_programs)
+
+    def why_not(self, device: Device, programs: int) -> str:
+        """Why `programs` programs of this kernel cannot all be co-resident without spills on
+        `device`, or "" when they can."""
+        if self.spill_bytes:
+            return f"{self.spill_bytes} bytes of register spills"
+        if self.shared_bytes > device.shared_bytes_per_program:
+            return (f"{self.shared_bytes} bytes of shared memory per program "
+                    f"(the device allows {device.shared_bytes_per_program})")
+        resident = self.programs_per_sm(device) * device.sm_count
+        if programs > resident:
+            return f"{programs} programs but only {resident} can be resident at once"
+        return ""
+
+
+def _ptxas() -> str:
+    """The newest ptxas that ships with Triton (its PTX may be newer than the system's ptxas)."""
+    from triton.backends import nvidia
+    folder = os.path.join(os.path.dirname(nvidia.__file__), "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    return "ptxas"
+
+
+def _pointer_type(dtype: torch.dtype) -> str:
+    return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                  torch.int32: "i32", torch.int64: "i64"}[dtype]
+
+
+@functools.cache
+def compiled_resources(kernel_name: str, signature: tuple, constexprs: tuple, num_warps: int,
+                       arch: int) -> Resources:
+    """Compile kernel `kernel_name` of triton_kernels.recurrence for sm_`arch` (no GPU needed)
+    and read its resources: registers and spills from `ptxas -v`, shared memory from Triton."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..triton_kernels import recurrence
+
+    kernel = getattr(recurrence, kernel_name)
+    source = ASTSource(kernel, dict(signature), dict(constexprs))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": 1,
+                                       "enable_fp_fusion": True})
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "kernel.ptx")
+        with open(ptx, "w") as file:
+            file.write(compiled.asm["ptx"])
+        report = subprocess.run([_ptxas(), f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
+                                 os.path.join(folder, "kernel.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return Resources(registers=int(registers.group(1)),
+                     spill_bytes=int(spills.group(1)) + int(spills.group(2)),
+                     shared_bytes=int(compiled.metadata.shared), num_warps=num_warps)
+
+
+# --- the kernels' launch contract: constexprs and pointer dtypes of each pass -------------------
+
+_CELL_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+_RUNTIME_INTS = ("B", "T", "H", "P", "phase_begin", "phase_end", "num_programs", "spin_limit")
+
+
+def block_k(plan: Plan, size: int) -> int:
+    """K chunk of a matmul over `size`: all of it (as a power of two >= 16) when resident."""
+    return max(MIN_BLOCK, pow2(size)) if plan.resident else plan.block_k
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """float32 dots (tf32 only where torch allows it); bfloat16 in float32 under the interpreter,
+    whose bfloat16 dot is wrong."""
+    dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {"DOT_FP32": dot_fp32, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
+
+
+def forward_constexprs(config: LayerConfig, plan: Plan, has_bias: bool = True) -> dict:
+    cell, out_size = config.cell, config.proj_size or config.hidden_size
+    return dict(CELL=_CELL_IDS[cell.name], G=cell.gates, GP=pow2(cell.gates),
+                WS=cell.workspace_gates, HAS_BIAS=has_bias, HAS_PROJ=config.proj_size > 0,
+                HAS_LENGTHS=config.variable_lengths, RESIDENT=plan.resident,
+                BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_R=plan.block_r,
+                BLOCK_K=block_k(plan, out_size), BLOCK_KH=block_k(plan, config.hidden_size),
+                **dot_options(config.dtype))
+
+
+def backward_constexprs(config: LayerConfig, plan: Plan, has_grad_output: bool = True) -> dict:
+    cell, out_size = config.cell, config.proj_size or config.hidden_size
+    return dict(CELL=_CELL_IDS[cell.name], G=cell.gates, WS=cell.workspace_gates,
+                HAS_GRAD_OUTPUT=has_grad_output, HAS_PROJ=config.proj_size > 0,
+                HAS_LENGTHS=config.variable_lengths, RESIDENT=plan.resident,
+                BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_R=plan.block_r,
+                BLOCK_K=block_k(plan, cell.gates * config.hidden_size),
+                BLOCK_KP=block_k(plan, out_size), **dot_options(config.dtype))
+
+
+def _forward_signature(config: LayerConfig) -> dict:
+    dtype, f32 = config.dtype, torch.float32
+    proj = config.proj_size > 0
+    pointers = dict(x_ptr=dtype, h0_ptr=dtype, w_hh_ptr=dtype, b_hh_ptr=dtype,
+                    w_hr_ptr=dtype if proj else f32,
+                    lengths_ptr=torch.int64 if config.variable_lengths else torch.int32,
+                    output_ptr=dtype, workspace_ptr=workspace_dtype(dtype), h_state_ptr=f32,
+                    m_state_ptr=f32, c_state_ptr=f32, counter_ptr=torch.int32)
+    signature = {name: _pointer_type(t) for name, t in pointers.items()}
+    signature.update(stride_xt="i32", stride_xb="i32")
+    order = ["x_ptr", "stride_xt", "stride_xb", "h0_ptr", "w_hh_ptr", "b_hh_ptr", "w_hr_ptr",
+             "lengths_ptr", "output_ptr", "workspace_ptr", "h_state_ptr", "m_state_ptr",
+             "c_state_ptr", "counter_ptr"]
+    return {name: signature[name] for name in order}
+
+
+def _backward_signature(config: LayerConfig) -> dict:
+    dtype, f32 = config.dtype, torch.float32
+    pointers = dict(grad_output_ptr=dtype, h0_ptr=dtype, c0_ptr=dtype, w_hh_ptr=dtype,
+                    w_hr_ptr=dtype,
+                    lengths_ptr=torch.int64 if config.variable_lengths else torch.int32,
+                    output_ptr=dtype, workspace_ptr=workspace_dtype(dtype), grad_x_ptr=dtype,
+                    grad_hg_ptr=f32, grad_proj_ptr=f32, grad_h_state_ptr=f32,
+                    grad_c_state_ptr=f32, counter_ptr=torch.int32)
+    return {name: _pointer_type(t) for name, t in pointers.items()}
+
+
+def kernel_resources(config: LayerConfig, plan: Plan, backward: bool, arch: int) -> Resources:
+    """The compiled resources of the forward or backward kernel of `config` under `plan`."""
+    if backward:
+        name, signature = "_recurrence_bwd_kernel", _backward_signature(config)
+        constexprs = backward_constexprs(config, plan)
+    else:
+        name, signature = "_recurrence_fwd_kernel", _forward_signature(config)
+        constexprs = forward_constexprs(config, plan)
+    signature.update({runtime: "i32" for runtime in _RUNTIME_INTS})
+    signature.update({key: "constexpr" for key in constexprs})
+    return compiled_resources(name, tuple(signature.items()), tuple(constexprs.items()),
+                              plan.num_warps, arch)
+
+
+# --- choosing a plan ----------------------------------------------------------------------------
+
+def _block_r(config: LayerConfig, block_h: int) -> int:
+    hidden = config.hidden_size
+    if not config.proj_size:
+        return block_h
+    return max(MIN_BLOCK, pow2(cdiv(config.proj_size, cdiv(hidden, block_h))))
+
+
+def _block_b(config: LayerConfig) -> int:
+    return MIN_BLOCK if config.batch_size <= MIN_BLOCK else 2 * MIN_BLOCK
+
+
+def resident_bytes(config: LayerConfig, plan: Plan, backward: bool) -> int:
+    """Bytes of weights one program of the pass keeps on-chip."""
+    cell, hidden = config.cell, config.hidden_size
+    out_size = config.proj_size or hidden
+    projects = config.proj_size > 0
+    if backward:
+        elements = (pow2(cell.gates * hidden) * plan.block_r
+                    + (pow2(out_size) * plan.block_h if projects else 0))
+    else:
+        elements = (pow2(cell.gates) * plan.block_h * pow2(out_size)
+                    + (pow2(hidden) * plan.block_r if projects else 0))
+    return elements * torch.finfo(config.dtype).bits // 8
+
+
+def _smallest_block_h(config: LayerConfig, device: Device, backward: bool) -> int:
+    """The fewest hidden units per program giving at most one program per SM, and tiles of at
+    least MIN_BLOCK columns: the forward's merged gate tile has pow2(G) * block_h of them, the
+    backward's column tile block_h."""
+    block_h = MIN_BLOCK if backward else max(1, MIN_BLOCK // pow2(config.cell.gates))
+    while cdiv(config.hidden_size, block_h) * config.num_directions > device.sm_count:
+        block_h *= 2
+    return block_h
+
+
+def candidates(config: LayerConfig, device: Device, backward: bool) -> list[Plan]:
+    """Persistent plans of one pass worth compiling, best first: weights resident where their
+    bytes fit a program's shared memory (the widest batch chunk first), then the same tiling
+    with the weights streamed from L2."""
+    block_h = _smallest_block_h(config, device, backward)
+    block_r = _block_r(config, block_h)
+    plans = []
+    for block_b in sorted({_block_b(config), MIN_BLOCK}, reverse=True):
+        for num_warps in (8, 4):
+            plan = Plan(block_h, block_r, block_b, resident=True, persistent=True,
+                        num_warps=num_warps)
+            if resident_bytes(config, plan, backward) <= device.shared_bytes_per_program:
+                plans.append(plan)
+    for num_warps in (4, 8):
+        plans.append(Plan(block_h, block_r, MIN_BLOCK, resident=False, persistent=True,
+                          block_k=32, num_warps=num_warps))
+    return plans
+
+
+def stepwise_plan(config: LayerConfig) -> Plan:
+    block_h = 2 * MIN_BLOCK
+    return Plan(block_h, _block_r(config, block_h), _block_b(config), resident=False,
+                persistent=False, num_warps=4)
+
+
+def interpreter_plan(config: LayerConfig) -> Plan:
+    """The interpreter runs programs one after another: one program holds the whole layer."""
+    block_h = max(MIN_BLOCK, pow2(config.hidden_size))
+    return Plan(block_h, _block_r(config, block_h), _block_b(config), resident=True,
+                persistent=True, num_warps=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A plan for one pass, the compiled resources behind it and why better plans were passed."""
+
+    plan: Plan
+    resources: Resources | None
+    rejected: tuple[str, ...]
+
+
+def choose(config: LayerConfig, device: Device, backward: bool) -> Choice:
+    """The first candidate whose compiled kernel fits `device` with all programs co-resident,
+    else the step-wise plan (with the reasons every candidate was rejected)."""
+    rejected = []
+    for plan in candidates(config, device, backward):
+        resources = kernel_resources(config, plan, backward, device.arch)
+        programs = plan.num_programs(config.hidden_size) * config.num_directions
+        reason = resources.why_not(device, programs)
+        if not reason:
+            return Choice(plan, resources, tuple(rejected))
+        rejected.append(f"{plan.kind} block_h={plan.block_h} block_b={plan.block_b} "
+                        f"num_warps={plan.num_warps}: {reason}")
+    plan = stepwise_plan(config)
+    return Choice(plan, kernel_resources(config, plan, backward, device.arch), tuple(rejected))
+
+
+# --- the cost model of gpu_report ---------------------------------------------------------------
+
+# From ../shared/ANCHORS.md (H100): a Triton atomics-and-spin grid barrier over 128 programs costs
+# 0.9 us; exchanging a B x H fp16 state through global memory adds 1.9 us when each program's share
+# of reads grows by 64 KB (B64 H512 -> B64 H1024), i.e. ~34 bytes per ns per SM from L2.
+BARRIER_US = 0.9
+L2_BYTES_PER_US_PER_SM = 34_000
+
+
+def estimate_us_per_step(config: LayerConfig, plan: Plan, backward: bool) -> float:
+    """Modelled time of one step of one program (all directions run at once): a barrier per
+    phase plus what the program reads from L2 in that step, at one SM's share of L2 bandwidth.
+    Step-wise plans add one kernel launch from Python per phase (4.3 us, ANCHORS.md)."""
+    hidden, batch = config.hidden_size, config.batch_size
+    out_size = config.proj_size or hidden
+    gates = config.cell.gates
+    weight_bytes = torch.finfo(config.dtype).bits // 8
+    chunks = cdiv(batch, plan.block_b)
+    streamed = 0 if plan.resident else 1
+    if backward:
+        phases = 2
+        # cell phase: workspace and incoming gradient rows of own units; hidden phase: all of
+        # grad_hg [B, G*H] in float32 and the weight columns of own outputs.
+        read = (batch * plan.block_h * (config.cell.workspace_gates + 2) * 4
+                + batch * gates * hidden * 4
+                + streamed * chunks * gates * hidden * plan.block_r * weight_bytes)
+    else:
+        phases = 2 if config.proj_size else 1
+        # every program reads all of h [B, P] in float32, and its weight rows when streamed.
+        read = (batch * out_size * 4
+                + streamed * chunks * gates * plan.block_h * out_size * weight_bytes)
+        if config.proj_size:
+            read += batch * hidden * 4 + streamed * chunks * hidden * plan.block_r * weight_bytes
+    launch = 0.0 if plan.persistent else 4.3 * phases
+    return phases * BARRIER_US + launch + read / L2_BYTES_PER_US_PER_SM

@@ -1,0 +1,72 @@
+"""The benchmarked layer shapes, shared by `pytest benchmarks/`, `python -m fastrnn` and
+`python -m fastrnn.gpu_report`.
+
+Legend: B batch, T time steps, I input size, H hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmarked layer shape."""
+
+    suite: str  # where the shape comes from: "fastrnns", "deepbench-train", ...
+    mode: str  # "LSTM", "GRU" or "RNN" (tanh)
+    batch: int
+    seq: int
+    hidden: int
+    input: int = 0  # 0: same as hidden
+    layers: int = 1
+    bidirectional: bool = False
+    packed: bool = False  # lengths uniform in [T/3, T]
+    passes: tuple[str, ...] = PASSES
+    dtypes: tuple[str, ...] = ("fp32",)
+    small: bool = False  # cheap enough to time the reference backend by default
+
+    @property
+    def input_size(self) -> int:
+        return self.input or self.hidden
+
+    @property
+    def label(self) -> str:
+        parts = [self.suite, self.mode.lower()]
+        if self.layers > 1:
+            parts.append(f"{self.layers}L")
+        if self.bidirectional:
+            parts.append("bi")
+        if self.packed:
+            parts.append("packed")
+        parts.append(f"B{self.batch}-T{self.seq}-I{self.input_size}-H{self.hidden}")
+        return "-".join(parts)
+
+
+def gpu_configs() -> list[Config]:
+    half = ("fp32", "bf16", "fp16")
+    configs = [Config("fastrnns", "LSTM", 64, 100, 512, dtypes=half)]
+    configs += [Config("deepbench-train", "LSTM", batch, 25, hidden, dtypes=half)
+                for hidden in (512, 1024, 2048) for batch in (16, 64)]
+    configs += [Config("deepbench-infer", "LSTM", batch, 25, 512, passes=("fwd",), dtypes=half,
+                       small=True) for batch in (1, 4)]
+    configs += [
+        Config("long", "LSTM", 16, 1024, 768, dtypes=half),
+        Config("packed", "LSTM", 64, 100, 512, packed=True, dtypes=half),
+        Config("bidir", "LSTM", 64, 100, 512, layers=2, bidirectional=True, dtypes=half),
+        Config("gru", "GRU", 64, 100, 512, dtypes=half),
+        Config("rnn", "RNN", 64, 100, 512, dtypes=half),
+        Config("latency", "LSTM", 1, 100, 256, dtypes=half, small=True),
+    ]
+    return configs
+
+
+def cpu_configs(quick: bool) -> list[Config]:
+    small = [Config("cpu-small", mode, 16, 50, 256, small=True) for mode in ("LSTM", "GRU", "RNN")]
+    small += [Config("cpu-small", "LSTM", 16, 50, 256, dtypes=("bf16",), small=True),
+              Config("cpu-small", "LSTM", 16, 50, 256, packed=True, small=True)]
+    if quick:
+        return small + [Config("fastrnns", "LSTM", 64, 100, 512, passes=("fwd",))]
+    return small + [Config("fastrnns", mode, 64, 100, 512) for mode in ("LSTM", "GRU", "RNN")]
