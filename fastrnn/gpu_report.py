@@ -54,9 +54,10 @@ def triton_report(target: str, which: str) -> int:
     print(f"# triton plans for {device.name}, {device.sm_count} SMs; us/step modelled "
           f"(barrier {triton_plan.BARRIER_US} us per phase + L2 reads at "
           f"{triton_plan.L2_BYTES_PER_US_PER_SM // 1000} B/ns per SM), not measured")
-    header = ("config", "dtype", "pass", "plan", "programs", "warps", "regs", "spills", "shared",
-              "fits", "us/step")
-    rows, fitting, broken = [], 0, 0
+    widths = (42, 5, 4, 10, 8, 5, 4, 6, 6, 4, 7)
+    _print_row(("config", "dtype", "pass", "plan", "programs", "warps", "regs", "spills",
+                "shared", "fits", "us/step"), widths)
+    lines, fitting, broken = 0, 0, 0
     for config in _configs(which):
         for dtype in config.dtypes:
             layer = _layer(config, dtype)
@@ -68,17 +69,17 @@ def triton_report(target: str, which: str) -> int:
                 programs = plan.num_programs(layer.hidden_size) * layer.num_directions
                 reason = resources.why_not(device, programs) if plan.persistent else ""
                 fits = plan.persistent and not reason
+                lines += 1
                 fitting += fits
                 broken += plan.persistent and bool(reason)
                 estimate = triton_plan.estimate_us_per_step(layer, plan, backward)
-                rows.append((config.label, dtype, "bwd" if backward else "fwd", plan.kind,
-                             str(programs), str(plan.num_warps), str(resources.registers),
-                             str(resources.spill_bytes), str(resources.shared_bytes),
-                             "yes" if fits else "no", f"{estimate:.1f}"))
+                _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.kind,
+                            programs, plan.num_warps, resources.registers, resources.spill_bytes,
+                            resources.shared_bytes, "yes" if fits else "no", f"{estimate:.1f}"),
+                           widths)
                 for rejected in choice.rejected:
-                    rows.append(("", "", "", f"  (passed over: {rejected})", *[""] * 7))
-    _print_table(header, rows)
-    print(f"fits: {fitting}/{sum(1 for row in rows if row[0])}")
+                    print(" " * (widths[0] + 2) + f"(passed over: {rejected})", flush=True)
+    print(f"fits: {fitting}/{lines}")
     return 1 if broken else 0
 
 
@@ -88,8 +89,9 @@ def cuda_report(target: str) -> int:
     if nvcc is None:
         print("nvcc is not on PATH: the cuda kernels cannot be compiled here")
         return 1
-    header = ("kernel", "regs", "spill stores", "spill loads", "shared")
-    rows, clean = [], 0
+    widths = (52, 4, 12, 11, 6)
+    _print_row(("kernel", "regs", "spill stores", "spill loads", "shared"), widths)
+    kernels, clean = 0, 0
     with tempfile.TemporaryDirectory() as folder:
         for source in sorted(CUDA_SOURCES.glob("*.cu")):
             result = subprocess.run(
@@ -102,23 +104,26 @@ def cuda_report(target: str) -> int:
                 spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
                 shared = re.search(r"(\d+) bytes smem", body)
                 stores, loads = (spills.group(1), spills.group(2)) if spills else ("0", "0")
+                kernels += 1
                 clean += stores == "0" and loads == "0"
-                rows.append((name, registers.group(1) if registers else "?", stores, loads,
-                             shared.group(1) if shared else "0"))
-    _print_table(header, rows)
-    print(f"no spills: {clean}/{len(rows)} (plans are chosen at run time by the cuda binding)")
+                _print_row((_readable(name), registers.group(1) if registers else "?", stores, loads,
+                            shared.group(1) if shared else "0"), widths)
+    print(f"no spills: {clean}/{kernels} (plans are chosen at run time by the cuda binding)")
     return 0
 
 
-def _print_table(header: tuple, rows: list[tuple]) -> None:
-    table = [header] + [row for row in rows if row[0]]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        if row[0]:
-            print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
-        else:
-            print(" " * (widths[0] + 2) + row[3].strip())
+def _readable(symbol: str) -> str:
+    """forward_kernel<LstmCell, float> for a mangled kernel symbol (c++filt where installed)."""
+    filt = shutil.which("c++filt")
+    if filt is None:
+        return symbol
+    name = subprocess.run([filt, symbol], capture_output=True, text=True).stdout.strip()
+    name = re.sub(r"fastrnn::|\(anonymous namespace\)::", "", name)
+    return re.sub(r"^void |\([^()]*\)$", "", name)
+
+
+def _print_row(values: tuple, widths: tuple) -> None:
+    print("  ".join(str(v).ljust(w) for v, w in zip(values, widths)).rstrip(), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

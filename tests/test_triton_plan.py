@@ -59,7 +59,7 @@ def test_candidates_have_at_most_one_program_per_sm(name, hidden, directions, ba
     for plan in plans:
         assert plan.num_programs(hidden) * directions <= H100.sm_count
         columns = plan.block_h * (1 if backward else triton_plan.pow2(config.cell.gates))
-        assert columns >= triton_plan.MIN_BLOCK  # the matmul tile's columns
+        assert columns >= triton_plan.MIN_COLUMNS  # the matmul tile's columns
     resident = [plan for plan in plans if plan.resident]
     for plan in resident:  # only offered when the weight slices could fit a program
         assert triton_plan.resident_bytes(config, plan, backward) <= H100.shared_bytes_per_program
@@ -146,3 +146,18 @@ def test_gpu_report_small_configs_all_fit():
         assert int(programs) <= H100.sm_count and int(regs) <= 255
     total = len(lines)
     assert result.stdout.splitlines()[-1] == f"fits: {total}/{total}"
+
+
+def test_a_candidate_that_does_not_compile_is_passed_over(monkeypatch):
+    fits = triton_plan.Resources(96, 0, 8192, 4)
+
+    def resources(config, plan, backward, arch):
+        if plan.resident:
+            raise ValueError("dot shape too small\nmore")
+        return fits
+
+    monkeypatch.setattr(triton_plan, "kernel_resources", resources)
+    choice = triton_plan.choose(_config("lstm", 512), H100, backward=True)
+    assert choice.plan.kind == "streamed"
+    assert choice.rejected and all("does not compile (ValueError: dot shape too small)" in reason
+                                   for reason in choice.rejected)

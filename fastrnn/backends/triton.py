@@ -19,7 +19,7 @@ import torch
 from ..cells import CellSpec
 from .base import Backend, LayerConfig, workspace_dtype
 from .triton_plan import (Plan, backward_constexprs, choose, cuda_device, forward_constexprs,
-                          interpreter_plan, interpreting)
+                          interpreter_plan, interpreting, state_dtype)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
@@ -63,6 +63,14 @@ def plan_layer(config: LayerConfig, device: torch.device, backward: bool = False
     return choice.plan
 
 
+@functools.cache
+def _cooperative_launch_option() -> dict:
+    """{"launch_cooperative_grid": True} where the installed Triton can launch cooperatively."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
+    return {"launch_cooperative_grid": True} if "launch_cooperative_grid" in fields else {}
+
+
 def _launch_phases(kernel, plan: Plan, num_programs: int, num_directions: int, num_phases: int,
                    counter: torch.Tensor, **arguments) -> None:
     """Run phases 0 .. num_phases of `kernel`: in one cooperative launch when the plan is
@@ -71,7 +79,7 @@ def _launch_phases(kernel, plan: Plan, num_programs: int, num_directions: int, n
     per_launch = num_phases if plan.persistent else 1
     grid = (num_programs, num_directions)
     on_gpu = counter.device.type == "cuda"
-    options = {"launch_cooperative_grid": True} if on_gpu and plan.persistent else {}
+    options = _cooperative_launch_option() if on_gpu and plan.persistent else {}
     spin_limit = _SPIN_LIMIT if on_gpu else _INTERPRETER_SPIN_LIMIT
     for begin in range(0, num_phases, per_launch):
         kernel[grid](phase_begin=begin, phase_end=min(begin + per_launch, num_phases),
@@ -125,7 +133,7 @@ def forward_layer(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, pl
     dtype = x_gates.dtype
     if x_gates.stride(2) != 1:
         x_gates = x_gates.contiguous()
-    h_state = x_gates.new_empty(2, num_directions, batch, out_size, dtype=torch.float32)
+    h_state = x_gates.new_empty(2, num_directions, batch, out_size, dtype=state_dtype(dtype))
     h_state[0] = h0
     c_state = c0.to(torch.float32, copy=True).contiguous() if cell.has_cell_state else h_state
     m_state = (x_gates.new_empty(num_directions, batch, hidden, dtype=torch.float32)

@@ -24,7 +24,8 @@ import torch
 from ..cells import CellSpec
 from .base import LayerConfig, workspace_dtype
 
-MIN_BLOCK = 16  # smallest tl.dot tile side
+MIN_BLOCK = 16  # tl.dot tile side every supported Triton accepts
+MIN_COLUMNS = 8  # narrowest weight tile tried (Triton pads M and N of a dot up to the MMA's)
 STREAM_BLOCK_K = 64
 
 
@@ -202,6 +203,18 @@ def dot_options(dtype: torch.dtype) -> dict:
     return {"DOT_FP32": dot_fp32, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype h is exchanged in between programs: the layer's own for 16-bit layers (their
+    dots round h to it anyway), else float32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def exchanges_grad_x(config: LayerConfig) -> bool:
+    """Whether the backward's hidden phase reads the 16-bit grad_x in place of the float32
+    grad_hg: for 16-bit LSTM and RNN layers, where the two are equal."""
+    return config.cell.name != "gru" and config.dtype in (torch.float16, torch.bfloat16)
+
+
 def forward_constexprs(config: LayerConfig, plan: Plan, has_bias: bool = True) -> dict:
     cell, out_size = config.cell, config.proj_size or config.hidden_size
     return dict(CELL=_CELL_IDS[cell.name], G=cell.gates, GP=pow2(cell.gates),
@@ -215,7 +228,8 @@ def forward_constexprs(config: LayerConfig, plan: Plan, has_bias: bool = True) -
 def backward_constexprs(config: LayerConfig, plan: Plan, has_grad_output: bool = True) -> dict:
     cell, out_size = config.cell, config.proj_size or config.hidden_size
     return dict(CELL=_CELL_IDS[cell.name], G=cell.gates, WS=cell.workspace_gates,
-                HAS_GRAD_OUTPUT=has_grad_output, HAS_PROJ=config.proj_size > 0,
+                HAS_GRAD_OUTPUT=has_grad_output,
+                GRAD_X_IS_GRAD_HG=exchanges_grad_x(config), HAS_PROJ=config.proj_size > 0,
                 HAS_LENGTHS=config.variable_lengths, RESIDENT=plan.resident,
                 BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_R=plan.block_r,
                 BLOCK_K=block_k(plan, cell.gates * config.hidden_size),
@@ -224,12 +238,14 @@ def backward_constexprs(config: LayerConfig, plan: Plan, has_grad_output: bool =
 
 def _forward_signature(config: LayerConfig) -> dict:
     dtype, f32 = config.dtype, torch.float32
-    proj = config.proj_size > 0
-    pointers = dict(x_ptr=dtype, h0_ptr=dtype, w_hh_ptr=dtype, b_hh_ptr=dtype,
-                    w_hr_ptr=dtype if proj else f32,
+    pointers = dict(x_ptr=dtype, h0_ptr=dtype, w_hh_ptr=dtype, b_hh_ptr=dtype, w_hr_ptr=dtype,
                     lengths_ptr=torch.int64 if config.variable_lengths else torch.int32,
-                    output_ptr=dtype, workspace_ptr=workspace_dtype(dtype), h_state_ptr=f32,
-                    m_state_ptr=f32, c_state_ptr=f32, counter_ptr=torch.int32)
+                    output_ptr=dtype, workspace_ptr=workspace_dtype(dtype),
+                    h_state_ptr=state_dtype(dtype),
+                    # placeholders (h_state) where the layer has no projection or cell state
+                    m_state_ptr=f32 if config.proj_size else state_dtype(dtype),
+                    c_state_ptr=f32 if config.cell.has_cell_state else state_dtype(dtype),
+                    counter_ptr=torch.int32)
     signature = {name: _pointer_type(t) for name, t in pointers.items()}
     signature.update(stride_xt="i32", stride_xb="i32")
     order = ["x_ptr", "stride_xt", "stride_xb", "h0_ptr", "w_hh_ptr", "b_hh_ptr", "w_hr_ptr",
@@ -277,45 +293,55 @@ def _block_b(config: LayerConfig) -> int:
 
 
 def resident_bytes(config: LayerConfig, plan: Plan, backward: bool) -> int:
-    """Bytes of weights one program of the pass keeps on-chip."""
+    """A lower bound of the shared memory a resident plan needs: its weight slices plus one
+    staged matmul operand (a batch chunk of h, or of the gate gradients, over the whole K).
+    Candidates above the device's limit are not compiled; the rest are judged by the compiler."""
     cell, hidden = config.cell, config.hidden_size
     out_size = config.proj_size or hidden
     projects = config.proj_size > 0
     if backward:
-        elements = (pow2(cell.gates * hidden) * plan.block_r
-                    + (pow2(out_size) * plan.block_h if projects else 0))
+        weights = (pow2(cell.gates * hidden) * plan.block_r
+                   + (pow2(out_size) * plan.block_h if projects else 0))
+        staged = plan.block_b * pow2(cell.gates * hidden)
     else:
-        elements = (pow2(cell.gates) * plan.block_h * pow2(out_size)
-                    + (pow2(hidden) * plan.block_r if projects else 0))
-    return elements * torch.finfo(config.dtype).bits // 8
+        weights = (pow2(cell.gates) * plan.block_h * pow2(out_size)
+                   + (pow2(hidden) * plan.block_r if projects else 0))
+        staged = plan.block_b * pow2(out_size)
+    return (weights + staged) * torch.finfo(config.dtype).bits // 8
 
 
-def _smallest_block_h(config: LayerConfig, device: Device, backward: bool) -> int:
-    """The fewest hidden units per program giving at most one program per SM, and tiles of at
-    least MIN_BLOCK columns: the forward's merged gate tile has pow2(G) * block_h of them, the
-    backward's column tile block_h."""
-    block_h = MIN_BLOCK if backward else max(1, MIN_BLOCK // pow2(config.cell.gates))
+def _block_h_choices(config: LayerConfig, device: Device, backward: bool) -> list[int]:
+    """Hidden units per program to try, best first: the fewest that give at most one program
+    per SM and matmul tiles of at least MIN_COLUMNS columns (the forward's merged gate tile has
+    pow2(G) * block_h, the backward's column tile block_h), then MIN_BLOCK, the smallest tile
+    side every Triton version accepts."""
+    columns = 1 if backward else pow2(config.cell.gates)
+    block_h = max(1, MIN_COLUMNS // columns)
     while cdiv(config.hidden_size, block_h) * config.num_directions > device.sm_count:
         block_h *= 2
-    return block_h
+    choices = [block_h]
+    if block_h * columns < MIN_BLOCK:
+        choices.append(MIN_BLOCK // columns)
+    return choices
 
 
 def candidates(config: LayerConfig, device: Device, backward: bool) -> list[Plan]:
     """Persistent plans of one pass worth compiling, best first: weights resident where their
     bytes fit a program's shared memory (the widest batch chunk first), then the same tiling
     with the weights streamed from L2."""
-    block_h = _smallest_block_h(config, device, backward)
-    block_r = _block_r(config, block_h)
     plans = []
-    for block_b in sorted({_block_b(config), MIN_BLOCK}, reverse=True):
-        for num_warps in (8, 4):
-            plan = Plan(block_h, block_r, block_b, resident=True, persistent=True,
-                        num_warps=num_warps)
-            if resident_bytes(config, plan, backward) <= device.shared_bytes_per_program:
-                plans.append(plan)
-    for num_warps in (4, 8):
-        plans.append(Plan(block_h, block_r, MIN_BLOCK, resident=False, persistent=True,
-                          block_k=32, num_warps=num_warps))
+    for block_h in _block_h_choices(config, device, backward):
+        block_r = _block_r(config, block_h)
+        for block_b in sorted({_block_b(config), MIN_BLOCK}, reverse=True):
+            for num_warps in (8, 4):
+                plan = Plan(block_h, block_r, block_b, resident=True, persistent=True,
+                            num_warps=num_warps)
+                if resident_bytes(config, plan, backward) <= device.shared_bytes_per_program:
+                    plans.append(plan)
+    for block_h in _block_h_choices(config, device, backward):
+        for num_warps in (4, 8):
+            plans.append(Plan(block_h, _block_r(config, block_h), MIN_BLOCK, resident=False,
+                              persistent=True, block_k=32, num_warps=num_warps))
     return plans
 
 
@@ -346,7 +372,12 @@ def choose(config: LayerConfig, device: Device, backward: bool) -> Choice:
     else the step-wise plan (with the reasons every candidate was rejected)."""
     rejected = []
     for plan in candidates(config, device, backward):
-        resources = kernel_resources(config, plan, backward, device.arch)
+        try:
+            resources = kernel_resources(config, plan, backward, device.arch)
+        except Exception as error:  # noqa: BLE001 - a candidate this Triton cannot compile
+            rejected.append(f"{plan.kind} block_h={plan.block_h}: does not compile "
+                            f"({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            continue
         programs = plan.num_programs(config.hidden_size) * config.num_directions
         reason = resources.why_not(device, programs)
         if not reason:
@@ -374,20 +405,22 @@ def estimate_us_per_step(config: LayerConfig, plan: Plan, backward: bool) -> flo
     out_size = config.proj_size or hidden
     gates = config.cell.gates
     weight_bytes = torch.finfo(config.dtype).bits // 8
+    state_bytes = torch.finfo(state_dtype(config.dtype)).bits // 8
     chunks = cdiv(batch, plan.block_b)
     streamed = 0 if plan.resident else 1
     if backward:
         phases = 2
         # cell phase: workspace and incoming gradient rows of own units; hidden phase: all of
-        # grad_hg [B, G*H] in float32 and the weight columns of own outputs.
+        # the gate gradients [B, G*H] and, streamed, the weight columns of own outputs.
+        grad_bytes = weight_bytes if exchanges_grad_x(config) else 4
         read = (batch * plan.block_h * (config.cell.workspace_gates + 2) * 4
-                + batch * gates * hidden * 4
+                + batch * gates * hidden * grad_bytes
                 + streamed * chunks * gates * hidden * plan.block_r * weight_bytes)
     else:
         phases = 2 if config.proj_size else 1
-        # every program reads all of h [B, P] in float32, and its weight rows when streamed.
-        read = (batch * out_size * 4
-                + streamed * chunks * gates * plan.block_h * out_size * weight_bytes)
+        # every program reads all of h [B, P], and its weight rows when streamed.
+        read = (batch * out_size * state_bytes
+                + streamed * chunks * pow2(gates) * plan.block_h * out_size * weight_bytes)
         if config.proj_size:
             read += batch * hidden * 4 + streamed * chunks * hidden * plan.block_r * weight_bytes
     launch = 0.0 if plan.persistent else 4.3 * phases

@@ -194,7 +194,8 @@ def _recurrence_fwd_kernel(
     lengths_ptr,  # [B] int64 (HAS_LENGTHS)
     output_ptr,  # [T, B, D*P]
     workspace_ptr,  # [T, B, D, WS*H]
-    h_state_ptr,  # [2, D, B, P] float32: h before step s in buffer s % 2 (h0 in buffer 0)
+    h_state_ptr,  # [2, D, B, P] float32, or the layer's 16-bit dtype (its dots round h to it
+    #               anyway): h before step s in buffer s % 2 (h0 in buffer 0)
     m_state_ptr,  # [D, B, H] float32: o * tanh(c) of the step (HAS_PROJ)
     c_state_ptr,  # [D, B, H] float32: cell state (LSTM), c0 on entry, c_n on exit
     counter_ptr,  # [D] int32 barrier arrivals
@@ -258,7 +259,7 @@ def _recurrence_fwd_kernel(
                 state_ptrs = (d * B + rows)[:, None] * H + units[None, :]
                 if not HAS_PROJ:
                     h_own = tl.load(h_prev_ptr + h_rows[:, None] + units[None, :], mask=mask,
-                                    other=0.0)
+                                    other=0.0).to(tl.float32)
                 x0, acc0 = _gate_preactivation(x_ptr, x_rows, bias_ptr, units, mask, acc0, 0, H,
                                                HAS_BIAS)
                 if CELL == CELL_LSTM:
@@ -326,7 +327,7 @@ def _recurrence_fwd_kernel(
                                                  w_proj_ptr, 1, cols * H, cols < P, False, BLOCK_B,
                                                  BLOCK_R, BLOCK_KH, DOT_FP32, INPUT_PRECISION)
                     h_cols = (rows * P)[:, None] + cols[None, :]
-                    h_own = tl.load(h_prev_ptr + h_cols, mask=mask, other=0.0)
+                    h_own = tl.load(h_prev_ptr + h_cols, mask=mask, other=0.0).to(tl.float32)
                     tl.store(h_next_ptr + h_cols, tl.where(keep, h_new, h_own), mask=mask)
                     out_ptrs = output_ptr + (t_row * B + rows)[:, None] * (D * P) + d * P + cols[None, :]
                     tl.store(out_ptrs, tl.where(keep, h_new, 0.0).to(output_ptr.dtype.element_ty),
@@ -352,6 +353,7 @@ def _recurrence_bwd_kernel(
     counter_ptr,  # [D] int32 barrier arrivals
     B, T, H, P, phase_begin, phase_end, num_programs, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr,
+    GRAD_X_IS_GRAD_HG: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -361,6 +363,8 @@ def _recurrence_bwd_kernel(
 
     BLOCK_K: K chunk over G*H of the hidden phase (all of it when RESIDENT); BLOCK_KP: K chunk
     over P of the projection's backward in the cell phase (all of it when RESIDENT).
+    GRAD_X_IS_GRAD_HG: the hidden phase reads grad_x rather than grad_hg (they are equal for
+    LSTM and RNN cells; set for 16-bit layers, which exchange half the bytes that way).
     """
     j = tl.program_id(0)
     d = tl.program_id(1)
@@ -483,18 +487,21 @@ def _recurrence_bwd_kernel(
                                                           HAS_LENGTHS, BLOCK_B)
                 mask = row_mask[:, None] & (cols < P)[None, :]
                 keep = valid[:, None]
-                hg_rows = ((t_row * B + rows) * D + d) * GH
+                hg_rows = ((t_row * B + rows) * D + d) * GH  # same offsets in grad_x
+                if GRAD_X_IS_GRAD_HG:  # read 16-bit grad_x: the dot rounds to 16 bits anyway
+                    exchange_ptr = grad_x_ptr
+                else:
+                    exchange_ptr = grad_hg_ptr
                 if RESIDENT:
-                    grad_hg = _load_rows(grad_hg_ptr, hg_rows, grad_hg_ptr, hg_rows, valid,
+                    grad_hg = _load_rows(exchange_ptr, hg_rows, exchange_ptr, hg_rows, valid,
                                          row_mask, k_gates, GH, False)
                     grad_prev = _dot(grad_hg, w_cols, tl.zeros([BLOCK_B, BLOCK_R], tl.float32),
                                      DOT_FP32, INPUT_PRECISION)
                 else:
-                    grad_prev = _streamed_matmul(grad_hg_ptr, hg_rows, grad_hg_ptr, hg_rows,
+                    grad_prev = _streamed_matmul(exchange_ptr, hg_rows, exchange_ptr, hg_rows,
                                                  valid, row_mask, GH, w_gates_ptr, P, cols,
-                                                 cols < P,
-                                                 False, BLOCK_B, BLOCK_R, BLOCK_K, DOT_FP32,
-                                                 INPUT_PRECISION)
+                                                 cols < P, False, BLOCK_B, BLOCK_R, BLOCK_K,
+                                                 DOT_FP32, INPUT_PRECISION)
                 grad_cols = (rows * P)[:, None] + cols[None, :]
                 grad_step = tl.load(grad_in_ptr + grad_cols, mask=mask, other=0.0)
                 if HAS_GRAD_OUTPUT:
