@@ -27,6 +27,7 @@ from .base import LayerConfig, workspace_dtype
 MIN_BLOCK = 16  # tl.dot tile side every supported Triton accepts
 MIN_COLUMNS = 8  # narrowest weight tile tried (Triton pads M and N of a dot up to the MMA's)
 STREAM_BLOCK_K = 64
+RESIDENT_BLOCK_K = 128  # K chunk of a resident weight tile (one staged operand chunk at a time)
 
 
 def pow2(n: int) -> int:
@@ -43,8 +44,10 @@ class Plan:
 
     block_h: hidden units per program; block_r: output columns (of P) per program, equal to
     block_h without projection; block_b: batch rows per chunk; resident: weight slices loaded
-    once and kept on-chip, else streamed in block_k chunks every phase; persistent: one launch
-    runs every phase (all programs co-resident), else one launch per phase; num_warps per program.
+    once and kept on-chip (as tiles of block_k rows of K, so that a matmul stages its other
+    operand one chunk at a time), else streamed in block_k chunks every phase; persistent: one
+    launch runs every phase (all programs co-resident), else one launch per phase; num_warps per
+    program.
     """
 
     block_h: int
@@ -187,8 +190,19 @@ _RUNTIME_INTS = ("B", "T", "H", "P", "phase_begin", "phase_end", "num_programs",
 
 
 def block_k(plan: Plan, size: int) -> int:
-    """K chunk of a matmul over `size`: all of it (as a power of two >= 16) when resident."""
+    """K chunk of a matmul over `size`: plan.block_k, or all of `size` (as a power of two >= 16)
+    where that is less."""
+    return min(max(MIN_BLOCK, pow2(size)), plan.block_k)
+
+
+def whole_k(plan: Plan, size: int) -> int:
+    """K chunk of the projection's matmuls: all of `size` when resident, else plan.block_k."""
     return max(MIN_BLOCK, pow2(size)) if plan.resident else plan.block_k
+
+
+def num_k(plan: Plan, size: int) -> int:
+    """Chunks a resident weight tile over `size` is kept in (1 when streamed: unused)."""
+    return cdiv(size, block_k(plan, size)) if plan.resident else 1
 
 
 def interpreting() -> bool:
@@ -221,7 +235,8 @@ def forward_constexprs(config: LayerConfig, plan: Plan, has_bias: bool = True) -
                 WS=cell.workspace_gates, HAS_BIAS=has_bias, HAS_PROJ=config.proj_size > 0,
                 HAS_LENGTHS=config.variable_lengths, RESIDENT=plan.resident,
                 BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_R=plan.block_r,
-                BLOCK_K=block_k(plan, out_size), BLOCK_KH=block_k(plan, config.hidden_size),
+                BLOCK_K=block_k(plan, out_size), NUM_K=num_k(plan, out_size),
+                BLOCK_KH=whole_k(plan, config.hidden_size),
                 **dot_options(config.dtype))
 
 
@@ -233,7 +248,8 @@ def backward_constexprs(config: LayerConfig, plan: Plan, has_grad_output: bool =
                 HAS_LENGTHS=config.variable_lengths, RESIDENT=plan.resident,
                 BLOCK_B=plan.block_b, BLOCK_H=plan.block_h, BLOCK_R=plan.block_r,
                 BLOCK_K=block_k(plan, cell.gates * config.hidden_size),
-                BLOCK_KP=block_k(plan, out_size), **dot_options(config.dtype))
+                NUM_K=num_k(plan, cell.gates * config.hidden_size),
+                BLOCK_KP=whole_k(plan, out_size), **dot_options(config.dtype))
 
 
 def _forward_signature(config: LayerConfig) -> dict:
@@ -294,7 +310,7 @@ def _block_b(config: LayerConfig) -> int:
 
 def resident_bytes(config: LayerConfig, plan: Plan, backward: bool) -> int:
     """A lower bound of the shared memory a resident plan needs: its weight slices plus one
-    staged matmul operand (a batch chunk of h, or of the gate gradients, over the whole K).
+    staged matmul operand (a batch chunk of h, or of the gate gradients, over one K chunk).
     Candidates above the device's limit are not compiled; the rest are judged by the compiler."""
     cell, hidden = config.cell, config.hidden_size
     out_size = config.proj_size or hidden
@@ -302,11 +318,11 @@ def resident_bytes(config: LayerConfig, plan: Plan, backward: bool) -> int:
     if backward:
         weights = (pow2(cell.gates * hidden) * plan.block_r
                    + (pow2(out_size) * plan.block_h if projects else 0))
-        staged = plan.block_b * pow2(cell.gates * hidden)
+        staged = plan.block_b * block_k(plan, cell.gates * hidden)
     else:
         weights = (pow2(cell.gates) * plan.block_h * pow2(out_size)
                    + (pow2(hidden) * plan.block_r if projects else 0))
-        staged = plan.block_b * pow2(out_size)
+        staged = plan.block_b * block_k(plan, out_size)
     return (weights + staged) * torch.finfo(config.dtype).bits // 8
 
 
@@ -335,7 +351,7 @@ def candidates(config: LayerConfig, device: Device, backward: bool) -> list[Plan
         for block_b in sorted({_block_b(config), MIN_BLOCK}, reverse=True):
             for num_warps in (8, 4):
                 plan = Plan(block_h, block_r, block_b, resident=True, persistent=True,
-                            num_warps=num_warps)
+                            block_k=RESIDENT_BLOCK_K, num_warps=num_warps)
                 if resident_bytes(config, plan, backward) <= device.shared_bytes_per_program:
                     plans.append(plan)
     for block_h in _block_h_choices(config, device, backward):
@@ -354,8 +370,9 @@ def stepwise_plan(config: LayerConfig) -> Plan:
 def interpreter_plan(config: LayerConfig) -> Plan:
     """The interpreter runs programs one after another: one program holds the whole layer."""
     block_h = max(MIN_BLOCK, pow2(config.hidden_size))
+    whole = pow2(max(config.cell.gates * config.hidden_size, config.proj_size, MIN_BLOCK))
     return Plan(block_h, _block_r(config, block_h), _block_b(config), resident=True,
-                persistent=True, num_warps=4)
+                persistent=True, block_k=whole, num_warps=4)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,6 +128,29 @@ def _load_weight(w_ptr, k, K, n_offsets, n_mask, stride_k):
 
 
 @triton.jit
+def _resident_chunks(w_ptr, K, n_offsets, n_mask, stride_k, BLOCK_K: tl.constexpr,
+                     NUM_K: tl.constexpr):
+    """The weight tile over all of K, kept on-chip as NUM_K tiles [BLOCK_K, len(n)] (a tuple), so
+    that each matmul stages one K chunk of its other operand at a time."""
+    chunks = ()
+    for c in tl.static_range(NUM_K):
+        chunks = chunks + (_load_weight(w_ptr, c * BLOCK_K + tl.arange(0, BLOCK_K), K, n_offsets,
+                                        n_mask, stride_k),)
+    return chunks
+
+
+@triton.jit
+def _resident_matmul(a_ptr, a_rows, row_mask, K, chunks, acc, BLOCK_K: tl.constexpr,
+                     NUM_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc [BLOCK_B, N] += rows of a (see _load_rows, columns 0 .. K) @ the resident chunks."""
+    for c in tl.static_range(NUM_K):
+        a = _load_rows(a_ptr, a_rows, a_ptr, a_rows, row_mask, row_mask,
+                       c * BLOCK_K + tl.arange(0, BLOCK_K), K, False)
+        acc = _dot(a, chunks[c], acc, DOT_FP32, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _gate_columns(j, H, P, G: tl.constexpr, GP: tl.constexpr, BLOCK_H: tl.constexpr):
     """The weight columns of program j's merged gate tile: column c is gate c // BLOCK_H of unit
     j * BLOCK_H + c % BLOCK_H (GP = G rounded up to a power of two; columns of gates >= G and
@@ -204,14 +227,15 @@ def _recurrence_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     RESIDENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_KH: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, BLOCK_KH: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Run phases phase_begin .. phase_end of the forward recurrence (see the module docstring).
 
     GP: G rounded up to a power of two: the gates of own units form one [P, GP*BLOCK_H] weight
-    tile and one matmul (_gate_columns). BLOCK_K: K chunk over P of that matmul, BLOCK_KH: K
-    chunk over H of the projection (all of it when RESIDENT).
+    tile and one matmul (_gate_columns). BLOCK_K: K chunk over P of that matmul (NUM_K resident
+    chunks cover P when RESIDENT); BLOCK_KH: K chunk over H of the projection (all of it when
+    RESIDENT).
     """
     j = tl.program_id(0)
     d = tl.program_id(1)
@@ -224,8 +248,8 @@ def _recurrence_fwd_kernel(
     bias_ptr = b_hh_ptr + d * G * H
     gate_offsets, gate_mask = _gate_columns(j, H, P, G, GP, BLOCK_H)
     if RESIDENT:  # weight slices kept on-chip for the whole sequence
-        k_all = tl.arange(0, BLOCK_K)
-        w_gates = _load_weight(w_gates_ptr, k_all, P, gate_offsets, gate_mask, 1)  # [P, GP*BH]
+        w_gates = _resident_chunks(w_gates_ptr, P, gate_offsets, gate_mask, 1, BLOCK_K,
+                                   NUM_K)  # [P, GP*BH] in NUM_K chunks
         if HAS_PROJ:
             k_hidden = tl.arange(0, BLOCK_KH)
             w_proj = _load_weight(w_proj_ptr, k_hidden, H, cols * H, cols < P, 1)  # [H, own cols]
@@ -243,10 +267,9 @@ def _recurrence_fwd_kernel(
                 keep = valid[:, None]
                 h_rows = rows * P
                 if RESIDENT:
-                    h_prev = _load_rows(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid, row_mask,
-                                        k_all, P, False)
-                    acc = _dot(h_prev, w_gates, tl.zeros([BLOCK_B, GP * BLOCK_H], tl.float32),
-                               DOT_FP32, INPUT_PRECISION)
+                    acc = _resident_matmul(h_prev_ptr, h_rows, row_mask, P, w_gates,
+                                           tl.zeros([BLOCK_B, GP * BLOCK_H], tl.float32),
+                                           BLOCK_K, NUM_K, DOT_FP32, INPUT_PRECISION)
                 else:
                     acc = _streamed_matmul(h_prev_ptr, h_rows, h_prev_ptr, h_rows, valid,
                                            row_mask, P, w_gates_ptr, 1, gate_offsets, gate_mask,
@@ -356,12 +379,13 @@ def _recurrence_bwd_kernel(
     GRAD_X_IS_GRAD_HG: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, BLOCK_KP: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Run phases phase_begin .. phase_end of back-propagation through time (two per step).
 
-    BLOCK_K: K chunk over G*H of the hidden phase (all of it when RESIDENT); BLOCK_KP: K chunk
+    BLOCK_K: K chunk over G*H of the hidden phase (NUM_K resident chunks cover G*H when
+    RESIDENT); BLOCK_KP: K chunk
     over P of the projection's backward in the cell phase (all of it when RESIDENT).
     GRAD_X_IS_GRAD_HG: the hidden phase reads grad_x rather than grad_hg (they are equal for
     LSTM and RNN cells; set for 16-bit layers, which exchange half the bytes that way).
@@ -376,8 +400,8 @@ def _recurrence_bwd_kernel(
     w_proj_ptr = w_hr_ptr + d * P * H
     go_ptr = grad_output_ptr + d * P
     if RESIDENT:
-        k_gates = tl.arange(0, BLOCK_K)
-        w_cols = _load_weight(w_gates_ptr, k_gates, GH, cols, cols < P, P)  # [G*H, own cols]
+        w_cols = _resident_chunks(w_gates_ptr, GH, cols, cols < P, P, BLOCK_K,
+                                  NUM_K)  # [G*H, own cols] in NUM_K chunks
         if HAS_PROJ:
             k_proj = tl.arange(0, BLOCK_KP)
             w_units = _load_weight(w_proj_ptr, k_proj, P, units, units < H, H)  # [P, own units]
@@ -493,10 +517,9 @@ def _recurrence_bwd_kernel(
                 else:
                     exchange_ptr = grad_hg_ptr
                 if RESIDENT:
-                    grad_hg = _load_rows(exchange_ptr, hg_rows, exchange_ptr, hg_rows, valid,
-                                         row_mask, k_gates, GH, False)
-                    grad_prev = _dot(grad_hg, w_cols, tl.zeros([BLOCK_B, BLOCK_R], tl.float32),
-                                     DOT_FP32, INPUT_PRECISION)
+                    grad_prev = _resident_matmul(exchange_ptr, hg_rows, row_mask, GH, w_cols,
+                                                 tl.zeros([BLOCK_B, BLOCK_R], tl.float32),
+                                                 BLOCK_K, NUM_K, DOT_FP32, INPUT_PRECISION)
                 else:
                     grad_prev = _streamed_matmul(exchange_ptr, hg_rows, exchange_ptr, hg_rows,
                                                  valid, row_mask, GH, w_gates_ptr, P, cols,
