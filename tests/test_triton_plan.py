@@ -100,6 +100,7 @@ def test_nothing_fits_falls_to_step_wise_with_one_warning(monkeypatch):
         {"persistent": spills, "streamed": spills, "step-wise": spills}))
     monkeypatch.setattr(triton_backend, "cuda_device", lambda index: H100)
     monkeypatch.setattr(triton_backend, "_warned", set())
+    triton_backend._choose.cache_clear()
     config = _config("gru", 512)
     choice = triton_plan.choose(config, H100, backward=True)
     assert choice.plan.kind == "step-wise" and len(choice.rejected) >= 2
@@ -109,6 +110,7 @@ def test_nothing_fits_falls_to_step_wise_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         triton_backend.plan_layer(config, torch.device("cuda", 0), backward=True)
+    triton_backend._choose.cache_clear()
 
 
 def test_interpreter_runs_one_program_per_direction():
@@ -129,10 +131,12 @@ def test_estimates_follow_the_stated_model():
         expected + weights)
 
 
-def test_gpu_report_small_configs_all_fit():
-    """Compiles the small benchmark configs for sm_90 (no GPU): every plan persistent, with no
-    spills and shared memory within a program's limit, exit status 0."""
+def test_gpu_report_small_configs_all_fit(tmp_path):
+    """Compiles the small benchmark configs for sm_90 (no GPU; an empty resources cache): every
+    plan persistent, with no spills and shared memory within a program's limit, exit status 0;
+    a second run answers from the cache it wrote."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTRNN_CACHE_DIR"] = str(tmp_path)
     result = subprocess.run([sys.executable, "-m", "fastrnn.gpu_report", "--target", "sm_90",
                              "--configs", "small"], capture_output=True, text=True, env=env,
                             timeout=600)
@@ -146,6 +150,10 @@ def test_gpu_report_small_configs_all_fit():
         assert int(programs) <= H100.sm_count and int(regs) <= 255
     total = len(lines)
     assert result.stdout.splitlines()[-1] == f"fits: {total}/{total}"
+    assert (tmp_path / "triton_resources.json").exists()
+    again = subprocess.run([sys.executable, "-m", "fastrnn.gpu_report", "--configs", "small"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.stdout == result.stdout
 
 
 def test_a_candidate_that_does_not_compile_is_passed_over(monkeypatch):

@@ -18,8 +18,8 @@ import torch
 
 from ..cells import CellSpec
 from .base import Backend, LayerConfig, workspace_dtype
-from .triton_plan import (Plan, backward_constexprs, choose, cuda_device, forward_constexprs,
-                          interpreter_plan, interpreting, state_dtype)
+from .triton_plan import (Choice, Device, Plan, backward_constexprs, choose, cuda_device,
+                          forward_constexprs, interpreter_plan, interpreting, state_dtype)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
@@ -44,13 +44,20 @@ def _kernels():
     return recurrence
 
 
+@functools.lru_cache(maxsize=1024)
+def _choose(config: LayerConfig, device: Device, backward: bool, allow_tf32: bool) -> Choice:
+    """triton_plan.choose, once per layer shape (the tf32 flag changes the kernels compiled)."""
+    return choose(config, device, backward)
+
+
 def plan_layer(config: LayerConfig, device: torch.device, backward: bool = False) -> Plan:
     """The plan of one pass: a single program under the interpreter; on a GPU the first
     candidate whose compiled kernel fits with every program co-resident (triton_plan.choose),
     else step-wise launches, with one warning saying why."""
     if device.type != "cuda":
         return interpreter_plan(config)
-    choice = choose(config, cuda_device(device.index or 0), backward)
+    choice = _choose(config, cuda_device(device.index or 0), backward,
+                     torch.backends.cuda.matmul.allow_tf32)
     if not choice.plan.persistent:
         reason = "; ".join(choice.rejected)
         pass_name = "backward" if backward else "forward"
@@ -106,9 +113,10 @@ class _BarrierWatch:
             event = torch.cuda.Event()
             event.record()
             self._pending.append((event, host))
-        ready = [entry for entry in self._pending if entry[0].query()]
-        self._pending = [entry for entry in self._pending if not entry[0].query()]
-        for _, host in ready:
+        done = [event.query() for event, _ in self._pending]
+        ready = [host for (_, host), passed in zip(self._pending, done) if passed]
+        self._pending = [entry for entry, passed in zip(self._pending, done) if not passed]
+        for host in ready:
             self._raise_if_timed_out(host)
 
     @staticmethod

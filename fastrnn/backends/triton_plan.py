@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -152,11 +154,55 @@ def _pointer_type(dtype: torch.dtype) -> str:
                   torch.int32: "i32", torch.int64: "i64"}[dtype]
 
 
+def _cache_path() -> str:
+    folder = os.environ.get("FASTRNN_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fastrnn")
+    return os.path.join(folder, "triton_resources.json")
+
+
+def _cache_key(*parts) -> str:
+    """Identifies one compiled variant: Triton's version, the kernels' source and the inputs."""
+    import triton
+
+    from ..triton_kernels import recurrence
+
+    with open(recurrence.__file__, "rb") as file:
+        source = file.read()
+    text = repr((triton.__version__, hashlib.sha256(source).hexdigest(), *parts))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @functools.cache
 def compiled_resources(kernel_name: str, signature: tuple, constexprs: tuple, num_warps: int,
                        arch: int) -> Resources:
-    """Compile kernel `kernel_name` of triton_kernels.recurrence for sm_`arch` (no GPU needed)
-    and read its resources: registers and spills from `ptxas -v`, shared memory from Triton."""
+    """The resources of kernel `kernel_name` of triton_kernels.recurrence compiled for sm_`arch`
+    (no GPU needed), remembered on disk (FASTRNN_CACHE_DIR, default ~/.cache/fastrnn)."""
+    key = _cache_key(kernel_name, signature, constexprs, num_warps, arch)
+    path = _cache_path()
+    try:
+        with open(path) as file:
+            known = json.load(file)
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return Resources(*known[key])
+    resources = _compile_resources(kernel_name, signature, constexprs, num_warps, arch)
+    known[key] = dataclasses.astuple(resources)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}"
+        with open(temporary, "w") as file:
+            json.dump(known, file)
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a read-only home: compile again next time
+    return resources
+
+
+def _compile_resources(kernel_name: str, signature: tuple, constexprs: tuple, num_warps: int,
+                       arch: int) -> Resources:
+    """Compile for sm_`arch` and read registers and spills from `ptxas -v`, shared memory from
+    Triton."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -354,6 +400,11 @@ def candidates(config: LayerConfig, device: Device, backward: bool) -> list[Plan
                             block_k=RESIDENT_BLOCK_K, num_warps=num_warps)
                 if resident_bytes(config, plan, backward) <= device.shared_bytes_per_program:
                     plans.append(plan)
+        # narrower K chunks stage less of the other operand at a time
+        narrow = Plan(block_h, block_r, MIN_BLOCK, resident=True, persistent=True,
+                      block_k=RESIDENT_BLOCK_K // 2, num_warps=8)
+        if resident_bytes(config, narrow, backward) <= device.shared_bytes_per_program:
+            plans.append(narrow)
     for block_h in _block_h_choices(config, device, backward):
         for num_warps in (4, 8):
             plans.append(Plan(block_h, _block_r(config, block_h), MIN_BLOCK, resident=False,
@@ -400,7 +451,7 @@ def choose(config: LayerConfig, device: Device, backward: bool) -> Choice:
         if not reason:
             return Choice(plan, resources, tuple(rejected))
         rejected.append(f"{plan.kind} block_h={plan.block_h} block_b={plan.block_b} "
-                        f"num_warps={plan.num_warps}: {reason}")
+                        f"block_k={plan.block_k} num_warps={plan.num_warps}: {reason}")
     plan = stepwise_plan(config)
     return Choice(plan, kernel_resources(config, plan, backward, device.arch), tuple(rejected))
 

@@ -7,7 +7,9 @@ is past its length, so that every (t, b) is written exactly once).
 
 Tiling: grid (num_programs, D). Program j of direction d owns the hidden units
 j*BLOCK_H .. (j+1)*BLOCK_H (all G gates of them, so the cell update is local) and the output
-columns j*BLOCK_R .. (j+1)*BLOCK_R of P. Batch rows are processed in chunks of BLOCK_B.
+columns j*BLOCK_R .. (j+1)*BLOCK_R of P. Batch rows are processed in chunks of BLOCK_B. The
+forward's gate matmul is one tile over all gates of the own units ([P, GP*BLOCK_H], GP = G rounded
+up to a power of two, _gate_columns), so a program may own as few as 16 / GP units.
 
 Each step is split into phases separated by a grid barrier (per direction):
   forward:  [cell]            h_{t-1} [B, P] (all programs) -> cell on own units -> own h_t slice
@@ -19,11 +21,14 @@ Each step is split into phases separated by a grid barrier (per direction):
 The barrier is split-phase: a program arrives (atomic add) after a phase and, before the next
 phase that reads other programs' results, waits until every program of its direction has arrived.
 Phase `ph` waits for num_programs * ph arrivals, so one launch may run any range of phases:
-all of them (persistent; needs every program co-resident) or one (a launch per phase).
+all of them (persistent; needs every program co-resident) or one (a launch per phase). A wait
+that outlasts spin_limit polls marks the counter TIMED_OUT instead of hanging; the launcher raises.
 
-RESIDENT: each program loads its weight slices once, before the time loop, and keeps them for
-every step; otherwise weights are streamed from global memory in BLOCK_K chunks each phase.
-State exchanged between programs lives in small float32 global buffers.
+RESIDENT: each program loads its weight slices once, before the time loop, and keeps them on-chip
+for every step, as NUM_K tiles of BLOCK_K rows of K (_resident_chunks), so that a matmul stages
+its other operand one K chunk at a time; otherwise weights are streamed from global memory (L2)
+in BLOCK_K chunks each phase. State exchanged between programs lives in small global buffers:
+h in the layer's 16-bit dtype (float32 for float32 layers), gradients in float32.
 """
 
 import triton
