@@ -54,9 +54,9 @@ def triton_report(target: str, which: str) -> int:
     print(f"# triton plans for {device.name}, {device.sm_count} SMs; us/step modelled "
           f"(barrier {triton_plan.BARRIER_US} us per phase + L2 reads at "
           f"{triton_plan.L2_BYTES_PER_US_PER_SM // 1000} B/ns per SM), not measured")
-    widths = (42, 5, 4, 10, 8, 5, 4, 6, 6, 4, 7)
-    _print_row(("config", "dtype", "pass", "plan", "programs", "warps", "regs", "spills",
-                "shared", "fits", "us/step"), widths)
+    widths = (42, 5, 4, 10, 8, 6, 5, 4, 6, 6, 4, 7)
+    _print_row(("config", "dtype", "pass", "plan", "programs", "groups", "warps", "regs",
+                "spills", "shared", "fits", "us/step"), widths)
     lines, fitting, broken = 0, 0, 0
     for config in _configs(which):
         for dtype in config.dtypes:
@@ -66,7 +66,8 @@ def triton_report(target: str, which: str) -> int:
                     continue
                 choice = triton_plan.choose(layer, device, backward)
                 plan, resources = choice.plan, choice.resources
-                programs = plan.num_programs(layer.hidden_size) * layer.num_directions
+                programs = plan.total_programs(layer.hidden_size, layer.batch_size,
+                                               layer.num_directions)
                 reason = resources.why_not(device, programs) if plan.persistent else ""
                 fits = plan.persistent and not reason
                 lines += 1
@@ -74,7 +75,7 @@ def triton_report(target: str, which: str) -> int:
                 broken += plan.persistent and bool(reason)
                 estimate = triton_plan.estimate_us_per_step(layer, plan, backward)
                 _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.kind,
-                            programs, plan.num_warps, resources.registers, resources.spill_bytes,
+                            programs, plan.batch_groups, plan.num_warps, resources.registers, resources.spill_bytes,
                             resources.shared_bytes, "yes" if fits else "no", f"{estimate:.1f}"),
                            widths)
                 for rejected in choice.rejected:

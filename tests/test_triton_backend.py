@@ -214,6 +214,7 @@ MULTI_PROGRAM_CASES = [("lstm", 5), ("lstm", 0), ("gru", 0), ("rnn_relu", 0)]
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "streamed"])
 @pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CASES)
 def test_several_programs_one_launch_per_phase(name, proj, resident):
+    """block_k 4 < K: resident weights kept in several K chunks, streamed ones in several loads."""
     cell = CELLS[name]
     plan = triton_backend.Plan(block_h=4, block_r=2 if proj else 4, block_b=2, resident=resident,
                                persistent=False, block_k=4)
@@ -221,13 +222,26 @@ def test_several_programs_one_launch_per_phase(name, proj, resident):
     _compare(cell, inputs, torch.float32, run=_run_with_plan(plan))
 
 
+@pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CASES)
+def test_batch_groups(name, proj):
+    """B = 5 in 2 groups of rows (4 and 1), each with its own 3 programs per direction and its
+    own barrier; variable lengths, bidirectional."""
+    cell = CELLS[name]
+    plan = triton_backend.Plan(block_h=4, block_r=2 if proj else 4, block_b=2, resident=True,
+                               persistent=False, block_k=4, batch_groups=2)
+    assert plan.group_rows(5) == 4 and plan.total_programs(9, 5, 2) == 12
+    inputs = _layer_inputs(cell, 3, 5, 9, proj, 2, True, True, torch.float32)
+    _compare(cell, inputs, torch.float32, run=_run_with_plan(plan))
+
+
 @interpreter_only
 @pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CASES)
 def test_several_programs_persistent_concurrent(name, proj):
-    """One launch for the whole sequence, 3 programs per direction spinning on the barrier."""
+    """One launch for the whole sequence, 3 programs per direction and batch group (2 groups)
+    spinning on their barriers."""
     cell = CELLS[name]
     plan = triton_backend.Plan(block_h=4, block_r=2 if proj else 4, block_b=2, resident=True,
-                               persistent=True)
+                               persistent=True, batch_groups=2)
     inputs = _layer_inputs(cell, 3, 3, 9, proj, 2, True, True, torch.float32)
     with concurrent_programs():
         _compare(cell, inputs, torch.float32, run=_run_with_plan(plan))

@@ -57,13 +57,17 @@ def test_candidates_have_at_most_one_program_per_sm(name, hidden, directions, ba
     plans = triton_plan.candidates(config, H100, backward)
     assert plans and all(plan.persistent for plan in plans)
     for plan in plans:
-        assert plan.num_programs(hidden) * directions <= H100.sm_count
+        assert plan.total_programs(hidden, 64, directions) <= H100.sm_count
+        assert plan.group_rows(64) % plan.block_b == 0 or plan.batch_groups == 1
         columns = plan.block_h * (1 if backward else triton_plan.pow2(config.cell.gates))
         assert columns >= triton_plan.MIN_COLUMNS  # the matmul tile's columns
     resident = [plan for plan in plans if plan.resident]
     for plan in resident:  # only offered when the weight slices could fit a program
         assert triton_plan.resident_bytes(config, plan, backward) <= H100.shared_bytes_per_program
     assert plans[-1].kind == "streamed"
+    assert {plan.batch_groups for plan in plans if plan.resident} <= {1, 2, 4}
+    estimates = [triton_plan.estimate_us_per_step(config, plan, backward) for plan in plans]
+    assert estimates == sorted(estimates, key=lambda value: round(value, 1))  # cheapest first
 
 
 def test_projection_columns_are_covered():
@@ -144,7 +148,7 @@ def test_gpu_report_small_configs_all_fit(tmp_path):
     lines = [line.split() for line in result.stdout.splitlines()[2:-1]
              if line and not line.startswith(" ")]
     assert lines, result.stdout
-    for config, dtype, pass_name, plan, programs, warps, regs, spills, shared, fits, _ in lines:
+    for config, dtype, pass_name, plan, programs, _, warps, regs, spills, shared, fits, _ in lines:
         assert plan in ("persistent", "streamed") and fits == "yes", (config, dtype, pass_name)
         assert spills == "0" and int(shared) <= H100.shared_bytes_per_program
         assert int(programs) <= H100.sm_count and int(regs) <= 255

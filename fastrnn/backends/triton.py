@@ -18,7 +18,7 @@ import torch
 
 from ..cells import CellSpec
 from .base import Backend, LayerConfig, workspace_dtype
-from .triton_plan import (Choice, Device, Plan, backward_constexprs, choose, cuda_device,
+from .triton_plan import (Choice, Device, Plan, backward_constexprs, cdiv, choose, cuda_device,
                           forward_constexprs, interpreter_plan, interpreting, state_dtype)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,20 +78,30 @@ def _cooperative_launch_option() -> dict:
     return {"launch_cooperative_grid": True} if "launch_cooperative_grid" in fields else {}
 
 
-def _launch_phases(kernel, plan: Plan, num_programs: int, num_directions: int, num_phases: int,
-                   counter: torch.Tensor, **arguments) -> None:
+def _no_lengths(device: torch.device) -> torch.Tensor:
+    """The int32 placeholder passed as lengths_ptr when every sequence has T steps."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _launch_phases(kernel, plan: Plan, hidden: int, batch: int, num_directions: int,
+                   num_phases: int, device: torch.device, **arguments) -> None:
     """Run phases 0 .. num_phases of `kernel`: in one cooperative launch when the plan is
     persistent (so the driver refuses, rather than deadlocks, a grid that cannot be resident),
     else one launch per phase. Raises when a barrier timed out."""
     per_launch = num_phases if plan.persistent else 1
-    grid = (num_programs, num_directions)
-    on_gpu = counter.device.type == "cuda"
+    num_programs = plan.num_programs(hidden)
+    group_rows = plan.group_rows(batch)
+    groups = cdiv(batch, group_rows) if batch else 1
+    counter = torch.zeros(num_directions, groups, dtype=torch.int32, device=device)
+    grid = (num_programs * groups, num_directions)
+    on_gpu = device.type == "cuda"
     options = _cooperative_launch_option() if on_gpu and plan.persistent else {}
     spin_limit = _SPIN_LIMIT if on_gpu else _INTERPRETER_SPIN_LIMIT
     for begin in range(0, num_phases, per_launch):
         kernel[grid](phase_begin=begin, phase_end=min(begin + per_launch, num_phases),
-                     num_programs=num_programs, spin_limit=spin_limit, num_warps=plan.num_warps,
-                     num_stages=1, counter_ptr=counter, **options, **arguments)
+                     num_programs=num_programs, group_rows=group_rows, spin_limit=spin_limit,
+                     num_warps=plan.num_warps, num_stages=1, counter_ptr=counter, **options,
+                     **arguments)
     _barrier_watch.check(counter)
 
 
@@ -149,17 +159,16 @@ def forward_layer(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, pl
     output = x_gates.new_empty(seq_len, batch, num_directions * out_size)
     workspace = x_gates.new_empty(seq_len, batch, num_directions, cell.workspace_gates * hidden,
                                   dtype=workspace_dtype(dtype))
-    counter = torch.zeros(num_directions, dtype=torch.int32, device=x_gates.device)
     config = LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths)
     phases_per_step = 2 if w_hr is not None else 1
     _launch_phases(
-        _kernels()._recurrence_fwd_kernel, plan, plan.num_programs(hidden), num_directions,
-        phases_per_step * seq_len, counter,
+        _kernels()._recurrence_fwd_kernel, plan, hidden, batch, num_directions,
+        phases_per_step * seq_len, x_gates.device,
         x_ptr=x_gates, stride_xt=x_gates.stride(0), stride_xb=x_gates.stride(1),
         h0_ptr=h0.contiguous(), w_hh_ptr=w_hh.contiguous(),
         b_hh_ptr=b_hh.contiguous() if b_hh is not None else h_state,
         w_hr_ptr=w_hr.contiguous() if w_hr is not None else h_state,
-        lengths_ptr=lengths.contiguous() if lengths is not None else counter,
+        lengths_ptr=lengths.contiguous() if lengths is not None else _no_lengths(x_gates.device),
         output_ptr=output, workspace_ptr=workspace, h_state_ptr=h_state, m_state_ptr=m_state,
         c_state_ptr=c_state, B=batch, T=seq_len, H=hidden, P=out_size,
         **forward_constexprs(config, plan, has_bias=b_hh is not None),
@@ -210,15 +219,14 @@ def backward_layer(cell: CellSpec, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh
                         else output.new_zeros(num_directions, batch, hidden, dtype=torch.float32))
     grad_projected = (output.new_empty(seq_len, batch, num_directions, out_size,
                                        dtype=torch.float32) if w_hr is not None else grad_hg)
-    counter = torch.zeros(num_directions, dtype=torch.int32, device=output.device)
     config = LayerConfig.of(cell, output.new_empty(seq_len, batch, 0), h0, w_hh, w_hr, lengths)
     _launch_phases(
-        _kernels()._recurrence_bwd_kernel, plan, plan.num_programs(hidden), num_directions,
-        2 * seq_len, counter,
+        _kernels()._recurrence_bwd_kernel, plan, hidden, batch, num_directions, 2 * seq_len,
+        output.device,
         grad_output_ptr=grad_output.contiguous() if grad_output is not None else output,
         h0_ptr=h0.contiguous(), c0_ptr=c0.contiguous() if cell.has_cell_state else h0,
         w_hh_ptr=w_hh.contiguous(), w_hr_ptr=w_hr.contiguous() if w_hr is not None else w_hh,
-        lengths_ptr=lengths.contiguous() if lengths is not None else counter,
+        lengths_ptr=lengths.contiguous() if lengths is not None else _no_lengths(output.device),
         output_ptr=output.contiguous(), workspace_ptr=workspace.contiguous(),
         grad_x_ptr=grad_x_gates, grad_hg_ptr=grad_hg, grad_proj_ptr=grad_projected,
         grad_h_state_ptr=grad_h_state, grad_c_state_ptr=grad_c_state,

@@ -49,7 +49,9 @@ class Plan:
     once and kept on-chip (as tiles of block_k rows of K, so that a matmul stages its other
     operand one chunk at a time), else streamed in block_k chunks every phase; persistent: one
     launch runs every phase (all programs co-resident), else one launch per phase; num_warps per
-    program.
+    program; batch_groups: the batch split into that many groups of rows, each with its own
+    programs (each holding its own copy of the weight slices) and barrier, so that a program
+    reads only its group's rows of the exchanged state.
     """
 
     block_h: int
@@ -59,9 +61,20 @@ class Plan:
     persistent: bool
     block_k: int = STREAM_BLOCK_K
     num_warps: int = 4
+    batch_groups: int = 1
 
     def num_programs(self, hidden: int) -> int:
+        """Programs per direction and batch group."""
         return cdiv(hidden, self.block_h)
+
+    def group_rows(self, batch: int) -> int:
+        """Batch rows per group: all of them, or a multiple of block_b."""
+        if self.batch_groups == 1:
+            return batch
+        return max(1, cdiv(cdiv(batch, self.batch_groups), self.block_b)) * self.block_b
+
+    def total_programs(self, hidden: int, batch: int, num_directions: int) -> int:
+        return self.num_programs(hidden) * cdiv(batch, self.group_rows(batch)) * num_directions
 
     @property
     def kind(self) -> str:
@@ -232,7 +245,8 @@ def _compile_resources(kernel_name: str, signature: tuple, constexprs: tuple, nu
 # --- the kernels' launch contract: constexprs and pointer dtypes of each pass -------------------
 
 _CELL_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-_RUNTIME_INTS = ("B", "T", "H", "P", "phase_begin", "phase_end", "num_programs", "spin_limit")
+_RUNTIME_INTS = ("B", "T", "H", "P", "phase_begin", "phase_end", "num_programs", "group_rows",
+                 "spin_limit")
 
 
 def block_k(plan: Plan, size: int) -> int:
@@ -372,14 +386,16 @@ def resident_bytes(config: LayerConfig, plan: Plan, backward: bool) -> int:
     return (weights + staged) * torch.finfo(config.dtype).bits // 8
 
 
-def _block_h_choices(config: LayerConfig, device: Device, backward: bool) -> list[int]:
+def _block_h_choices(config: LayerConfig, device: Device, backward: bool,
+                     groups: int) -> list[int]:
     """Hidden units per program to try, best first: the fewest that give at most one program
-    per SM and matmul tiles of at least MIN_COLUMNS columns (the forward's merged gate tile has
-    pow2(G) * block_h, the backward's column tile block_h), then MIN_BLOCK, the smallest tile
-    side every Triton version accepts."""
+    per SM (over all directions and batch groups) and matmul tiles of at least MIN_COLUMNS
+    columns (the forward's merged gate tile has pow2(G) * block_h, the backward's column tile
+    block_h), then MIN_BLOCK, the smallest tile side every Triton version accepts."""
     columns = 1 if backward else pow2(config.cell.gates)
     block_h = max(1, MIN_COLUMNS // columns)
-    while cdiv(config.hidden_size, block_h) * config.num_directions > device.sm_count:
+    while (cdiv(config.hidden_size, block_h) * config.num_directions * groups
+           > device.sm_count):
         block_h *= 2
     choices = [block_h]
     if block_h * columns < MIN_BLOCK:
@@ -387,29 +403,37 @@ def _block_h_choices(config: LayerConfig, device: Device, backward: bool) -> lis
     return choices
 
 
+def _group_choices(config: LayerConfig) -> list[int]:
+    """Batch groups worth trying: 1, and 2 or 4 where each group keeps >= 16 rows."""
+    return [groups for groups in (1, 2, 4) if config.batch_size >= groups * MIN_BLOCK
+            or groups == 1]
+
+
 def candidates(config: LayerConfig, device: Device, backward: bool) -> list[Plan]:
-    """Persistent plans of one pass worth compiling, best first: weights resident where their
-    bytes fit a program's shared memory (the widest batch chunk first), then the same tiling
-    with the weights streamed from L2."""
+    """Persistent plans of one pass worth compiling, best first by the cost model
+    (estimate_us_per_step; resident before streamed where equal): weights resident where their
+    bytes fit a program's shared memory, in every batch grouping, batch chunk, warp count and
+    a narrower K chunk; then the ungrouped tiling with the weights streamed from L2."""
     plans = []
-    for block_h in _block_h_choices(config, device, backward):
-        block_r = _block_r(config, block_h)
-        for block_b in sorted({_block_b(config), MIN_BLOCK}, reverse=True):
-            for num_warps in (8, 4):
+    for groups in _group_choices(config):
+        rows = cdiv(config.batch_size, groups)
+        block_bs = sorted({min(_block_b(config), max(MIN_BLOCK, pow2(rows))), MIN_BLOCK})
+        for block_h in _block_h_choices(config, device, backward, groups):
+            block_r = _block_r(config, block_h)
+            tilings = [(block_b, num_warps, RESIDENT_BLOCK_K) for block_b in reversed(block_bs)
+                       for num_warps in (8, 4)]
+            tilings.append((MIN_BLOCK, 8, RESIDENT_BLOCK_K // 2))  # stages less at a time
+            for block_b, num_warps, chunk in tilings:
                 plan = Plan(block_h, block_r, block_b, resident=True, persistent=True,
-                            block_k=RESIDENT_BLOCK_K, num_warps=num_warps)
+                            block_k=chunk, num_warps=num_warps, batch_groups=groups)
                 if resident_bytes(config, plan, backward) <= device.shared_bytes_per_program:
                     plans.append(plan)
-        # narrower K chunks stage less of the other operand at a time
-        narrow = Plan(block_h, block_r, MIN_BLOCK, resident=True, persistent=True,
-                      block_k=RESIDENT_BLOCK_K // 2, num_warps=8)
-        if resident_bytes(config, narrow, backward) <= device.shared_bytes_per_program:
-            plans.append(narrow)
-    for block_h in _block_h_choices(config, device, backward):
+    for block_h in _block_h_choices(config, device, backward, 1):
         for num_warps in (4, 8):
             plans.append(Plan(block_h, _block_r(config, block_h), MIN_BLOCK, resident=False,
                               persistent=True, block_k=32, num_warps=num_warps))
-    return plans
+    return sorted(plans, key=lambda plan: (round(estimate_us_per_step(config, plan, backward), 1),
+                                           not plan.resident))
 
 
 def stepwise_plan(config: LayerConfig) -> Plan:
@@ -424,6 +448,11 @@ def interpreter_plan(config: LayerConfig) -> Plan:
     whole = pow2(max(config.cell.gates * config.hidden_size, config.proj_size, MIN_BLOCK))
     return Plan(block_h, _block_r(config, block_h), _block_b(config), resident=True,
                 persistent=True, block_k=whole, num_warps=4)
+
+
+def describe(plan: Plan) -> str:
+    return (f"{plan.kind} block_h={plan.block_h} block_b={plan.block_b} block_k={plan.block_k} "
+            f"num_warps={plan.num_warps} batch_groups={plan.batch_groups}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,15 +472,15 @@ def choose(config: LayerConfig, device: Device, backward: bool) -> Choice:
         try:
             resources = kernel_resources(config, plan, backward, device.arch)
         except Exception as error:  # noqa: BLE001 - a candidate this Triton cannot compile
-            rejected.append(f"{plan.kind} block_h={plan.block_h}: does not compile "
+            rejected.append(f"{describe(plan)}: does not compile "
                             f"({type(error).__name__}: {str(error).splitlines()[0][:120]})")
             continue
-        programs = plan.num_programs(config.hidden_size) * config.num_directions
+        programs = plan.total_programs(config.hidden_size, config.batch_size,
+                                       config.num_directions)
         reason = resources.why_not(device, programs)
         if not reason:
             return Choice(plan, resources, tuple(rejected))
-        rejected.append(f"{plan.kind} block_h={plan.block_h} block_b={plan.block_b} "
-                        f"block_k={plan.block_k} num_warps={plan.num_warps}: {reason}")
+        rejected.append(f"{describe(plan)}: {reason}")
     plan = stepwise_plan(config)
     return Choice(plan, kernel_resources(config, plan, backward, device.arch), tuple(rejected))
 
@@ -469,7 +498,7 @@ def estimate_us_per_step(config: LayerConfig, plan: Plan, backward: bool) -> flo
     """Modelled time of one step of one program (all directions run at once): a barrier per
     phase plus what the program reads from L2 in that step, at one SM's share of L2 bandwidth.
     Step-wise plans add one kernel launch from Python per phase (4.3 us, ANCHORS.md)."""
-    hidden, batch = config.hidden_size, config.batch_size
+    hidden, batch = config.hidden_size, plan.group_rows(config.batch_size)  # rows of a program
     out_size = config.proj_size or hidden
     gates = config.cell.gates
     weight_bytes = torch.finfo(config.dtype).bits // 8

@@ -5,9 +5,11 @@ WS workspace gates (cells.py), s step index (0 .. T-1 in the order a direction r
 t_row the time index of row b at step s (s forward; length_b - 1 - s reverse, or s where the row
 is past its length, so that every (t, b) is written exactly once).
 
-Tiling: grid (num_programs, D). Program j of direction d owns the hidden units
+Tiling: grid (num_programs * groups, D). Program (j, group) of direction d owns the hidden units
 j*BLOCK_H .. (j+1)*BLOCK_H (all G gates of them, so the cell update is local) and the output
-columns j*BLOCK_R .. (j+1)*BLOCK_R of P. Batch rows are processed in chunks of BLOCK_B. The
+columns j*BLOCK_R .. (j+1)*BLOCK_R of P, for the batch rows group*group_rows .. +group_rows,
+in chunks of BLOCK_B. Batch groups never read each other's rows: each has its own barrier, and
+each program reads only its group's rows of the exchanged state. The
 forward's gate matmul is one tile over all gates of the own units ([P, GP*BLOCK_H], GP = G rounded
 up to a power of two, _gate_columns), so a program may own as few as 16 / GP units.
 
@@ -19,7 +21,8 @@ Each step is split into phases separated by a grid barrier (per direction):
                               hidden-side pre-activation grads; then those [B, G*H] (all programs)
                               -> own slice of grad h_{t-1} = grad_hg @ W_hh (+ GRU z * grad_h)
 The barrier is split-phase: a program arrives (atomic add) after a phase and, before the next
-phase that reads other programs' results, waits until every program of its direction has arrived.
+phase that reads other programs' results, waits until every program of its direction and batch
+group has arrived.
 Phase `ph` waits for num_programs * ph arrivals, so one launch may run any range of phases:
 all of them (persistent; needs every program co-resident) or one (a launch per phase). A wait
 that outlasts spin_limit polls marks the counter TIMED_OUT instead of hanging; the launcher raises.
@@ -40,7 +43,8 @@ CELL_RNN_TANH = tl.constexpr(2)
 CELL_RNN_RELU = tl.constexpr(3)
 
 # Runtime sizes are not specialized on, so no batch size or sequence length compiles anew.
-_RUNTIME_INTS = ["B", "T", "H", "P", "phase_begin", "phase_end", "num_programs", "spin_limit"]
+_RUNTIME_INTS = ["B", "T", "H", "P", "phase_begin", "phase_end", "num_programs", "group_rows",
+                 "spin_limit"]
 # Set in a direction's arrival counter by a program that waited longer than spin_limit polls:
 # every later wait passes at once, and the launcher raises. Arrivals alone never reach it.
 TIMED_OUT = tl.constexpr(1 << 30)
@@ -226,8 +230,8 @@ def _recurrence_fwd_kernel(
     #               anyway): h before step s in buffer s % 2 (h0 in buffer 0)
     m_state_ptr,  # [D, B, H] float32: o * tanh(c) of the step (HAS_PROJ)
     c_state_ptr,  # [D, B, H] float32: cell state (LSTM), c0 on entry, c_n on exit
-    counter_ptr,  # [D] int32 barrier arrivals
-    B, T, H, P, phase_begin, phase_end, num_programs, spin_limit,
+    counter_ptr,  # [D, groups] int32 barrier arrivals
+    B, T, H, P, phase_begin, phase_end, num_programs, group_rows, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, WS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     RESIDENT: tl.constexpr,
@@ -242,9 +246,14 @@ def _recurrence_fwd_kernel(
     chunks cover P when RESIDENT); BLOCK_KH: K chunk over H of the projection (all of it when
     RESIDENT).
     """
-    j = tl.program_id(0)
+    j = tl.program_id(0) % num_programs  # own units and columns
+    group = tl.program_id(0) // num_programs  # own batch rows: group_rows of them
+    batch_begin = group * group_rows
+    batch_end = tl.minimum(batch_begin + group_rows, B)
+    groups = tl.num_programs(0) // num_programs
     d = tl.program_id(1)
     D = tl.num_programs(1)
+    counter_ptr += d * groups + group
     PHASES: tl.constexpr = 2 if HAS_PROJ else 1
     units = j * BLOCK_H + tl.arange(0, BLOCK_H)  # own hidden units
     cols = j * BLOCK_R + tl.arange(0, BLOCK_R)  # own output columns (projection phase)
@@ -261,11 +270,11 @@ def _recurrence_fwd_kernel(
 
     for ph in range(phase_begin, phase_end):
         s = ph // PHASES
-        _wait_for_arrivals(counter_ptr + d, num_programs * ph, spin_limit)
+        _wait_for_arrivals(counter_ptr, num_programs * ph, spin_limit)
         h_prev_ptr = h_state_ptr + ((s % 2) * D + d) * B * P
         h_next_ptr = h_state_ptr + (((s + 1) % 2) * D + d) * B * P
         if ph % PHASES == 0:  # cell phase: own units of every row
-            for b0 in range(0, B, BLOCK_B):
+            for b0 in range(batch_begin, batch_end, BLOCK_B):
                 rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
                                                           HAS_LENGTHS, BLOCK_B)
                 mask = row_mask[:, None] & (units < H)[None, :]
@@ -339,7 +348,7 @@ def _recurrence_fwd_kernel(
         if HAS_PROJ:  # compiled only with a projection
             if ph % 2 == 1:  # projection phase: own output columns h_t = W_hr m_t
                 m_ptr = m_state_ptr + d * B * H
-                for b0 in range(0, B, BLOCK_B):
+                for b0 in range(batch_begin, batch_end, BLOCK_B):
                     rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
                                                               HAS_LENGTHS, BLOCK_B)
                     mask = row_mask[:, None] & (cols < P)[None, :]
@@ -360,7 +369,7 @@ def _recurrence_fwd_kernel(
                     out_ptrs = output_ptr + (t_row * B + rows)[:, None] * (D * P) + d * P + cols[None, :]
                     tl.store(out_ptrs, tl.where(keep, h_new, 0.0).to(output_ptr.dtype.element_ty),
                              mask=mask)
-        _arrive(counter_ptr + d)
+        _arrive(counter_ptr)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -378,8 +387,8 @@ def _recurrence_bwd_kernel(
     grad_proj_ptr,  # [T, B, D, P] float32 out: grad of each step's projected h (HAS_PROJ)
     grad_h_state_ptr,  # [2, D, B, P] float32: grad of h after step s in buffer (T-1-s) % 2
     grad_c_state_ptr,  # [D, B, H] float32: grad of c (LSTM), grad_c_n on entry, grad_c0 on exit
-    counter_ptr,  # [D] int32 barrier arrivals
-    B, T, H, P, phase_begin, phase_end, num_programs, spin_limit,
+    counter_ptr,  # [D, groups] int32 barrier arrivals
+    B, T, H, P, phase_begin, phase_end, num_programs, group_rows, spin_limit,
     CELL: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr,
     GRAD_X_IS_GRAD_HG: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, RESIDENT: tl.constexpr,
@@ -395,9 +404,14 @@ def _recurrence_bwd_kernel(
     GRAD_X_IS_GRAD_HG: the hidden phase reads grad_x rather than grad_hg (they are equal for
     LSTM and RNN cells; set for 16-bit layers, which exchange half the bytes that way).
     """
-    j = tl.program_id(0)
+    j = tl.program_id(0) % num_programs  # own units and columns
+    group = tl.program_id(0) // num_programs  # own batch rows: group_rows of them
+    batch_begin = group * group_rows
+    batch_end = tl.minimum(batch_begin + group_rows, B)
+    groups = tl.num_programs(0) // num_programs
     d = tl.program_id(1)
     D = tl.num_programs(1)
+    counter_ptr += d * groups + group
     GH = G * H
     units = j * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = j * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -414,13 +428,13 @@ def _recurrence_bwd_kernel(
     for ph in range(phase_begin, phase_end):
         s = T - 1 - ph // 2
         if HAS_PROJ:
-            _wait_for_arrivals(counter_ptr + d, num_programs * ph, spin_limit)
+            _wait_for_arrivals(counter_ptr, num_programs * ph, spin_limit)
         elif ph % 2 == 1:  # without projection the cell phase reads only its own columns
-            _wait_for_arrivals(counter_ptr + d, num_programs * ph, spin_limit)
+            _wait_for_arrivals(counter_ptr, num_programs * ph, spin_limit)
         grad_in_ptr = grad_h_state_ptr + (((ph // 2) % 2) * D + d) * B * P
         grad_out_ptr = grad_h_state_ptr + (((ph // 2 + 1) % 2) * D + d) * B * P
         if ph % 2 == 0:  # cell phase: own units
-            for b0 in range(0, B, BLOCK_B):
+            for b0 in range(batch_begin, batch_end, BLOCK_B):
                 rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
                                                           HAS_LENGTHS, BLOCK_B)
                 mask = row_mask[:, None] & (units < H)[None, :]
@@ -511,7 +525,7 @@ def _recurrence_bwd_kernel(
                     tl.store(x_ptrs, grad_pre.to(dtype), mask=mask)
                     tl.store(hg_ptrs, grad_pre, mask=mask)
         else:  # hidden phase: own columns of grad h_{t-1}
-            for b0 in range(0, B, BLOCK_B):
+            for b0 in range(batch_begin, batch_end, BLOCK_B):
                 rows, row_mask, valid, t_row = _step_rows(lengths_ptr, b0, s, T, B, d,
                                                           HAS_LENGTHS, BLOCK_B)
                 mask = row_mask[:, None] & (cols < P)[None, :]
@@ -543,5 +557,5 @@ def _recurrence_bwd_kernel(
                 if HAS_PROJ:
                     proj_ptrs = grad_proj_ptr + ((t_row * B + rows) * D + d)[:, None] * P + cols[None, :]
                     tl.store(proj_ptrs, tl.where(keep, grad_step, 0.0), mask=mask)
-        _arrive(counter_ptr + d)
+        _arrive(counter_ptr)
 
