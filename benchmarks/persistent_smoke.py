@@ -34,7 +34,8 @@ def _plans(module, x) -> str:
                          num_directions=2 if module.bidirectional else 1, variable_lengths=False)
     forward = triton_backend.plan_layer(config, x.device)
     backward = triton_backend.plan_layer(config, x.device, backward=True)
-    return f"fwd {forward.kind}/{forward.num_warps}w, bwd {backward.kind}/{backward.num_warps}w"
+    return (f"fwd {forward.kind} x{forward.batch_groups} groups, "
+            f"bwd {backward.kind} x{backward.batch_groups} groups")
 
 
 def check(mode, batch, seq_len, hidden, bidirectional, dtype) -> bool:

@@ -413,7 +413,7 @@ def candidates(config: LayerConfig, device: Device, backward: bool) -> list[Plan
     """Persistent plans of one pass worth compiling, best first by the cost model
     (estimate_us_per_step; resident before streamed where equal): weights resident where their
     bytes fit a program's shared memory, in every batch grouping, batch chunk, warp count and
-    a narrower K chunk; then the ungrouped tiling with the weights streamed from L2."""
+    narrower K chunks; then the ungrouped tiling with the weights streamed from L2."""
     plans = []
     for groups in _group_choices(config):
         rows = cdiv(config.batch_size, groups)
@@ -422,7 +422,8 @@ def candidates(config: LayerConfig, device: Device, backward: bool) -> list[Plan
             block_r = _block_r(config, block_h)
             tilings = [(block_b, num_warps, RESIDENT_BLOCK_K) for block_b in reversed(block_bs)
                        for num_warps in (8, 4)]
-            tilings.append((MIN_BLOCK, 8, RESIDENT_BLOCK_K // 2))  # stages less at a time
+            tilings += [(MIN_BLOCK, 8, RESIDENT_BLOCK_K // 2),  # stage less at a time
+                        (MIN_BLOCK, 8, RESIDENT_BLOCK_K // 4)]
             for block_b, num_warps, chunk in tilings:
                 plan = Plan(block_h, block_r, block_b, resident=True, persistent=True,
                             block_k=chunk, num_warps=num_warps, batch_groups=groups)
