@@ -11,6 +11,7 @@ GEMMs over the saved states after the recurrence. CPU tensors run under the Trit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -56,6 +57,7 @@ def plan_layer(config: LayerConfig, device: torch.device, backward: bool = False
     else step-wise launches, with one warning saying why."""
     if device.type != "cuda":
         return interpreter_plan(config)
+    config = dataclasses.replace(config, seq_len=0)  # plans do not depend on T
     choice = _choose(config, cuda_device(device.index or 0), backward,
                      torch.backends.cuda.matmul.allow_tf32)
     if not choice.plan.persistent:
