@@ -9,9 +9,9 @@ Tiling: grid (num_programs * groups, D). Program (j, group) of direction d owns 
 j*BLOCK_H .. (j+1)*BLOCK_H (all G gates of them, so the cell update is local) and the output
 columns j*BLOCK_R .. (j+1)*BLOCK_R of P, for the batch rows group*group_rows .. +group_rows,
 in chunks of BLOCK_B. Batch groups never read each other's rows: each has its own barrier, and
-each program reads only its group's rows of the exchanged state. The
-forward's gate matmul is one tile over all gates of the own units ([P, GP*BLOCK_H], GP = G rounded
-up to a power of two, _gate_columns), so a program may own as few as 16 / GP units.
+each program reads only its group's rows of the exchanged state. The forward's gate matmul is
+one tile over all gates of the own units ([P, GP*BLOCK_H], GP = G rounded up to a power of two,
+_gate_columns), so that even a program owning 2 units runs an 8-column matmul.
 
 Each step is split into phases separated by a grid barrier (per direction):
   forward:  [cell]            h_{t-1} [B, P] (all programs) -> cell on own units -> own h_t slice
