@@ -69,14 +69,16 @@ def triton_report(target: str, which: str) -> int:
                 programs = plan.total_programs(layer.hidden_size, layer.batch_size,
                                                layer.num_directions)
                 reason = resources.why_not(device, programs) if plan.persistent else ""
+                compiled = ((resources.registers, resources.spill_bytes, resources.shared_bytes)
+                            if resources else ("?", "?", "?"))
                 fits = plan.persistent and not reason
                 lines += 1
                 fitting += fits
                 broken += plan.persistent and bool(reason)
                 estimate = triton_plan.estimate_us_per_step(layer, plan, backward)
                 _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.kind,
-                            programs, plan.batch_groups, plan.num_warps, resources.registers, resources.spill_bytes,
-                            resources.shared_bytes, "yes" if fits else "no", f"{estimate:.1f}"),
+                            programs, plan.batch_groups, plan.num_warps, *compiled,
+                            "yes" if fits else "no", f"{estimate:.1f}"),
                            widths)
                 for rejected in choice.rejected:
                     print(" " * (widths[0] + 2) + f"(passed over: {rejected})", flush=True)

@@ -173,3 +173,14 @@ def test_a_candidate_that_does_not_compile_is_passed_over(monkeypatch):
     assert choice.plan.kind == "streamed"
     assert choice.rejected and all("does not compile (ValueError: dot shape too small)" in reason
                                    for reason in choice.rejected)
+
+
+def test_no_compiler_at_all_still_gives_a_step_wise_plan(monkeypatch):
+    def resources(config, plan, backward, arch):
+        raise FileNotFoundError("ptxas")
+
+    monkeypatch.setattr(triton_plan, "kernel_resources", resources)
+    choice = triton_plan.choose(_config("rnn_tanh", 64), H100, backward=False)
+    assert choice.plan.kind == "step-wise" and choice.resources is None
+    assert all("does not compile (FileNotFoundError: ptxas)" in reason
+               for reason in choice.rejected)

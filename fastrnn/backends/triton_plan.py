@@ -483,7 +483,11 @@ def choose(config: LayerConfig, device: Device, backward: bool) -> Choice:
             return Choice(plan, resources, tuple(rejected))
         rejected.append(f"{describe(plan)}: {reason}")
     plan = stepwise_plan(config)
-    return Choice(plan, kernel_resources(config, plan, backward, device.arch), tuple(rejected))
+    try:  # only reported: a step-wise launch needs no co-residency
+        resources = kernel_resources(config, plan, backward, device.arch)
+    except Exception:  # noqa: BLE001 - e.g. no ptxas to read resources with
+        resources = None
+    return Choice(plan, resources, tuple(rejected))
 
 
 # --- the cost model of gpu_report ---------------------------------------------------------------
