@@ -15,22 +15,11 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from fastrnn.backends import LayerConfig, why_not
-from fastrnn.benchmark_configs import PASSES, Config, cpu_configs, gpu_configs  # noqa: F401
-from fastrnn.cells import CELLS_BY_MODE
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from fastrnn.backends import why_not
+from fastrnn.benchmark_configs import (DTYPES, PASSES, Config, cpu_configs,  # noqa: F401
+                                       gpu_configs, layer_config)
 # Largest normalised error (max |fastrnn - torch| / max |torch|) accepted before timing.
 TOLERANCE = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1}
-
-
-def layer_config(config: Config, dtype: str, device: torch.device) -> LayerConfig:
-    """What a backend sees of the first layer of `config`."""
-    return LayerConfig(cell=CELLS_BY_MODE["RNN_TANH" if config.mode == "RNN" else config.mode],
-                       device_type=device.type, dtype=DTYPES[dtype], batch_size=config.batch,
-                       seq_len=config.seq, hidden_size=config.hidden, proj_size=0,
-                       num_directions=2 if config.bidirectional else 1,
-                       variable_lengths=config.packed)
 
 
 def _round_through_bf16(tensor: torch.Tensor) -> torch.Tensor:
@@ -164,7 +153,7 @@ def mismatch(workload: Workload, pass_name: str, expected: list[torch.Tensor], d
 
 def unsupported(config: Config, dtype: str, device: torch.device, backend: str) -> str:
     """Why fastrnn `backend` cannot run this config, or ""."""
-    return why_not(backend, layer_config(config, dtype, device))
+    return why_not(backend, layer_config(config, dtype, device.type))
 
 
 # ---- the report ------------------------------------------------------------------------------

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
+from .backends.base import LayerConfig
+from .cells import CELLS_BY_MODE
+
 PASSES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,3 +76,12 @@ def cpu_configs(quick: bool) -> list[Config]:
     if quick:
         return small + [Config("fastrnns", "LSTM", 64, 100, 512, passes=("fwd",))]
     return small + [Config("fastrnns", mode, 64, 100, 512) for mode in ("LSTM", "GRU", "RNN")]
+
+
+def layer_config(config: Config, dtype: str, device_type: str) -> LayerConfig:
+    """What a backend sees of the first layer of `config`."""
+    return LayerConfig(cell=CELLS_BY_MODE["RNN_TANH" if config.mode == "RNN" else config.mode],
+                       device_type=device_type, dtype=DTYPES[dtype], batch_size=config.batch,
+                       seq_len=config.seq, hidden_size=config.hidden, proj_size=0,
+                       num_directions=2 if config.bidirectional else 1,
+                       variable_lengths=config.packed)

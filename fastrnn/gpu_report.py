@@ -24,22 +24,9 @@ import tempfile
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import torch  # noqa: E402
+from .benchmark_configs import Config, gpu_configs, layer_config  # noqa: E402
 
-from .backends.base import LayerConfig  # noqa: E402
-from .benchmark_configs import Config, gpu_configs  # noqa: E402
-from .cells import CELLS_BY_MODE  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA_SOURCES = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
-
-
-def _layer(config: Config, dtype: str) -> LayerConfig:
-    mode = "RNN_TANH" if config.mode == "RNN" else config.mode
-    return LayerConfig(cell=CELLS_BY_MODE[mode], device_type="cuda", dtype=DTYPES[dtype],
-                       batch_size=config.batch, seq_len=config.seq, hidden_size=config.hidden,
-                       proj_size=0, num_directions=2 if config.bidirectional else 1,
-                       variable_lengths=config.packed)
 
 
 def _configs(which: str) -> list[Config]:
@@ -60,7 +47,7 @@ def triton_report(target: str, which: str) -> int:
     lines, fitting, broken = 0, 0, 0
     for config in _configs(which):
         for dtype in config.dtypes:
-            layer = _layer(config, dtype)
+            layer = layer_config(config, dtype, "cuda")
             for backward in (False, True):
                 if backward and "fwd+bwd" not in config.passes:
                     continue
@@ -109,8 +96,8 @@ def cuda_report(target: str) -> int:
                 stores, loads = (spills.group(1), spills.group(2)) if spills else ("0", "0")
                 kernels += 1
                 clean += stores == "0" and loads == "0"
-                _print_row((_readable(name), registers.group(1) if registers else "?", stores, loads,
-                            shared.group(1) if shared else "0"), widths)
+                _print_row((_readable(name), registers.group(1) if registers else "?", stores,
+                            loads, shared.group(1) if shared else "0"), widths)
     print(f"no spills: {clean}/{kernels} (plans are chosen at run time by the cuda binding)")
     return 0
 
@@ -130,7 +117,8 @@ def _print_row(values: tuple, widths: tuple) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastrnn.gpu_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastrnn.gpu_report",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="sm_90", choices=["sm_90"])
     parser.add_argument("--backend", default="triton", choices=["triton", "cuda"])
     parser.add_argument("--configs", default="benchmarks", choices=["benchmarks", "small"])

@@ -19,7 +19,7 @@ import torch
 
 from ..cells import CellSpec
 from .base import Backend, LayerConfig, workspace_dtype
-from .triton_plan import (Choice, Device, Plan, backward_constexprs, cdiv, choose, cuda_device,
+from .triton_plan import (Choice, Device, Plan, backward_constexprs, choose, cuda_device,
                           forward_constexprs, interpreter_plan, interpreting, state_dtype)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,8 +92,7 @@ def _launch_phases(kernel, plan: Plan, hidden: int, batch: int, num_directions: 
     else one launch per phase. Raises when a barrier timed out."""
     per_launch = num_phases if plan.persistent else 1
     num_programs = plan.num_programs(hidden)
-    group_rows = plan.group_rows(batch)
-    groups = cdiv(batch, group_rows) if batch else 1
+    groups = plan.num_groups(batch)
     counter = torch.zeros(num_directions, groups, dtype=torch.int32, device=device)
     grid = (num_programs * groups, num_directions)
     on_gpu = device.type == "cuda"
@@ -101,9 +100,9 @@ def _launch_phases(kernel, plan: Plan, hidden: int, batch: int, num_directions: 
     spin_limit = _SPIN_LIMIT if on_gpu else _INTERPRETER_SPIN_LIMIT
     for begin in range(0, num_phases, per_launch):
         kernel[grid](phase_begin=begin, phase_end=min(begin + per_launch, num_phases),
-                     num_programs=num_programs, group_rows=group_rows, spin_limit=spin_limit,
-                     num_warps=plan.num_warps, num_stages=1, counter_ptr=counter, **options,
-                     **arguments)
+                     num_programs=num_programs, group_rows=plan.group_rows(batch),
+                     spin_limit=spin_limit, num_warps=plan.num_warps, num_stages=1,
+                     counter_ptr=counter, **options, **arguments)
     _barrier_watch.check(counter)
 
 

@@ -6,8 +6,9 @@ L2 each step, and whether one launch runs the whole sequence (persistent) or one
 phase (step-wise). A persistent launch spins at a grid barrier, so all of its programs must be
 resident at once: a persistent plan is taken only when the compiled kernel (registers, spills,
 shared memory, from `ptxas -v` on the PTX Triton produces for the target) fits the device with
-every program co-resident. Nothing here is a guessed budget: candidates are compiled and the first
-that fits is taken, in the order resident persistent, streamed persistent, step-wise.
+every program co-resident. Nothing here is a guessed budget: candidates are compiled cheapest
+first by a stated cost model (estimate_us_per_step) and the first that fits is taken; step-wise
+only when none does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import tempfile
 
 import torch
 
-from ..cells import CellSpec
 from .base import LayerConfig, workspace_dtype
 
 MIN_BLOCK = 16  # tl.dot tile side every supported Triton accepts
@@ -73,8 +73,12 @@ class Plan:
             return batch
         return max(1, cdiv(cdiv(batch, self.batch_groups), self.block_b)) * self.block_b
 
+    def num_groups(self, batch: int) -> int:
+        """Batch groups actually launched (at most batch_groups)."""
+        return cdiv(batch, self.group_rows(batch)) if batch else 1
+
     def total_programs(self, hidden: int, batch: int, num_directions: int) -> int:
-        return self.num_programs(hidden) * cdiv(batch, self.group_rows(batch)) * num_directions
+        return self.num_programs(hidden) * self.num_groups(batch) * num_directions
 
     @property
     def kind(self) -> str:
@@ -313,21 +317,17 @@ def backward_constexprs(config: LayerConfig, plan: Plan, has_grad_output: bool =
 
 
 def _forward_signature(config: LayerConfig) -> dict:
-    dtype, f32 = config.dtype, torch.float32
-    pointers = dict(x_ptr=dtype, h0_ptr=dtype, w_hh_ptr=dtype, b_hh_ptr=dtype, w_hr_ptr=dtype,
+    """The forward kernel's pointer and stride arguments, in its order, as Triton types."""
+    dtype, f32, state = config.dtype, torch.float32, state_dtype(config.dtype)
+    pointers = dict(x_ptr=dtype, stride_xt=None, stride_xb=None, h0_ptr=dtype, w_hh_ptr=dtype,
+                    b_hh_ptr=dtype, w_hr_ptr=dtype,
                     lengths_ptr=torch.int64 if config.variable_lengths else torch.int32,
-                    output_ptr=dtype, workspace_ptr=workspace_dtype(dtype),
-                    h_state_ptr=state_dtype(dtype),
+                    output_ptr=dtype, workspace_ptr=workspace_dtype(dtype), h_state_ptr=state,
                     # placeholders (h_state) where the layer has no projection or cell state
-                    m_state_ptr=f32 if config.proj_size else state_dtype(dtype),
-                    c_state_ptr=f32 if config.cell.has_cell_state else state_dtype(dtype),
+                    m_state_ptr=f32 if config.proj_size else state,
+                    c_state_ptr=f32 if config.cell.has_cell_state else state,
                     counter_ptr=torch.int32)
-    signature = {name: _pointer_type(t) for name, t in pointers.items()}
-    signature.update(stride_xt="i32", stride_xb="i32")
-    order = ["x_ptr", "stride_xt", "stride_xb", "h0_ptr", "w_hh_ptr", "b_hh_ptr", "w_hr_ptr",
-             "lengths_ptr", "output_ptr", "workspace_ptr", "h_state_ptr", "m_state_ptr",
-             "c_state_ptr", "counter_ptr"]
-    return {name: signature[name] for name in order}
+    return {name: "i32" if t is None else _pointer_type(t) for name, t in pointers.items()}
 
 
 def _backward_signature(config: LayerConfig) -> dict:
