@@ -19,12 +19,21 @@ from .cells import CELLS, CellSpec
 from .ops import run_layer
 
 
-def packed_layout(batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """For PackedSequence batch_sizes [T] (CPU int64): the sequence lengths [B] and, for each
-    packed row, its flat index t * B + b in the padded [T, B] layout ([N])."""
-    batch = int(batch_sizes[0])
-    steps = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B] valid steps
-    return steps.sum(0), steps.flatten().nonzero().squeeze(1)
+def packed_layout(batch_sizes: Tensor, batch: int, total: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For PackedSequence batch_sizes [T] (CPU int64) of `batch` sequences and `total` packed
+    rows (N, the sum of batch_sizes): the sequence lengths [B];
+    for each packed row, its flat index t * B + b in the padded [T, B] layout (rows [N]); and
+    for each padded slot, the packed row it holds, or N where it is padding (slots [T, B]).
+
+    Computed from sizes only, without reading a value of batch_sizes into Python, so that
+    torch.compile and torch.export keep one graph for every batch size and length pattern."""
+    columns = torch.arange(batch)
+    valid = columns < batch_sizes.unsqueeze(1)  # [T, B]
+    starts = batch_sizes.cumsum(0) - batch_sizes  # [T] first packed row of each step
+    slots = torch.where(valid, starts.unsqueeze(1) + columns, total)
+    # rows inverts slots; every padding slot writes to the extra entry N, which is dropped
+    rows = slots.new_zeros(total + 1).scatter(0, slots.flatten(), torch.arange(slots.numel()))
+    return valid.sum(0), rows[:total], slots
 
 
 def _layer_weights(weights: Sequence[Tensor], layer: int, num_layers: int, num_directions: int):
@@ -88,10 +97,10 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
 
     lengths = rows = None
     if batch_sizes is not None:
-        lengths, rows = (t.to(input.device) for t in packed_layout(batch_sizes))
-        seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
-        x = input.new_zeros(seq_len * batch, input.shape[1])
-        x = x.index_copy(0, rows, input).unflatten(0, (seq_len, batch))
+        lengths, rows, slots = (t.to(input.device) for t in packed_layout(
+            batch_sizes, h0.shape[1], input.shape[0]))
+        padded = torch.cat([input, input.new_zeros(1, input.shape[1])])  # row N: padding
+        x = padded[slots]  # [T, B, I]
     else:
         x = input.transpose(0, 1) if batch_first else input
     if x.shape[0] == 0:

@@ -148,6 +148,9 @@ class RNNBase(nn.Module):
             mini_batch = int(batch_sizes[0])
         else:
             mini_batch = input.size(0) if self.batch_first else input.size(1)
+        return self._expected_hidden_size(mini_batch)
+
+    def _expected_hidden_size(self, mini_batch: int) -> tuple[int, int, int]:
         num_directions = 2 if self.bidirectional else 1
         size = self.proj_size if self.proj_size > 0 else self.hidden_size
         return (self.num_layers * num_directions, mini_batch, size)
@@ -164,13 +167,33 @@ class RNNBase(nn.Module):
 
     def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
         self.check_input(input, batch_sizes)
-        expected = self.get_expected_hidden_size(input, batch_sizes)
+        self._check_hidden(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def _check_hidden(self, hidden, expected: tuple[int, int, int]) -> None:
+        """hidden against the expected [L*D, B, P] (and [L*D, B, H] for c)."""
         if self.mode == "LSTM":
             self.check_hidden_size(hidden[0], expected, "Expected hidden[0] size {}, got {}")
-            self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+            self.check_hidden_size(hidden[1], (*expected[:2], self.hidden_size),
                                    "Expected hidden[1] size {}, got {}")
         else:
             self.check_hidden_size(hidden, expected)
+
+    def _packed_batch_size(self, batch_sizes: Tensor, sorted_indices: Tensor | None, hx) -> int:
+        """The batch size B of a PackedSequence: batch_sizes[0], like torch.nn. Under
+        torch.compile, a size instead where one holds B (sorted_indices [B], hx [L*D, B, P]), so
+        that one graph serves every batch size; batch_sizes[0] is then checked when it runs."""
+        if not torch.compiler.is_compiling():
+            return int(batch_sizes[0])
+        if sorted_indices is not None:
+            return sorted_indices.shape[0]
+        first = batch_sizes[0].item()
+        if hx is None:
+            torch._check_is_size(first)
+            return first
+        batch = (hx[0] if self.mode == "LSTM" else hx).shape[1]
+        torch._check(first == batch, lambda: "Expected the hidden state's batch size to be "
+                     "the PackedSequence's batch size, batch_sizes[0]")
+        return batch
 
     def permute_hidden(self, hx, permutation: Tensor | None):
         if permutation is None:
@@ -206,11 +229,12 @@ class RNNBase(nn.Module):
         is_lstm = self.mode == "LSTM"
         if is_packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = self._packed_batch_size(batch_sizes, sorted_indices, hx)
+            self.check_input(data, batch_sizes)
             if hx is None:
-                hx = self._zero_state(data, int(batch_sizes[0]))
-                self.check_forward_args(data, hx, batch_sizes)
+                hx = self._zero_state(data, batch)
             else:
-                self.check_forward_args(data, hx, batch_sizes)
+                self._check_hidden(hx, self._expected_hidden_size(batch))
                 hx = self.permute_hidden(hx, sorted_indices)
             is_batched = True
         else:

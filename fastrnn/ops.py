@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import backends
+from . import backends, onnx_export
 from .backends.base import LayerConfig, workspace_dtype
 from .backends.reference import layer_forward as differentiable_layer
 from .cells import CELLS, CellSpec
@@ -158,6 +158,8 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
     the cpu backend then computes the input projection step by step inside its time loop.
     """
+    if onnx_export.exporting():
+        return onnx_export.layer(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths)
     if _needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
         return _plain_layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths)
     if type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
@@ -180,6 +182,8 @@ def layer(cell: CellSpec, x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_h
     """One layer from its input projection x_gates [T, B, D*G*H]: (output, h_n, c_n), through the
     layer op, or under torch.func transforms and forward-mode AD through plain differentiable torch
     ops."""
+    if onnx_export.exporting():  # a cell's step: ONNX records its plain torch ops
+        return differentiable_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, False)[:3]
     if _needs_plain_ops(x_gates, h0, c0, w_hh, b_hh, w_hr):
         return _plain_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
     output, h_n, c_n, _ = LAYER_OPS[cell.name](x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
