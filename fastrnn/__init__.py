@@ -1,6 +1,6 @@
 """fastrnn: drop-in torch.nn.LSTM / GRU / RNN (and cells) running on fused kernels."""
 
-from . import backends, functional
+from . import backends, functional, quantization  # quantization: quantize_dynamic mappings
 from .backends import available_backends
 from .cell_modules import GRUCell, LSTMCell, RNNCell
 from .modules import GRU, LSTM, RNN
