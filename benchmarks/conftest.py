@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# --isa holds torch.nn (oneDNN, ATen) and fastrnn's cpu kernels to one instruction set; the
+# variables must be set before torch loads, so they are read from the command line here
+ISA_VARIABLES = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                          "FASTRNN_CPU_ISA": "avx2"}}
+_ISA = next((arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--isa=")), None)
+if _ISA in ISA_VARIABLES:
+    os.environ.update(ISA_VARIABLES[_ISA])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import fastrnn
+from fastrnn.backends import cpu as cpu_backend
 import rnn_cases
 
 TIMINGS = pytest.StashKey[dict]()
@@ -30,6 +40,10 @@ def pytest_addoption(parser):
                     help="device to time on (default: cuda when present, else cpu)")
     group.addoption("--threads", type=int, default=0,
                     help="torch CPU threads (default: torch's default)")
+    group.addoption("--isa", choices=sorted(ISA_VARIABLES), default=None,
+                    help="hold both sides to one CPU instruction set, given as --isa=NAME "
+                         "(avx2: ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2, "
+                         "FASTRNN_CPU_ISA=avx2)")
     group.addoption("--rounds", type=int, default=0,
                     help="timed rounds per benchmark (default: as many as fit a time budget)")
     group.addoption("--results-dir", default=str(Path(__file__).parent / "results"),
@@ -53,6 +67,13 @@ def _requested_backends(config) -> tuple[list[str], bool]:
 
 def pytest_configure(config):
     config.stash[TIMINGS] = {}
+    isa = config.getoption("--isa", None)
+    if isa is not None and _ISA != isa:
+        raise pytest.UsageError("--isa must be written as --isa=NAME (it is read before torch "
+                                "loads)")
+    if isa is not None and torch.backends.cpu.get_cpu_capability().lower() != isa:
+        raise pytest.UsageError(f"--isa={isa}: torch runs {torch.backends.cpu.get_cpu_capability()}"
+                                " kernels anyway (was torch imported before this conftest?)")
     if config.getoption("--threads", 0):
         torch.set_num_threads(config.getoption("--threads"))
 
@@ -66,7 +87,10 @@ def _device_description(config) -> str:
 
 
 def pytest_report_header(config):
-    lines = [f"fastrnn benchmarks: torch {torch.__version__} on {_device_description(config)}"]
+    lines = [f"fastrnn benchmarks: torch {torch.__version__} on {_device_description(config)}",
+             f"  CPU kernels: torch {torch.backends.cpu.get_cpu_capability()}, "
+             f"fastrnn cpu {cpu_backend.kernel_isa() or 'not loaded'}, oneDNN max ISA "
+             f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')}"]
     for backend, reason in fastrnn.available_backends().items():
         lines.append(f"  fastrnn backend {backend}: {'available' if not reason else reason}")
     return lines

@@ -71,7 +71,7 @@ def gpu_configs() -> list[Config]:
 
 def cpu_configs(quick: bool) -> list[Config]:
     small = [Config("cpu-small", mode, 16, 50, 256, small=True) for mode in ("LSTM", "GRU", "RNN")]
-    small += [Config("cpu-small", "LSTM", 16, 50, 256, dtypes=("bf16",), small=True),
+    small += [Config("cpu-small", "LSTM", 16, 50, 256, dtypes=("bf16", "fp16"), small=True),
               Config("cpu-small", "LSTM", 16, 50, 256, packed=True, small=True)]
     if quick:
         return small + [Config("fastrnns", "LSTM", 64, 100, 512, passes=("fwd",))]

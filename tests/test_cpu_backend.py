@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -56,9 +57,9 @@ def test_supports_and_auto_choice():
     base = dict(cell=cell, device_type="cpu", dtype=torch.float32, batch_size=2, seq_len=3,
                 hidden_size=4, proj_size=0, num_directions=1, variable_lengths=False)
     assert CPU.supports(LayerConfig(**base)) == (True, "")
-    for dtype in DTYPES:
+    for dtype in (*DTYPES, torch.float16):
         assert CPU.supports(LayerConfig(**{**base, "dtype": dtype}))[0]
-    assert not CPU.supports(LayerConfig(**{**base, "dtype": torch.float16}))[0]
+    assert not CPU.supports(LayerConfig(**{**base, "dtype": torch.int64}))[0]
     assert not CPU.supports(LayerConfig(**{**base, "device_type": "cuda"}))[0]
     assert backends.resolve("auto", LayerConfig(**base)) is CPU
 
@@ -196,6 +197,41 @@ def test_bfloat16_error_is_that_of_torch(cell):
         for got, reference, want in zip(ours[:compared], theirs, exact):
             assert got.dtype == torch.bfloat16
             assert relative_error(got, want) <= 2 * relative_error(reference, want) + 1e-3
+
+
+FLOAT16_CASES = [(cell, {}) for cell in CELLS] + [("lstm", {"proj_size": 5, "num_layers": 2})]
+
+
+@pytest.mark.parametrize("cell, extra", FLOAT16_CASES, ids=[c + ("-proj" if e else "")
+                                                            for c, e in FLOAT16_CASES])
+def test_float16_runs_on_the_kernel_within_twice_torchs_error(cell, extra):
+    """float16 layers run on the cpu backend (in float32 inside, rounded on output; no warning, no
+    fallback), no further from float64 than twice torch.nn's own float16 error: the output and
+    the gradients of the input and of every weight (for rnn_relu the output only, as above)."""
+    torch_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
+    extra = {**extra, "nonlinearity": cell[4:]} if cell.startswith("rnn") else extra
+    out_size = 2 * extra.get("proj_size", 24)
+
+    def output_and_gradients(model, x, grad_output):
+        x = x.detach().requires_grad_()
+        output = model(x)[0]
+        return [output, *torch.autograd.grad(output, [x, *model.parameters()], grad_output)]
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = torch_class(16, 24, bidirectional=True, **extra)
+        x, grad_output = torch.randn(30, 4, 16), torch.randn(30, 4, out_size)
+        exact = output_and_gradients(model.double(), x.double(), grad_output.double())
+        model = model.half()
+        theirs = output_and_gradients(model, x.half(), grad_output.half())
+        ours_model = MODULES[cell].from_torch(model, backend="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # neither a fallback nor its warning
+            ours = output_and_gradients(ours_model, x.half(), grad_output.half())
+        compared = 1 if cell == "rnn_relu" else len(exact)
+        for got, reference, want in zip(ours[:compared], theirs, exact):
+            assert got.dtype == torch.float16
+            assert relative_error(got, want) <= 2 * relative_error(reference, want)
 
 
 @pytest.mark.parametrize("T, B, H", [(1, 1, 1), (1, 3, 7), (4, 1, 7), (3, 2, 1), (2, 3, 33)])

@@ -2,8 +2,9 @@
 call. It is the extension `fastrnn._C_cpu` built by setup.py; when that is missing it is compiled
 on first use from the sources next to the package (torch.utils.cpp_extension.load).
 
-Legend as in base.py. bfloat16 runs in float32 inside the kernel and is rounded on output, except
-the forward's per-step products, which use bfloat16 dot products where the CPU has them.
+Legend as in base.py. bfloat16 and float16 run in float32 inside the kernel and are rounded on
+output, except a bfloat16 forward's per-step products, which use bfloat16 dot products where the
+CPU has them; the input projection of a float16 layer is torch's (F.linear in float16).
 The input projection of float32 layers runs on the same packed GEMM (csrc/cpu/linear_cpu.cpp);
 in eager mode it runs step by step inside the recurrence (`forward_from_input`), as does that of
 bfloat16 layers on CPUs with bfloat16 dot products (its x_gates then stay in float32).
@@ -18,7 +19,7 @@ import torch
 
 from .base import Backend, LayerConfig
 
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _SOURCES = [pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu" / name
             for name in ("rnn_cpu.cpp", "linear_cpu.cpp", "matmul.cpp", "packed_gemm.cpp",
                          "block_cache.cpp")]
@@ -77,7 +78,7 @@ class CpuBackend(Backend):
         if config.device_type != "cpu":
             return False, f"it runs on CPU tensors only, not {config.device_type}"
         if config.dtype not in _DTYPES:
-            return False, f"dtype {config.dtype} is not one of float32, float64, bfloat16"
+            return False, f"dtype {config.dtype} is not one of float32, float64, bfloat16, float16"
         return True, ""
 
     def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace=True):
