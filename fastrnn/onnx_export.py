@@ -91,11 +91,12 @@ def _torchscript_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[T
         raise RuntimeError("fastrnn: packed sequences export to ONNX with "
                            "torch.onnx.export(..., dynamo=True)")
     num_directions = int(w_hh.shape[0])  # a traced size otherwise
+    b_ih_per_direction = None if b_ih is None else b_ih.chunk(num_directions)
     weights = []
     for d, w_ih_d in enumerate(w_ih.chunk(num_directions)):
         weights += [w_ih_d, w_hh[d]]
         if b_ih is not None:
-            weights += [b_ih.chunk(num_directions)[d], b_hh[d]]
+            weights += [b_ih_per_direction[d], b_hh[d]]
     run = getattr(torch._VF, cell.name)
     hx = (h0, c0) if cell.has_cell_state else h0
     output, *states = run(x, hx, weights, b_ih is not None, 1, 0.0, False, num_directions == 2,

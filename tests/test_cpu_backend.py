@@ -170,23 +170,29 @@ def test_layer_matches_reference(case, dtype):
     check_layer(*case, dtype)
 
 
+def torch_model(cell: str, input_size: int, hidden_size: int, **kwargs) -> torch.nn.Module:
+    """The torch.nn recurrence of a cell name (rnn_tanh / rnn_relu: RNN with that nonlinearity)."""
+    if cell.startswith("rnn"):
+        return torch.nn.RNN(input_size, hidden_size, nonlinearity=cell[4:], **kwargs)
+    return {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](input_size, hidden_size, **kwargs)
+
+
+def output_and_gradients(model, x, grad_output) -> list:
+    """[output, grad x, grad of every parameter] of a recurrence for grad_output."""
+    x = x.detach().requires_grad_()
+    output = model(x)[0]
+    return [output, *torch.autograd.grad(output, [x, *model.parameters()], grad_output)]
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_bfloat16_error_is_that_of_torch(cell):
     """bfloat16 through the kernel (products in bfloat16 where the CPU has them, h and grad_gates
     rounded to bfloat16 for them as oneDNN does) is no further from float64 than torch.nn in
     bfloat16: the output and the gradients of the input and of every weight (relu's gradients
     jump where a pre-activation crosses 0, so for rnn_relu the output only)."""
-    torch_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
-    extra = {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
-
-    def output_and_gradients(model, x, grad_output):
-        x = x.detach().requires_grad_()
-        output = model(x)[0]
-        return [output, *torch.autograd.grad(output, [x, *model.parameters()], grad_output)]
-
     for seed in range(4):
         torch.manual_seed(seed)
-        model = torch_class(16, 16, bidirectional=True, **extra)
+        model = torch_model(cell, 16, 16, bidirectional=True)
         x, grad_output = torch.randn(8, 5, 16), torch.randn(8, 5, 32)
         exact = output_and_gradients(model.double(), x.double(), grad_output.double())
         model = model.to(torch.bfloat16)
@@ -194,9 +200,9 @@ def test_bfloat16_error_is_that_of_torch(cell):
         ours = output_and_gradients(MODULES[cell].from_torch(model, backend="cpu"), x.bfloat16(),
                                     grad_output.bfloat16())
         compared = 1 if cell == "rnn_relu" else len(exact)
-        for got, reference, want in zip(ours[:compared], theirs, exact):
+        for got, torch_result, want in zip(ours[:compared], theirs, exact):
             assert got.dtype == torch.bfloat16
-            assert relative_error(got, want) <= 2 * relative_error(reference, want) + 1e-3
+            assert relative_error(got, want) <= 2 * relative_error(torch_result, want) + 1e-3
 
 
 FLOAT16_CASES = [(cell, {}) for cell in CELLS] + [("lstm", {"proj_size": 5, "num_layers": 2})]
@@ -208,18 +214,10 @@ def test_float16_runs_on_the_kernel_within_twice_torchs_error(cell, extra):
     """float16 layers run on the cpu backend (in float32 inside, rounded on output; no warning, no
     fallback), no further from float64 than twice torch.nn's own float16 error: the output and
     the gradients of the input and of every weight (for rnn_relu the output only, as above)."""
-    torch_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
-    extra = {**extra, "nonlinearity": cell[4:]} if cell.startswith("rnn") else extra
     out_size = 2 * extra.get("proj_size", 24)
-
-    def output_and_gradients(model, x, grad_output):
-        x = x.detach().requires_grad_()
-        output = model(x)[0]
-        return [output, *torch.autograd.grad(output, [x, *model.parameters()], grad_output)]
-
     for seed in range(3):
         torch.manual_seed(seed)
-        model = torch_class(16, 24, bidirectional=True, **extra)
+        model = torch_model(cell, 16, 24, bidirectional=True, **extra)
         x, grad_output = torch.randn(30, 4, 16), torch.randn(30, 4, out_size)
         exact = output_and_gradients(model.double(), x.double(), grad_output.double())
         model = model.half()
@@ -229,9 +227,9 @@ def test_float16_runs_on_the_kernel_within_twice_torchs_error(cell, extra):
             warnings.simplefilter("error")  # neither a fallback nor its warning
             ours = output_and_gradients(ours_model, x.half(), grad_output.half())
         compared = 1 if cell == "rnn_relu" else len(exact)
-        for got, reference, want in zip(ours[:compared], theirs, exact):
+        for got, torch_result, want in zip(ours[:compared], theirs, exact):
             assert got.dtype == torch.float16
-            assert relative_error(got, want) <= 2 * relative_error(reference, want)
+            assert relative_error(got, want) <= 2 * relative_error(torch_result, want)
 
 
 @pytest.mark.parametrize("T, B, H", [(1, 1, 1), (1, 3, 7), (4, 1, 7), (3, 2, 1), (2, 3, 33)])
