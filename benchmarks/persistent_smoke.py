@@ -1,19 +1,22 @@
-"""The persistent triton launches at the shapes that stress them, on a GPU: each layer runs forward
+"""The persistent launches of a GPU backend at the shapes that stress them: each layer runs forward
 and backward against torch.nn (cuDNN), twice on a side stream, and must agree bitwise with itself
 and within tolerance with torch.nn. Prints one line per shape with the plans chosen and the
 forward time per step. Run under a watchdog (benchmarks/gpu_check.sh): a hang is a failure.
+`--shapes tiny` runs small layers without timing them (for compute-sanitizer).
 
-    python benchmarks/persistent_smoke.py
+    python benchmarks/persistent_smoke.py [--backend triton|cuda] [--shapes stress|tiny]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
 import triton.testing
 
 import fastrnn
+from fastrnn.backends import cuda as cuda_backend
 from fastrnn.backends import triton as triton_backend
 from fastrnn.backends.base import LayerConfig
 from fastrnn.cells import CELLS_BY_MODE
@@ -23,26 +26,34 @@ SHAPES = [  # mode, B, T, H, bidirectional, dtype
     ("LSTM", 16, 256, 1024, True, torch.bfloat16), ("GRU", 64, 100, 512, True, torch.float32),
     ("RNN", 64, 100, 512, False, torch.float16),
 ]
+TINY_SHAPES = [
+    ("LSTM", 3, 7, 20, True, torch.float32), ("GRU", 5, 6, 33, False, torch.bfloat16),
+    ("RNN", 2, 5, 9, True, torch.float16), ("LSTM", 9, 4, 130, False, torch.bfloat16),
+]
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 
-def _plans(module, x) -> str:
-    """The plans the triton backend takes for the module's first layer, forward and backward."""
+def _plans(backend: str, module, x) -> str:
+    """The plans the backend takes for the module's first layer, forward and backward."""
     config = LayerConfig(cell=CELLS_BY_MODE[module.mode], device_type="cuda", dtype=x.dtype,
                          batch_size=x.shape[0], seq_len=x.shape[1],
                          hidden_size=module.hidden_size, proj_size=0,
                          num_directions=2 if module.bidirectional else 1, variable_lengths=False)
+    if backend == "cuda":
+        plans = [cuda_backend.plan_pass(config, x.device, backward) for backward in (False, True)]
+        return "; ".join(f"{name} {plan.describe(config.num_directions, triton_backend.cuda_device(0))}"
+                         for name, plan in zip(("fwd", "bwd"), plans))
     forward = triton_backend.plan_layer(config, x.device)
     backward = triton_backend.plan_layer(config, x.device, backward=True)
     return (f"fwd {forward.kind} x{forward.batch_groups} groups, "
             f"bwd {backward.kind} x{backward.batch_groups} groups")
 
 
-def check(mode, batch, seq_len, hidden, bidirectional, dtype) -> bool:
+def check(backend, timed, mode, batch, seq_len, hidden, bidirectional, dtype) -> bool:
     torch.manual_seed(0)
     reference = getattr(torch.nn, mode)(hidden, hidden, batch_first=True,
                                         bidirectional=bidirectional).cuda().to(dtype)
-    module = getattr(fastrnn, mode).from_torch(reference, backend="triton")
+    module = getattr(fastrnn, mode).from_torch(reference, backend=backend)
     x = torch.randn(batch, seq_len, hidden, device="cuda", dtype=dtype, requires_grad=True)
     expected, _ = reference(x)
     (grad_expected,) = torch.autograd.grad(expected.float().square().sum(), x)
@@ -59,22 +70,29 @@ def check(mode, batch, seq_len, hidden, bidirectional, dtype) -> bool:
     error = (runs[0][0].float() - expected.float()).abs().max().item() / scale
     grad_error = ((runs[0][1].float() - grad_expected.float()).abs().max().item()
                   / grad_expected.float().abs().max().item())
-    with torch.no_grad():
-        seconds = triton.testing.do_bench(lambda: module(x)) / 1e3
-        cudnn = triton.testing.do_bench(lambda: reference(x)) / 1e3
-    steps = seq_len * (2 if bidirectional else 1)
+    timing = ""
+    if timed:
+        with torch.no_grad():
+            seconds = triton.testing.do_bench(lambda: module(x)) / 1e3
+            cudnn = triton.testing.do_bench(lambda: reference(x)) / 1e3
+        steps = seq_len * (2 if bidirectional else 1)
+        timing = f"; fwd {seconds * 1e6 / steps:.2f} us/step (cuDNN {cudnn * 1e6 / steps:.2f})"
     ok = same and error <= TOLERANCE[dtype] and grad_error <= 10 * TOLERANCE[dtype]
-    print(f"{'ok  ' if ok else 'FAIL'} {mode} B{batch} T{seq_len} H{hidden}"
-          f"{' bi' if bidirectional else ''} {str(dtype)[6:]}: {_plans(module, x)}; "
-          f"bitwise repeat {same}, error {error:.1e}, grad error {grad_error:.1e}; "
-          f"fwd {seconds * 1e6 / steps:.2f} us/step (cuDNN {cudnn * 1e6 / steps:.2f})", flush=True)
+    print(f"{'ok  ' if ok else 'FAIL'} {backend} {mode} B{batch} T{seq_len} H{hidden}"
+          f"{' bi' if bidirectional else ''} {str(dtype)[6:]}: {_plans(backend, module, x)}; "
+          f"bitwise repeat {same}, error {error:.1e}, grad error {grad_error:.1e}{timing}", flush=True)
     return ok
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="triton", choices=["triton", "cuda"])
+    parser.add_argument("--shapes", default="stress", choices=["stress", "tiny"])
+    args = parser.parse_args()
+    shapes = SHAPES if args.shapes == "stress" else TINY_SHAPES
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    failures = sum(not check(*shape) for shape in SHAPES)
-    print(f"persistent smoke: {len(SHAPES) - failures}/{len(SHAPES)} shapes ok")
+    failures = sum(not check(args.backend, args.shapes == "stress", *shape) for shape in shapes)
+    print(f"persistent smoke ({args.backend}): {len(shapes) - failures}/{len(shapes)} shapes ok")
     return 1 if failures else 0
 
 

@@ -7,27 +7,22 @@ dtype x pass is planned as on the target device (triton_plan.choose compiles the
 it): one line with the plan, programs, num_warps, registers, spill bytes, shared bytes, whether it
 fits and a modelled us per step (triton_plan.estimate_us_per_step). The last line is `fits: N/M`;
 the exit status is 1 when a chosen persistent plan would not launch. For the cuda backend, each
-kernel of csrc/cuda is compiled with `nvcc -Xptxas -v` and its registers and spills are listed.
+config x dtype x pass is planned by cuda_plan.choose (path, blocks, blocks per SM, batch groups,
+hidden units per block, batch tile rows, shared bytes, modelled us per step) next to the `nvcc -Xptxas -v`
+registers and spills of its kernel; the exit status is 1 when a plan needs more than one block per
+SM or any kernel spills.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pathlib
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from .benchmark_configs import Config, gpu_configs, layer_config  # noqa: E402
-
-CUDA_SOURCES = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
-
 
 def _configs(which: str) -> list[Config]:
     configs = gpu_configs()
@@ -73,43 +68,51 @@ def triton_report(target: str, which: str) -> int:
     return 1 if broken else 0
 
 
-def cuda_report(target: str) -> int:
-    arch = target.removeprefix("sm_")
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+_CUDA_CELLS = {"lstm": "LstmCell", "gru": "GruCell", "rnn_tanh": "RnnCell<false>", "rnn_relu": "RnnCell<true>"}
+_CUDA_SCALARS = {"fp32": "float", "bf16": "__nv_bfloat16", "fp16": "__half"}
+
+
+def cuda_report(target: str, which: str) -> int:
+    from .backends import cuda_plan, cuda_resources, triton_plan
+
+    device = triton_plan.TARGETS[target]
+    kernels = cuda_resources.compile_cuda_kernels(target)
+    if kernels is None:
         print("nvcc is not on PATH: the cuda kernels cannot be compiled here")
         return 1
-    widths = (52, 4, 12, 11, 6)
-    _print_row(("kernel", "regs", "spill stores", "spill loads", "shared"), widths)
-    kernels, clean = 0, 0
-    with tempfile.TemporaryDirectory() as folder:
-        for source in sorted(CUDA_SOURCES.glob("*.cu")):
-            result = subprocess.run(
-                [nvcc, "-c", f"-arch=sm_{arch}", "-std=c++17", "-O3", "-Xptxas", "-v",
-                 f"-I{CUDA_SOURCES}", "-o", os.path.join(folder, source.stem + ".o"), str(source)],
-                capture_output=True, text=True, check=True)
-            for name, body in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?)(?=ptxas info"
-                                         r"\s+: Compiling|\Z)", result.stderr, re.S):
-                registers = re.search(r"Used (\d+) registers", body)
-                spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
-                shared = re.search(r"(\d+) bytes smem", body)
-                stores, loads = (spills.group(1), spills.group(2)) if spills else ("0", "0")
-                kernels += 1
-                clean += stores == "0" and loads == "0"
-                _print_row((_readable(name), registers.group(1) if registers else "?", stores,
-                            loads, shared.group(1) if shared else "0"), widths)
-    print(f"no spills: {clean}/{kernels} (plans are chosen at run time by the cuda binding)")
-    return 0
-
-
-def _readable(symbol: str) -> str:
-    """forward_kernel<LstmCell, float> for a mangled kernel symbol (c++filt where installed)."""
-    filt = shutil.which("c++filt")
-    if filt is None:
-        return symbol
-    name = subprocess.run([filt, symbol], capture_output=True, text=True).stdout.strip()
-    name = re.sub(r"fastrnn::|\(anonymous namespace\)::", "", name)
-    return re.sub(r"^void |\([^()]*\)$", "", name)
+    print(f"# cuda plans for {device.name}, {device.sm_count} SMs; us/step modelled "
+          f"(cuda_plan.estimate_us_per_step: barrier {cuda_plan.BARRIER_US} us per phase, tile "
+          f"copies at {cuda_plan.L2_BYTES_PER_US_PER_SM // 1000} B/ns per SM, row dots at "
+          f"{cuda_plan.FMA_PER_CLOCK} FMA/clock), not measured")
+    widths = (42, 5, 4, 9, 6, 6, 6, 5, 5, 4, 6, 6, 7)
+    _print_row(("config", "dtype", "pass", "path", "blocks", "per SM", "groups", "units", "tile",
+                "regs", "spills", "shared", "us/step"), widths)
+    lines, one_per_sm = 0, 0
+    for config in _configs(which):
+        for dtype in config.dtypes:
+            layer = layer_config(config, dtype, "cuda")
+            for backward in (False, True):
+                if backward and "fwd+bwd" not in config.passes:
+                    continue
+                plan = cuda_plan.choose(layer, device, backward)
+                name = (f"{'backward' if backward else 'forward'}_kernel<"
+                        f"{_CUDA_CELLS[layer.cell.name]}, {_CUDA_SCALARS[dtype]}>")
+                registers, stores, loads = kernels[name]
+                per_sm = plan.blocks_per_sm(layer.num_directions, device)
+                fits = per_sm <= 1 and registers * cuda_plan.THREADS <= device.registers
+                lines += 1
+                one_per_sm += fits
+                _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.path,
+                            plan.grid(layer.num_directions), per_sm, plan.groups, plan.units,
+                            plan.tile_rows, registers, stores + loads, plan.shared_bytes,
+                            f"{plan.us_per_step:.1f}"),
+                           widths)
+                if plan.reason:
+                    print(" " * (widths[0] + 2) + f"({plan.path} because {plan.reason})", flush=True)
+    clean = sum(stores == 0 and loads == 0 for _, stores, loads in kernels.values())
+    print(f"at most one block per SM: {one_per_sm}/{lines}")
+    print(f"no spills: {clean}/{len(kernels)} kernels")
+    return 0 if one_per_sm == lines and clean == len(kernels) else 1
 
 
 def _print_row(values: tuple, widths: tuple) -> None:
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="benchmarks", choices=["benchmarks", "small"])
     args = parser.parse_args(argv)
     if args.backend == "cuda":
-        return cuda_report(args.target)
+        return cuda_report(args.target, args.configs)
     return triton_report(args.target, args.configs)
 
 

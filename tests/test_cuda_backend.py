@@ -3,7 +3,8 @@
 Legend as in fastrnn/backends/base.py. Forward: outputs, states and workspace. Backward: all six
 gradients, fed with the reference forward's output and workspace so that each direction is
 checked on its own, plus end-to-end autograd through the modules. Both kernel paths run: the
-persistent cooperative kernel and the step-wise one (FASTRNN_CUDA_STEPWISE=1).
+persistent cooperative kernel (resident or streamed, as planned) and the step-wise one
+(FASTRNN_CUDA_STEPWISE=1); every call checks that the path the binding ran is the planned one.
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ def poison_allocator():
     torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
 
+def assert_ran_as_planned(pass_name):
+    """The binding ran the planned path: step-wise where asked for, else a cooperative one."""
+    plan, ran = CUDA.runs.pop(pass_name)
+    assert ran == plan.path, f"{pass_name}: planned {plan.path}, ran {ran}"
+    expected = ("step-wise",) if cuda_backend._stepwise() else ("resident", "streamed")
+    assert plan.path in expected, f"{pass_name}: {plan.path}"
+
+
 def check_layer(name, num_directions, dtype, **kwargs):
     cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths = make_layer(name, num_directions, dtype, **kwargs)
     config = LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths)
@@ -90,6 +99,7 @@ def check_layer(name, num_directions, dtype, **kwargs):
     expected = REF.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
     poison_allocator()
     actual = CUDA.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
+    assert_ran_as_planned("forward")
     for what, a, e in zip(("output", "h_n", "c_n", "workspace"), actual, expected):
         assert_close(a, e, dtype, f"forward {what}")
 
@@ -105,6 +115,7 @@ def check_layer(name, num_directions, dtype, **kwargs):
         expected_grads = REF.backward(cell, *grads, h0, c0, w_hh, w_hr, lengths, output, workspace)
         poison_allocator()
         actual_grads = CUDA.backward(cell, *grads, h0, c0, w_hh, w_hr, lengths, output, workspace)
+        assert_ran_as_planned("backward")
         names = ("grad_x_gates", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr")
         for what, a, e in zip(names, actual_grads, expected_grads):
             assert_close(a, e, dtype, f"backward {what} (given {[g is not None for g in grads]})")
@@ -139,6 +150,59 @@ def test_many_blocks_and_batch_tiles(path, dtype):
     check_layer("lstm", 2, dtype, seq_len=5, batch=37, hidden=300, lengths=[5 - b % 5 for b in range(37)])
     check_layer("gru", 2, dtype, seq_len=4, batch=70, hidden=520)
     check_layer("lstm", 1, dtype, seq_len=3, batch=9, hidden=96, proj=130)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("hidden", [768, 1024])
+def test_wide_long_layers_on_a_side_stream_are_deterministic(path, hidden, num_directions, dtype):
+    """H 768/1024, T 256 (bi H1024 fp32 streams its weights): run twice on a non-default stream,
+    bitwise equal, and close to the reference."""
+    cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths = make_layer(
+        "lstm", num_directions, dtype, seq_len=256, batch=4, hidden=hidden, lengths=[256, 100, 1, 255])
+    generator = torch.Generator().manual_seed(2)
+    grad_output = torch.randn(256, 4, num_directions * hidden, generator=generator).to("cuda", dtype)
+    grad_h_n = torch.randn(h0.shape, generator=generator).to("cuda", dtype)
+    grad_c_n = torch.randn(c0.shape, generator=generator).to("cuda", dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    runs = []
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            poison_allocator()
+            forward = CUDA.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
+            assert_ran_as_planned("forward")
+            backward = CUDA.backward(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
+                                     forward[0], forward[3])
+            assert_ran_as_planned("backward")
+            runs.append((*forward, *backward))
+    stream.synchronize()
+    for i, (first, second) in enumerate(zip(*runs)):
+        assert torch.equal(first, second), f"tensor {i} differs between two runs"
+    expected = REF.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
+    atol, rtol = TOLERANCE[dtype]
+    for what, a, e in zip(("output", "h_n", "c_n"), runs[0][:3], expected[:3]):
+        scale = max(1.0, e.double().abs().max().item())
+        error = (a.double() - e.double()).abs().max().item()
+        assert error <= 10 * (atol + rtol) * scale, f"{what}: max error {error:.3g}"
+
+
+def test_lengths_outside_the_sequence_are_a_clear_error():
+    cell, x_gates, h0, c0, w_hh, b_hh, w_hr, _ = make_layer("lstm", 2, torch.float32)
+    for bad in ([7, 2, 4], [0, 2, 4]):
+        lengths = torch.tensor(bad, device="cuda")
+        with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, T\]"):
+            CUDA.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
+
+
+def test_kernel_attributes_match_one_block_per_sm():
+    """What the driver reports for each compiled kernel allows one 256-thread block per SM."""
+    module = CUDA._module
+    for cell in range(4):
+        for dtype in DTYPES:
+            for backward in (False, True):
+                registers, local_bytes, _ = module.attributes(cell, dtype, backward)
+                assert registers * 256 <= 65536 and local_bytes == 0, (cell, dtype, backward)
 
 
 def test_supports():

@@ -1,13 +1,17 @@
 // Forward of one recurrent layer, all directions in one launch.
 //
 // Legend: B batch, T time, H hidden size, P output size of a step (proj_size or H), G gates,
-// D directions, W workspace gates; s is the step counter, t = s (direction 0) or T-1-s (direction 1).
+// D directions, W workspace gates, K+ padded row length (recurrence.cuh); s is the step counter,
+// t = s (direction 0) or T-1-s (direction 1); j a hidden unit, k a projection output, q a row of
+// the batch tile starting at batch row b0.
 //
 // Per step: phase A, every block for its hidden units j and all b: gates = W_hh[rows of j] h_{s-1}
 // + x_gates + b_hh, fused cell, writes workspace, c and (without projection) h_s and the output.
 // With a projection, phase B: every block for its outputs k: h_s[k] = W_hr[k] . (o * tanh(c)).
-// Persistent path: one cooperative launch, grid barrier after each phase, weights in shared memory.
-// Step-wise path: one launch per step and phase, weights read from global memory.
+// Each phase runs batch tile by batch tile: the tile copy of h (or of o * tanh(c)) is issued, the
+// epilogue's inputs (x_gates, b_hh, c, h of its own pairs) are loaded into registers while it is
+// in flight, then the row dots and the epilogue run. Resident and streamed paths: one cooperative
+// launch, a grid barrier after each phase. Step-wise path: one launch per step and phase.
 
 #include "recurrence.cuh"
 
@@ -18,111 +22,159 @@ constexpr int kPhaseGates = 1, kPhaseProj = 2;
 
 struct ForwardParams {
   FastrnnForwardArgs a;
-  Plan plan;
   int s_begin, s_end, phases;
 };
 
 template <class Cell, class Scalar>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p) {
-  constexpr int G = Cell::G;
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardParams p) {
+  constexpr int G = Cell::G, kSaved = Cell::W > 0 ? Cell::W : 1;
   extern __shared__ __align__(16) unsigned char smem[];
   const FastrnnForwardArgs& a = p.a;
+  const FastrnnPlan& plan = a.plan;
   const int T = a.shape.T, B = a.shape.B, H = a.shape.H, P = a.shape.P, D = a.shape.D;
+  const int Pp = padded(P), Hp = padded(H);
   const bool proj = a.shape.proj;
-  const int d = blockIdx.x / p.plan.nb, bi = blockIdx.x % p.plan.nb;
-  const int j0 = bi * p.plan.hs, k0 = bi * p.plan.ps;
-  const int nj = max(0, min(p.plan.hs, H - j0)), nk = proj ? max(0, min(p.plan.ps, P - k0)) : 0;
+  const BlockPlace place = block_place(plan, B);
+  const int d = place.d, bi = place.index;
+  const int j0 = bi * plan.units, k0 = bi * plan.outputs;
+  const int nj = max(0, min(plan.units, H - j0)), nk = proj ? max(0, min(plan.outputs, P - k0)) : 0;
 
-  // w_hh rows g*H + j (j in this block's units) of direction d: [G][nj][P]
-  Slice<Scalar> wh{static_cast<const Scalar*>(a.w_hh) + (int64_t(d) * G * H + j0) * P, int64_t(H) * P, nj, P};
-  // w_hr rows k of direction d: [nk][H]
-  Slice<Scalar> wr{proj ? static_cast<const Scalar*>(a.w_hr) + (int64_t(d) * P + k0) * H : nullptr, 0, nk, H};
-  float* tile = reinterpret_cast<float*>(smem);
-  if (p.plan.resident) {
+  // w_hh rows g*H + j (j in this block's units) of direction d: [G][nj][P+]
+  Rows<Scalar> wh{static_cast<const Scalar*>(a.w_hh) + (int64_t(d) * G * H + j0) * Pp, int64_t(H) * Pp, Pp};
+  // w_hr rows k of direction d: [nk][H+]
+  Rows<Scalar> wr{proj ? static_cast<const Scalar*>(a.w_hr) + (int64_t(d) * P + k0) * Hp : nullptr, 0, Hp};
+  if (plan.path == kFastrnnResident) {
     Scalar* staged = reinterpret_cast<Scalar*>(smem);
-    const int64_t wh_elems = int64_t(G) * p.plan.hs * P;
-    wh = stage_slice<G>(wh, staged, p.plan.hs);
-    if (proj) wr = stage_slice<1>(wr, staged + wh_elems, p.plan.ps);
-    tile = reinterpret_cast<float*>(
-        smem + align16((wh_elems + (proj ? int64_t(p.plan.ps) * H : 0)) * int64_t(sizeof(Scalar))));
+    wh = stage_rows<G>(wh, nj, plan.units, staged);
+    if (proj) wr = stage_rows<1>(wr, nk, plan.outputs, staged + int64_t(G) * plan.units * Pp);
   }
+  float* tile = reinterpret_cast<float*>(smem + plan.tile_offset);  // [tile_rows, K+]
+  float* pre = reinterpret_cast<float*>(smem + plan.pre_offset);    // [k_split, tile_rows, G, rows]
   const Scalar* x = static_cast<const Scalar*>(a.x_gates);
   const Scalar* b_hh = a.b_hh ? static_cast<const Scalar*>(a.b_hh) + int64_t(d) * G * H : nullptr;
   Scalar* out = static_cast<Scalar*>(a.output);
-  const bool cooperative = p.plan.resident;
+  const bool cooperative = plan.path != kFastrnnStepwise;
+  auto length = [&](int b) { return a.lengths ? int(a.lengths[b]) : T; };
 
   for (int s = p.s_begin; s < p.s_end; ++s) {
     const int t = d == 0 ? s : T - 1 - s;
-    const float* h_prev = a.h_state + (int64_t(s & 1) * D + d) * B * P;        // [B, P]
-    float* h_next = a.h_state + (int64_t((s + 1) & 1) * D + d) * B * P;        // [B, P]
+    const float* h_prev = a.h_state + (int64_t(s & 1) * D + d) * B * Pp;        // [B, P+]
+    float* h_next = a.h_state + (int64_t((s + 1) & 1) * D + d) * B * Pp;        // [B, P+]
     if (p.phases & kPhaseGates) {
-      rows_dot<G>(wh, h_prev, B, tile, p.plan.tile_rows, [&](int r, int b, const float* acc) {
-        const int j = j0 + r;
-        const bool valid = a.lengths == nullptr || t < a.lengths[b];
-        float xg[G], hg[G], saved[Cell::W > 0 ? Cell::W : 1];
-        for (int g = 0; g < G; ++g) {
-          xg[g] = to_float(x[t * a.x_stride[0] + b * a.x_stride[1] +
-                             (int64_t(d) * G * H + g * H + j) * a.x_stride[2]]);
-          hg[g] = acc[g] + (b_hh ? to_float(b_hh[g * H + j]) : 0.f);
+      for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
+        const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nj;
+        __syncthreads();  // the previous tile's dots and epilogue are done with tile and pre
+        copy_async(tile, h_prev + int64_t(b0) * Pp, int64_t(bc) * Pp * sizeof(float));
+        float xg[kPairsPerThread][G], hidden_bias[kPairsPerThread], c_prev[kPairsPerThread],
+            h_own[kPairsPerThread];
+#pragma unroll
+        for (int m = 0; m < kPairsPerThread; ++m) {
+          const int pair = threadIdx.x + m * kThreads;
+          if (pair >= pairs) continue;
+          const int b = b0 + pair / nj, j = j0 + pair % nj;
+          hidden_bias[m] = 0.f;
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const float bias = b_hh ? to_float(b_hh[g * H + j]) : 0.f;
+            xg[m][g] = to_float(x[t * a.x_stride[0] + b * a.x_stride[1] +
+                                  (int64_t(d) * G * H + g * H + j) * a.x_stride[2]]);
+            if (g == Cell::kHiddenSideBias) hidden_bias[m] = bias;
+            else xg[m][g] += bias;  // the cell adds x and hidden sides: the bias may sit on either
+          }
+          c_prev[m] = Cell::kCellState ? __ldcg(a.c_state + (int64_t(d) * B + b) * H + j) : 0.f;
+          h_own[m] = proj ? 0.f : __ldcg(h_prev + int64_t(b) * Pp + j);
         }
-        const int64_t state = (int64_t(d) * B + b) * H + j;
-        const float hp = proj ? 0.f : __ldcg(h_prev + int64_t(b) * P + j);
-        const float cp = Cell::kCellState ? __ldcg(a.c_state + state) : 0.f;
-        float h = 0.f, c = 0.f;
-        Cell::forward(xg, hg, hp, cp, h, c, saved);
-        float* ws = a.workspace + ((int64_t(t) * B + b) * D + d) * Cell::W * H + j;
-        for (int w = 0; w < Cell::W; ++w) ws[int64_t(w) * H] = valid ? saved[w] : 0.f;
-        if (Cell::kCellState && valid) a.c_state[state] = c;
-        if (proj) {
-          if (valid) a.u_state[state] = h;
-        } else {
-          h_next[int64_t(b) * P + j] = valid ? h : hp;
-          out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + j] = from_float<Scalar>(valid ? h : 0.f);
+        copy_async_wait();
+        __syncthreads();
+        row_dots<G>(wh, nj, tile, bc, plan.k_split[0], pre);
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < kPairsPerThread; ++m) {
+          const int pair = threadIdx.x + m * kThreads;
+          if (pair >= pairs) continue;
+          const int q = pair / nj, r = pair % nj, b = b0 + q, j = j0 + r;
+          const bool valid = t < length(b);
+          float hg[G], saved[kSaved], h = 0.f, c = 0.f;
+#pragma unroll
+          for (int g = 0; g < G; ++g)
+            hg[g] = row_dot_total(pre, plan.k_split[0], bc, G, nj, q, g, r) +
+                    (g == Cell::kHiddenSideBias ? hidden_bias[m] : 0.f);
+          Cell::forward(xg[m], hg, h_own[m], c_prev[m], h, c, saved);
+          float* ws = a.workspace + ((int64_t(t) * B + b) * D + d) * Cell::W * H + j;
+#pragma unroll
+          for (int w = 0; w < Cell::W; ++w) ws[int64_t(w) * H] = valid ? saved[w] : 0.f;
+          const int64_t state = (int64_t(d) * B + b) * H + j;
+          if (Cell::kCellState && valid) a.c_state[state] = c;
+          if (proj) {
+            if (valid) a.u_state[(int64_t(d) * B + b) * Hp + j] = h;
+          } else {
+            h_next[int64_t(b) * Pp + j] = valid ? h : h_own[m];
+            out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + j] = from_float<Scalar>(valid ? h : 0.f);
+          }
         }
-      });
+      }
       grid_barrier(cooperative);
     }
     if (proj && (p.phases & kPhaseProj)) {
-      const float* u = a.u_state + int64_t(d) * B * H;  // [B, H]
-      rows_dot<1>(wr, u, B, tile, p.plan.tile_rows, [&](int r, int b, const float* acc) {
-        const int k = k0 + r;
-        const bool valid = a.lengths == nullptr || t < a.lengths[b];
-        const float h = valid ? acc[0] : __ldcg(h_prev + int64_t(b) * P + k);
-        h_next[int64_t(b) * P + k] = h;
-        out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + k] = from_float<Scalar>(valid ? h : 0.f);
-      });
+      const float* u = a.u_state + int64_t(d) * B * Hp;  // [B, H+]
+      for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
+        const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nk;
+        __syncthreads();
+        copy_async(tile, u + int64_t(b0) * Hp, int64_t(bc) * Hp * sizeof(float));
+        float h_old[kPairsPerThread];
+#pragma unroll
+        for (int m = 0; m < kPairsPerThread; ++m) {
+          const int pair = threadIdx.x + m * kThreads;
+          if (pair < pairs) h_old[m] = __ldcg(h_prev + int64_t(b0 + pair / nk) * Pp + k0 + pair % nk);
+        }
+        copy_async_wait();
+        __syncthreads();
+        row_dots<1>(wr, nk, tile, bc, plan.k_split[1], pre);
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < kPairsPerThread; ++m) {
+          const int pair = threadIdx.x + m * kThreads;
+          if (pair >= pairs) continue;
+          const int q = pair / nk, r = pair % nk, b = b0 + q, k = k0 + r;
+          const bool valid = t < length(b);
+          const float h = valid ? row_dot_total(pre, plan.k_split[1], bc, 1, nk, q, 0, r) : h_old[m];
+          h_next[int64_t(b) * Pp + k] = h;
+          out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + k] = from_float<Scalar>(valid ? h : 0.f);
+        }
+      }
       grid_barrier(cooperative);
     }
   }
 }
 
 template <class Cell, class Scalar>
-cudaError_t run_forward(const FastrnnForwardArgs& a, cudaStream_t stream) {
+cudaError_t run_forward(const FastrnnForwardArgs& a, cudaStream_t stream, int* path_run) {
   const FastrnnLayerShape& s = a.shape;
-  constexpr int G = Cell::G;
-  const int tile_len = s.proj ? std::max(s.P, s.H) : s.P;
-  auto weight_elems = [&](int hs, int ps) {
-    return int64_t(G) * hs * s.P + (s.proj ? int64_t(ps) * s.H : 0);
-  };
-  ForwardParams p{a, Plan{}, 0, s.T, kPhaseGates | kPhaseProj};
-  auto kernel = forward_kernel<Cell, Scalar>;
-  cudaError_t err = make_plan(kernel, s, sizeof(Scalar), tile_len, weight_elems, &p.plan);
+  cudaError_t err = check_plan(a.plan, s, std::max(a.plan.units, s.proj ? a.plan.outputs : 0));
   if (err != cudaSuccess) return err;
+  ForwardParams p{a, 0, s.T, kPhaseGates | kPhaseProj};
   const int phases[2] = {kPhaseGates, kPhaseProj};
-  return launch_layer(kernel, p, s.D, s.T, phases,
-                      [&](int, int phase) { return phase != kPhaseProj || s.proj; }, stream);
+  return launch_layer(forward_kernel<Cell, Scalar>, p, s.D, s.T, phases,
+                      [&](int, int phase) { return phase != kPhaseProj || s.proj; }, stream, path_run);
 }
 
 struct RunForward {
   template <class Cell, class Scalar>
-  static cudaError_t run(const FastrnnForwardArgs& a, cudaStream_t stream) {
-    return run_forward<Cell, Scalar>(a, stream);
+  static cudaError_t run(const FastrnnForwardArgs& a, cudaStream_t stream, int* path_run) {
+    return run_forward<Cell, Scalar>(a, stream, path_run);
   }
 };
 
 }  // namespace
+
+cudaError_t forward_attributes(int cell, int dtype, cudaFuncAttributes* attributes) {
+  return by_cell_and_dtype(cell, dtype, [&](auto c, auto scalar) {
+    return cudaFuncGetAttributes(attributes, forward_kernel<decltype(c), decltype(scalar)>);
+  });
+}
+
 }  // namespace fastrnn
 
-cudaError_t fastrnn_cuda_forward(const FastrnnForwardArgs& a, cudaStream_t stream) {
-  return fastrnn::dispatch_layer<fastrnn::RunForward>(a, stream);
+cudaError_t fastrnn_cuda_forward(const FastrnnForwardArgs& a, cudaStream_t stream, int* path_run) {
+  return fastrnn::dispatch_layer<fastrnn::RunForward>(a, stream, path_run);
 }

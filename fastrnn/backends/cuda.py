@@ -1,20 +1,30 @@
 """The CUDA backend: hand-written persistent kernels (csrc/cuda), the fallback where Triton is absent.
 
-Legend as in base.py. The extension is the prebuilt `fastrnn._C_cuda`, or else built once from
-csrc/cuda with torch.utils.cpp_extension.load. The kernels run the recurrence of forward and
-backward; the weight grads are GEMMs here over the saved states. FASTRNN_CUDA_STEPWISE=1 forces the
-step-wise path (one launch per step) instead of the persistent cooperative kernel.
+Legend as in base.py; X+ is a last dimension X padded to cuda_plan.PAD elements with zeros. The
+extension is the prebuilt `fastrnn._C_cuda`, or else built once from csrc/cuda with
+torch.utils.cpp_extension.load. Each pass is planned by cuda_plan.choose for the device (at most
+one block per SM); `BACKEND.runs` records the plan and the path that ran for the last forward and
+backward. The kernels run the recurrence; the weight grads are GEMMs here over the saved states.
+FASTRNN_CUDA_STEPWISE=1 asks for the step-wise path (one launch per step and phase). Step-wise
+without being asked for (a cooperative grid the device refused at launch: no cooperative launch,
+MPS, a partition holding SMs) warns once with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import pathlib
+import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ..cells import CellSpec
+from . import cuda_plan
 from .base import Backend, LayerConfig
+from .triton_plan import cuda_device
 
 MAX_SIZE = 8192  # largest H and P (kFastrnnMaxSize in csrc/cuda/fastrnn_cuda.h)
 _CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -29,6 +39,42 @@ def _empty(like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 def _stepwise() -> bool:
     return os.environ.get("FASTRNN_CUDA_STEPWISE", "") not in ("", "0")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=5)
+
+
+@functools.cache
+def _choose(config: LayerConfig, index: int, backward: bool, stepwise: bool) -> cuda_plan.Plan:
+    return cuda_plan.choose(config, cuda_device(index), backward, stepwise)
+
+
+def plan_pass(config: LayerConfig, device: torch.device, backward: bool) -> cuda_plan.Plan:
+    """The plan of one pass on `device`: cuda_plan.choose, step-wise where asked for
+    (FASTRNN_CUDA_STEPWISE). A device that refuses the cooperative launch at run time (no
+    cooperative launch, MPS, a partition) runs step-wise with a warning (CudaBackend._record)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _choose(dataclasses.replace(config, seq_len=0), index, backward, _stepwise())
+
+
+def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x with its last dimension zero-padded to `size`, contiguous."""
+    return F.pad(x, (0, size - x.shape[-1])).contiguous()
+
+
+def _check_lengths(lengths, seq_len: int) -> None:
+    """The error the cpu backend gives for lengths outside [1, T] (one device sync; skipped
+    while a CUDA graph is being captured)."""
+    if lengths is None or (lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if lengths.numel() and not bool(((lengths >= 1) & (lengths <= seq_len)).all()):
+        raise RuntimeError("fastrnn cuda: lengths must lie in [1, T]")
 
 
 def _load_extension():
@@ -53,6 +99,8 @@ class CudaBackend(Backend):
     def __init__(self):
         self._module = None
         self._status: tuple[bool, str] | None = None
+        # "forward" / "backward" -> (plan, path that ran) of the last call
+        self.runs: dict[str, tuple[cuda_plan.Plan, str]] = {}
 
     def available(self) -> tuple[bool, str]:
         if self._status is None:
@@ -79,12 +127,23 @@ class CudaBackend(Backend):
         out = config.proj_size or hidden
         if hidden > MAX_SIZE or out > MAX_SIZE:
             return False, f"hidden size {hidden} or proj size {out} exceeds {MAX_SIZE}"
-        row_bytes = 4 * max(config.cell.gates * hidden, out)
-        smem = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
-                       "shared_memory_per_block_optin", 48 * 1024)
-        if row_bytes > smem:
-            return False, f"a {row_bytes}-byte state row exceeds the {smem} bytes of shared memory per block"
+        planned = dataclasses.replace(config, seq_len=0)
+        for backward in (False, True):
+            try:
+                _choose(planned, torch.cuda.current_device(), backward, False)
+            except ValueError as error:  # not even one batch row fits a block's shared memory
+                return False, str(error)
         return True, ""
+
+    def _record(self, pass_name: str, plan: cuda_plan.Plan, path_code: int) -> None:
+        path = cuda_plan.PATHS[path_code]
+        self.runs[pass_name] = (plan, path)
+        if path != plan.path:
+            _warn_once(f"refused-{pass_name}-{plan.groups}x{plan.blocks}",
+                       f"fastrnn: the device refused the cooperative cuda {pass_name} grid of "
+                       f"{plan.groups * plan.blocks} blocks per direction (no cooperative launch, "
+                       "or MPS, a partition or another process holds SMs), so it ran one launch "
+                       "per step and phase (slow)")
 
     def forward(self, cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
                 keep_workspace: bool = True):
@@ -93,19 +152,23 @@ class CudaBackend(Backend):
         hidden = gate_rows // cell.gates
         dtype = x_gates.dtype
         f32 = torch.float32
+        _check_lengths(lengths, seq_len)
+        plan = plan_pass(LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths), x_gates.device, False)
+        out_padded, hidden_padded = cuda_plan.padded(out_size), cuda_plan.padded(hidden)
         output = x_gates.new_empty(seq_len, batch, num_directions * out_size)
         workspace = x_gates.new_empty(seq_len, batch, num_directions, cell.workspace_gates * hidden, dtype=f32)
-        h_state = x_gates.new_empty(2, num_directions, batch, out_size, dtype=f32)
-        h_state[0] = h0
+        h_state = x_gates.new_zeros(2, num_directions, batch, out_padded, dtype=f32)  # [2, D, B, P+]
+        h_state[0, ..., :out_size] = h0
         c_state = c0.to(f32).contiguous().clone() if cell.has_cell_state else _empty(x_gates)
-        u_state = (x_gates.new_zeros(num_directions, batch, hidden, dtype=f32) if w_hr is not None
+        u_state = (x_gates.new_zeros(num_directions, batch, hidden_padded, dtype=f32) if w_hr is not None
                    else _empty(x_gates))
-        self._module.forward(
-            _CELL_CODES[cell.name], x_gates, _lengths(lengths, x_gates), w_hh.to(dtype).contiguous(),
+        path = self._module.forward(
+            _CELL_CODES[cell.name], x_gates, _lengths(lengths, x_gates), _padded(w_hh.to(dtype), out_padded),
             _empty(x_gates, dtype) if b_hh is None else b_hh.to(dtype).contiguous(),
-            _empty(x_gates, dtype) if w_hr is None else w_hr.to(dtype).contiguous(),
-            output, workspace, h_state, c_state, u_state, _stepwise())
-        h_n = h_state[seq_len % 2].to(dtype)
+            _empty(x_gates, dtype) if w_hr is None else _padded(w_hr.to(dtype), hidden_padded),
+            output, workspace, h_state, c_state, u_state, plan.as_list())
+        self._record("forward", plan, path)
+        h_n = h_state[seq_len % 2, ..., :out_size].to(dtype)
         c_n = c_state.to(dtype) if cell.has_cell_state else _empty(x_gates, dtype)
         return output, h_n, c_n, workspace
 
@@ -116,6 +179,10 @@ class CudaBackend(Backend):
         hidden = gate_rows // cell.gates
         dtype = output.dtype
         f32 = torch.float32
+        _check_lengths(lengths, seq_len)
+        config = LayerConfig.of(cell, output.new_empty(seq_len, batch, 0), h0, w_hh, w_hr, lengths)
+        plan = plan_pass(config, output.device, True)
+        out_padded, gates_padded = cuda_plan.padded(out_size), cuda_plan.padded(gate_rows)
         lengths_arg = _lengths(lengths, output)
         projected = w_hr is not None
         carry = (grad_h_n.to(f32).contiguous().clone() if grad_h_n is not None
@@ -124,8 +191,9 @@ class CudaBackend(Backend):
         if cell.has_cell_state:
             grad_c = (grad_c_n.to(f32).contiguous().clone() if grad_c_n is not None
                       else output.new_zeros(num_directions, batch, hidden, dtype=f32))
-        grad_hg = output.new_zeros(2, num_directions, batch, gate_rows, dtype=f32)
-        grad_step = output.new_zeros(num_directions, batch, out_size, dtype=f32) if projected else _empty(output)
+        grad_hg = output.new_zeros(2, num_directions, batch, gates_padded, dtype=f32)  # [2, D, B, (G*H)+]
+        grad_step = (output.new_zeros(num_directions, batch, out_padded, dtype=f32) if projected
+                     else _empty(output))  # [D, B, P+]
         grad_proj = (output.new_empty(seq_len, batch, num_directions, out_size, dtype=f32) if projected
                      else _empty(output))
         grad_x = output.new_empty(seq_len, batch, num_directions, gate_rows, dtype=f32)
@@ -133,12 +201,13 @@ class CudaBackend(Backend):
         h0_f = h0.to(f32).contiguous()
         c0_f = c0.to(f32).contiguous() if cell.has_cell_state else _empty(output)
         workspace = workspace.to(f32).contiguous()
-        self._module.backward(
+        path = self._module.backward(
             _CELL_CODES[cell.name], _empty(output, dtype) if grad_output is None else grad_output.to(dtype),
-            lengths_arg, w_hh.to(dtype).transpose(1, 2).contiguous(),
-            w_hr.to(dtype).transpose(1, 2).contiguous() if projected else _empty(output, dtype),
+            lengths_arg, _padded(w_hh.to(dtype).transpose(1, 2), gates_padded),
+            _padded(w_hr.to(dtype).transpose(1, 2), out_padded) if projected else _empty(output, dtype),
             output.contiguous(), workspace, h0_f, c0_f, carry, grad_c, grad_hg, grad_step, grad_proj,
-            grad_x, grad_h0, _stepwise())
+            grad_x, grad_h0, plan.as_list())
+        self._record("backward", plan, path)
         grad_w_hh, grad_b_hh, grad_w_hr = _weight_grads(
             cell, grad_x, grad_proj if projected else None, workspace, output, h0_f, lengths)
         grad_c0 = grad_c.to(dtype) if cell.has_cell_state else _empty(output, dtype)
