@@ -24,9 +24,20 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from .benchmark_configs import Config, gpu_configs, layer_config  # noqa: E402
 
+
 def _configs(which: str) -> list[Config]:
     configs = gpu_configs()
     return [c for c in configs if c.small] if which == "small" else configs
+
+
+def _layer_passes(which: str):
+    """Yields (config, dtype, layer, backward) for each config x dtype x pass it benchmarks."""
+    for config in _configs(which):
+        for dtype in config.dtypes:
+            layer = layer_config(config, dtype, "cuda")
+            for backward in (False, True):
+                if not backward or "fwd+bwd" in config.passes:
+                    yield config, dtype, layer, backward
 
 
 def triton_report(target: str, which: str) -> int:
@@ -40,30 +51,25 @@ def triton_report(target: str, which: str) -> int:
     _print_row(("config", "dtype", "pass", "plan", "programs", "groups", "warps", "regs",
                 "spills", "shared", "fits", "us/step"), widths)
     lines, fitting, broken = 0, 0, 0
-    for config in _configs(which):
-        for dtype in config.dtypes:
-            layer = layer_config(config, dtype, "cuda")
-            for backward in (False, True):
-                if backward and "fwd+bwd" not in config.passes:
-                    continue
-                choice = triton_plan.choose(layer, device, backward)
-                plan, resources = choice.plan, choice.resources
-                programs = plan.total_programs(layer.hidden_size, layer.batch_size,
-                                               layer.num_directions)
-                reason = resources.why_not(device, programs) if plan.persistent else ""
-                compiled = ((resources.registers, resources.spill_bytes, resources.shared_bytes)
-                            if resources else ("?", "?", "?"))
-                fits = plan.persistent and not reason
-                lines += 1
-                fitting += fits
-                broken += plan.persistent and bool(reason)
-                estimate = triton_plan.estimate_us_per_step(layer, plan, backward)
-                _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.kind,
-                            programs, plan.batch_groups, plan.num_warps, *compiled,
-                            "yes" if fits else "no", f"{estimate:.1f}"),
-                           widths)
-                for rejected in choice.rejected:
-                    print(" " * (widths[0] + 2) + f"(passed over: {rejected})", flush=True)
+    for config, dtype, layer, backward in _layer_passes(which):
+        choice = triton_plan.choose(layer, device, backward)
+        plan, resources = choice.plan, choice.resources
+        programs = plan.total_programs(layer.hidden_size, layer.batch_size,
+                                       layer.num_directions)
+        reason = resources.why_not(device, programs) if plan.persistent else ""
+        compiled = ((resources.registers, resources.spill_bytes, resources.shared_bytes)
+                    if resources else ("?", "?", "?"))
+        fits = plan.persistent and not reason
+        lines += 1
+        fitting += fits
+        broken += plan.persistent and bool(reason)
+        estimate = triton_plan.estimate_us_per_step(layer, plan, backward)
+        _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.kind,
+                    programs, plan.batch_groups, plan.num_warps, *compiled,
+                    "yes" if fits else "no", f"{estimate:.1f}"),
+                   widths)
+        for rejected in choice.rejected:
+            print(" " * (widths[0] + 2) + f"(passed over: {rejected})", flush=True)
     print(f"fits: {fitting}/{lines}")
     return 1 if broken else 0
 
@@ -88,27 +94,22 @@ def cuda_report(target: str, which: str) -> int:
     _print_row(("config", "dtype", "pass", "path", "blocks", "per SM", "groups", "units", "tile",
                 "regs", "spills", "shared", "us/step"), widths)
     lines, one_per_sm = 0, 0
-    for config in _configs(which):
-        for dtype in config.dtypes:
-            layer = layer_config(config, dtype, "cuda")
-            for backward in (False, True):
-                if backward and "fwd+bwd" not in config.passes:
-                    continue
-                plan = cuda_plan.choose(layer, device, backward)
-                name = (f"{'backward' if backward else 'forward'}_kernel<"
-                        f"{_CUDA_CELLS[layer.cell.name]}, {_CUDA_SCALARS[dtype]}>")
-                registers, stores, loads = kernels[name]
-                per_sm = plan.blocks_per_sm(layer.num_directions, device)
-                fits = per_sm <= 1 and registers * cuda_plan.THREADS <= device.registers
-                lines += 1
-                one_per_sm += fits
-                _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.path,
-                            plan.grid(layer.num_directions), per_sm, plan.groups, plan.units,
-                            plan.tile_rows, registers, stores + loads, plan.shared_bytes,
-                            f"{plan.us_per_step:.1f}"),
-                           widths)
-                if plan.reason:
-                    print(" " * (widths[0] + 2) + f"({plan.path} because {plan.reason})", flush=True)
+    for config, dtype, layer, backward in _layer_passes(which):
+        plan = cuda_plan.choose(layer, device, backward)
+        name = (f"{'backward' if backward else 'forward'}_kernel<"
+                f"{_CUDA_CELLS[layer.cell.name]}, {_CUDA_SCALARS[dtype]}>")
+        registers, stores, loads = kernels[name]
+        per_sm = plan.blocks_per_sm(layer.num_directions, device)
+        fits = per_sm <= 1 and registers * cuda_plan.THREADS <= device.registers
+        lines += 1
+        one_per_sm += fits
+        _print_row((config.label, dtype, "bwd" if backward else "fwd", plan.path,
+                    plan.grid(layer.num_directions), per_sm, plan.groups, plan.units,
+                    plan.tile_rows, registers, stores + loads, plan.shared_bytes,
+                    f"{plan.us_per_step:.1f}"),
+                   widths)
+        if plan.reason:
+            print(" " * (widths[0] + 2) + f"({plan.path} because {plan.reason})", flush=True)
     clean = sum(stores == 0 and loads == 0 for _, stores, loads in kernels.values())
     print(f"at most one block per SM: {one_per_sm}/{lines}")
     print(f"no spills: {clean}/{len(kernels)} kernels")

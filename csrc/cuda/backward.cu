@@ -60,12 +60,13 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardPar
     wt = stage_rows<1>(wt, wt_rows, wt_max, staged);
     if (proj) wrt = stage_rows<1>(wrt, nj, plan.units, staged + int64_t(wt_max) * GHp);
   }
-  float* tile = reinterpret_cast<float*>(smem + plan.tile_offset);  // [tile_rows, K+]
-  float* pre = reinterpret_cast<float*>(smem + plan.pre_offset);    // [k_split, tile_rows, 1, rows]
   const Scalar* go = static_cast<const Scalar*>(a.grad_output);
   const Scalar* out = static_cast<const Scalar*>(a.output);
   const bool cooperative = plan.path != kFastrnnStepwise;
   auto length = [&](int b) { return a.lengths ? int(a.lengths[b]) : T; };
+  // What the epilogue of pair m reads besides the row dots, loaded while the tile is copied.
+  CellInputs<Cell> in[kPairsPerThread];
+  float carry[kPairsPerThread], grad_out[kPairsPerThread];
 
   for (int s = p.s_begin; s < p.s_end; ++s) {
     const int t = d == 0 ? T - 1 - s : s;            // time of this step (s < T)
@@ -119,113 +120,62 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardPar
 
     if (!proj) {
       if (p.phases & kPhaseCell) {
-        for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
-          const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nj;
-          __syncthreads();  // the previous tile's dots and epilogue are done with tile and pre
-          copy_async(tile, ghg_prev + int64_t(b0) * GHp, int64_t(bc) * GHp * sizeof(float));
-          CellInputs<Cell> in[kPairsPerThread];
-          float carry[kPairsPerThread], grad_out[kPairsPerThread];
-#pragma unroll
-          for (int m = 0; m < kPairsPerThread; ++m) {
-            const int pair = threadIdx.x + m * kThreads;
-            if (pair >= pairs) continue;
-            const int b = b0 + pair / nj, j = j0 + pair % nj;
-            carry[m] = __ldcg(a.carry + (int64_t(d) * B + b) * P + j);
-            const bool valid = s < T && t < length(b);
-            grad_out[m] = valid ? grad_out_at(b, j) : 0.f;
-            if (valid) load_inputs(b, j, in[m]);
+        auto load = [&](int m, int b, int r) {
+          const int j = j0 + r;
+          carry[m] = __ldcg(a.carry + (int64_t(d) * B + b) * P + j);
+          const bool valid = s < T && t < length(b);
+          grad_out[m] = valid ? grad_out_at(b, j) : 0.f;
+          if (valid) load_inputs(b, j, in[m]);
+        };
+        auto finish = [&](int m, int b, int r, const PairDots& dots) {
+          const int j = j0 + r;
+          const int64_t idx = (int64_t(d) * B + b) * P + j;
+          const float gh = carry[m] + (before_valid(b) ? dots(0) : 0.f);
+          if (s == T) {
+            a.grad_h0[idx] = gh;
+            return;
           }
-          copy_async_wait();
-          __syncthreads();
-          row_dots<1>(wt, nj, tile, bc, plan.k_split[0], pre);
-          __syncthreads();
-#pragma unroll
-          for (int m = 0; m < kPairsPerThread; ++m) {
-            const int pair = threadIdx.x + m * kThreads;
-            if (pair >= pairs) continue;
-            const int q = pair / nj, r = pair % nj, b = b0 + q, j = j0 + r;
-            const int64_t idx = (int64_t(d) * B + b) * P + j;
-            const float dot = row_dot_total(pre, plan.k_split[0], bc, 1, nj, q, 0, r);
-            const float gh = carry[m] + (before_valid(b) ? dot : 0.f);
-            if (s == T) {
-              a.grad_h0[idx] = gh;
-              continue;
-            }
-            const bool valid = t < length(b);
-            const float grad_step = gh + grad_out[m];
-            const float direct = cell_step(b, j, grad_step, valid, in[m]);
-            a.carry[idx] = valid ? direct : grad_step;
-          }
-        }
+          const bool valid = t < length(b);
+          const float grad_step = gh + grad_out[m];
+          const float direct = cell_step(b, j, grad_step, valid, in[m]);
+          a.carry[idx] = valid ? direct : grad_step;
+        };
+        run_phase<1>(plan, place, wt, nj, ghg_prev, plan.k_split[0], smem, load, finish);
         if (s < T) grid_barrier(cooperative);
       }
       continue;
     }
     float* grad_step = a.grad_step + int64_t(d) * B * Pp;  // [B, P+]
     if (p.phases & kPhaseReduce) {
-      for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
-        const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nk;
-        __syncthreads();
-        copy_async(tile, ghg_prev + int64_t(b0) * GHp, int64_t(bc) * GHp * sizeof(float));
-        float carry[kPairsPerThread], grad_out[kPairsPerThread];
-#pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair >= pairs) continue;
-          const int b = b0 + pair / nk, k = k0 + pair % nk;
-          carry[m] = __ldcg(a.carry + (int64_t(d) * B + b) * P + k);
-          grad_out[m] = s < T && t < length(b) ? grad_out_at(b, k) : 0.f;
+      auto load = [&](int m, int b, int r) {
+        carry[m] = __ldcg(a.carry + (int64_t(d) * B + b) * P + k0 + r);
+        grad_out[m] = s < T && t < length(b) ? grad_out_at(b, k0 + r) : 0.f;
+      };
+      auto finish = [&](int m, int b, int r, const PairDots& dots) {
+        const int k = k0 + r;
+        const int64_t idx = (int64_t(d) * B + b) * P + k;
+        const float gh = carry[m] + (before_valid(b) ? dots(0) : 0.f);
+        if (s == T) {
+          a.grad_h0[idx] = gh;
+          return;
         }
-        copy_async_wait();
-        __syncthreads();
-        row_dots<1>(wt, nk, tile, bc, plan.k_split[0], pre);
-        __syncthreads();
-#pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair >= pairs) continue;
-          const int q = pair / nk, r = pair % nk, b = b0 + q, k = k0 + r;
-          const int64_t idx = (int64_t(d) * B + b) * P + k;
-          const float dot = row_dot_total(pre, plan.k_split[0], bc, 1, nk, q, 0, r);
-          const float gh = carry[m] + (before_valid(b) ? dot : 0.f);
-          if (s == T) {
-            a.grad_h0[idx] = gh;
-            continue;
-          }
-          const bool valid = t < length(b);
-          const float g = gh + grad_out[m];
-          grad_step[int64_t(b) * Pp + k] = g;
-          a.grad_proj[((int64_t(t) * B + b) * D + d) * P + k] = valid ? g : 0.f;
-          a.carry[idx] = valid ? 0.f : g;
-        }
-      }
+        const bool valid = t < length(b);
+        const float g = gh + grad_out[m];
+        grad_step[int64_t(b) * Pp + k] = g;
+        a.grad_proj[((int64_t(t) * B + b) * D + d) * P + k] = valid ? g : 0.f;
+        a.carry[idx] = valid ? 0.f : g;
+      };
+      run_phase<1>(plan, place, wt, nk, ghg_prev, plan.k_split[0], smem, load, finish);
       if (s < T) grid_barrier(cooperative);
     }
     if (s < T && (p.phases & kPhaseCell)) {
-      for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
-        const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nj;
-        __syncthreads();
-        copy_async(tile, grad_step + int64_t(b0) * Pp, int64_t(bc) * Pp * sizeof(float));
-        CellInputs<Cell> in[kPairsPerThread];
-#pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair >= pairs) continue;
-          const int b = b0 + pair / nj;
-          if (t < length(b)) load_inputs(b, j0 + pair % nj, in[m]);
-        }
-        copy_async_wait();
-        __syncthreads();
-        row_dots<1>(wrt, nj, tile, bc, plan.k_split[1], pre);
-        __syncthreads();
-#pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair >= pairs) continue;
-          const int q = pair / nj, r = pair % nj, b = b0 + q;
-          cell_step(b, j0 + r, row_dot_total(pre, plan.k_split[1], bc, 1, nj, q, 0, r), t < length(b), in[m]);
-        }
-      }
+      auto load = [&](int m, int b, int r) {
+        if (t < length(b)) load_inputs(b, j0 + r, in[m]);
+      };
+      auto finish = [&](int m, int b, int r, const PairDots& dots) {
+        cell_step(b, j0 + r, dots(0), t < length(b), in[m]);
+      };
+      run_phase<1>(plan, place, wrt, nj, grad_step, plan.k_split[1], smem, load, finish);
       grid_barrier(cooperative);
     }
   }

@@ -48,100 +48,65 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardParam
     wh = stage_rows<G>(wh, nj, plan.units, staged);
     if (proj) wr = stage_rows<1>(wr, nk, plan.outputs, staged + int64_t(G) * plan.units * Pp);
   }
-  float* tile = reinterpret_cast<float*>(smem + plan.tile_offset);  // [tile_rows, K+]
-  float* pre = reinterpret_cast<float*>(smem + plan.pre_offset);    // [k_split, tile_rows, G, rows]
   const Scalar* x = static_cast<const Scalar*>(a.x_gates);
   const Scalar* b_hh = a.b_hh ? static_cast<const Scalar*>(a.b_hh) + int64_t(d) * G * H : nullptr;
   Scalar* out = static_cast<Scalar*>(a.output);
   const bool cooperative = plan.path != kFastrnnStepwise;
   auto length = [&](int b) { return a.lengths ? int(a.lengths[b]) : T; };
+  // What the epilogue of pair m reads besides the row dots, loaded while the tile is copied.
+  float xg[kPairsPerThread][G], hidden_bias[kPairsPerThread], c_prev[kPairsPerThread], h_old[kPairsPerThread];
 
   for (int s = p.s_begin; s < p.s_end; ++s) {
     const int t = d == 0 ? s : T - 1 - s;
     const float* h_prev = a.h_state + (int64_t(s & 1) * D + d) * B * Pp;        // [B, P+]
     float* h_next = a.h_state + (int64_t((s + 1) & 1) * D + d) * B * Pp;        // [B, P+]
     if (p.phases & kPhaseGates) {
-      for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
-        const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nj;
-        __syncthreads();  // the previous tile's dots and epilogue are done with tile and pre
-        copy_async(tile, h_prev + int64_t(b0) * Pp, int64_t(bc) * Pp * sizeof(float));
-        float xg[kPairsPerThread][G], hidden_bias[kPairsPerThread], c_prev[kPairsPerThread],
-            h_own[kPairsPerThread];
+      auto load = [&](int m, int b, int r) {
+        const int j = j0 + r;
+        hidden_bias[m] = 0.f;
 #pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair >= pairs) continue;
-          const int b = b0 + pair / nj, j = j0 + pair % nj;
-          hidden_bias[m] = 0.f;
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            const float bias = b_hh ? to_float(b_hh[g * H + j]) : 0.f;
-            xg[m][g] = to_float(x[t * a.x_stride[0] + b * a.x_stride[1] +
-                                  (int64_t(d) * G * H + g * H + j) * a.x_stride[2]]);
-            if (g == Cell::kHiddenSideBias) hidden_bias[m] = bias;
-            else xg[m][g] += bias;  // the cell adds x and hidden sides: the bias may sit on either
-          }
-          c_prev[m] = Cell::kCellState ? __ldcg(a.c_state + (int64_t(d) * B + b) * H + j) : 0.f;
-          h_own[m] = proj ? 0.f : __ldcg(h_prev + int64_t(b) * Pp + j);
+        for (int g = 0; g < G; ++g) {
+          const float bias = b_hh ? to_float(b_hh[g * H + j]) : 0.f;
+          xg[m][g] = to_float(x[t * a.x_stride[0] + b * a.x_stride[1] +
+                                (int64_t(d) * G * H + g * H + j) * a.x_stride[2]]);
+          if (g == Cell::kHiddenSideBias) hidden_bias[m] = bias;
+          else xg[m][g] += bias;  // the cell adds x and hidden sides: the bias may sit on either
         }
-        copy_async_wait();
-        __syncthreads();
-        row_dots<G>(wh, nj, tile, bc, plan.k_split[0], pre);
-        __syncthreads();
+        c_prev[m] = Cell::kCellState ? __ldcg(a.c_state + (int64_t(d) * B + b) * H + j) : 0.f;
+        h_old[m] = proj ? 0.f : __ldcg(h_prev + int64_t(b) * Pp + j);
+      };
+      auto finish = [&](int m, int b, int r, const PairDots& dots) {
+        const int j = j0 + r;
+        const bool valid = t < length(b);
+        float hg[G], saved[kSaved], h = 0.f, c = 0.f;
 #pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair >= pairs) continue;
-          const int q = pair / nj, r = pair % nj, b = b0 + q, j = j0 + r;
-          const bool valid = t < length(b);
-          float hg[G], saved[kSaved], h = 0.f, c = 0.f;
+        for (int g = 0; g < G; ++g) hg[g] = dots(g) + (g == Cell::kHiddenSideBias ? hidden_bias[m] : 0.f);
+        Cell::forward(xg[m], hg, h_old[m], c_prev[m], h, c, saved);
+        float* ws = a.workspace + ((int64_t(t) * B + b) * D + d) * Cell::W * H + j;
 #pragma unroll
-          for (int g = 0; g < G; ++g)
-            hg[g] = row_dot_total(pre, plan.k_split[0], bc, G, nj, q, g, r) +
-                    (g == Cell::kHiddenSideBias ? hidden_bias[m] : 0.f);
-          Cell::forward(xg[m], hg, h_own[m], c_prev[m], h, c, saved);
-          float* ws = a.workspace + ((int64_t(t) * B + b) * D + d) * Cell::W * H + j;
-#pragma unroll
-          for (int w = 0; w < Cell::W; ++w) ws[int64_t(w) * H] = valid ? saved[w] : 0.f;
-          const int64_t state = (int64_t(d) * B + b) * H + j;
-          if (Cell::kCellState && valid) a.c_state[state] = c;
-          if (proj) {
-            if (valid) a.u_state[(int64_t(d) * B + b) * Hp + j] = h;
-          } else {
-            h_next[int64_t(b) * Pp + j] = valid ? h : h_own[m];
-            out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + j] = from_float<Scalar>(valid ? h : 0.f);
-          }
+        for (int w = 0; w < Cell::W; ++w) ws[int64_t(w) * H] = valid ? saved[w] : 0.f;
+        if (Cell::kCellState && valid) a.c_state[(int64_t(d) * B + b) * H + j] = c;
+        if (proj) {
+          if (valid) a.u_state[(int64_t(d) * B + b) * Hp + j] = h;
+        } else {
+          h_next[int64_t(b) * Pp + j] = valid ? h : h_old[m];
+          out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + j] = from_float<Scalar>(valid ? h : 0.f);
         }
-      }
+      };
+      run_phase<G>(plan, place, wh, nj, h_prev, plan.k_split[0], smem, load, finish);
       grid_barrier(cooperative);
     }
     if (proj && (p.phases & kPhaseProj)) {
+      auto load = [&](int m, int b, int r) { h_old[m] = __ldcg(h_prev + int64_t(b) * Pp + k0 + r); };
+      auto finish = [&](int m, int b, int r, const PairDots& dots) {
+        const int k = k0 + r;
+        const bool valid = t < length(b);
+        const float h = valid ? dots(0) : h_old[m];
+        h_next[int64_t(b) * Pp + k] = h;
+        out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + k] = from_float<Scalar>(valid ? h : 0.f);
+      };
       const float* u = a.u_state + int64_t(d) * B * Hp;  // [B, H+]
-      for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
-        const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nk;
-        __syncthreads();
-        copy_async(tile, u + int64_t(b0) * Hp, int64_t(bc) * Hp * sizeof(float));
-        float h_old[kPairsPerThread];
-#pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair < pairs) h_old[m] = __ldcg(h_prev + int64_t(b0 + pair / nk) * Pp + k0 + pair % nk);
-        }
-        copy_async_wait();
-        __syncthreads();
-        row_dots<1>(wr, nk, tile, bc, plan.k_split[1], pre);
-        __syncthreads();
-#pragma unroll
-        for (int m = 0; m < kPairsPerThread; ++m) {
-          const int pair = threadIdx.x + m * kThreads;
-          if (pair >= pairs) continue;
-          const int q = pair / nk, r = pair % nk, b = b0 + q, k = k0 + r;
-          const bool valid = t < length(b);
-          const float h = valid ? row_dot_total(pre, plan.k_split[1], bc, 1, nk, q, 0, r) : h_old[m];
-          h_next[int64_t(b) * Pp + k] = h;
-          out[(int64_t(t) * B + b) * D * P + int64_t(d) * P + k] = from_float<Scalar>(valid ? h : 0.f);
-        }
-      }
+      run_phase<1>(plan, place, wr, nk, u, plan.k_split[1], smem, load, finish);
       grid_barrier(cooperative);
     }
   }

@@ -271,17 +271,17 @@ __device__ void row_dots(const Rows<T>& w, int nr, const float* tile, int bc, in
   }
 }
 
-// Sum over the K parts of the row dot of gate g, row r, tile row q (layout of row_dots).
-__device__ __forceinline__ float row_dot_total(const float* pre, int ks, int bc, int ng, int nr, int q,
-                                               int g, int r) {
-  float total = 0.f;
-  for (int kp = 0; kp < ks; ++kp) total += pre[((int64_t(kp) * bc + q) * ng + g) * nr + r];
-  return total;
-}
-
-__device__ __forceinline__ void grid_barrier(bool cooperative) {
-  if (cooperative) cooperative_groups::this_grid().sync();
-}
+// The row dots of one (row r, tile row q) pair by gate, summed over the K parts (layout of
+// row_dots).
+struct PairDots {
+  const float* pre;
+  int ks, bc, ng, nr, q, r;
+  __device__ float operator()(int g) const {
+    float total = 0.f;
+    for (int kp = 0; kp < ks; ++kp) total += pre[((int64_t(kp) * bc + q) * ng + g) * nr + r];
+    return total;
+  }
+};
 
 // The block's place in the grid [D * groups * blocks]: direction, index within its group's blocks,
 // and the batch rows [batch_begin, batch_end) of its group.
@@ -292,6 +292,41 @@ __device__ __forceinline__ BlockPlace block_place(const FastrnnPlan& plan, int B
   const int per_direction = plan.groups * plan.blocks, rest = blockIdx.x % per_direction;
   const int group_rows = ceil_div(B, plan.groups), begin = (rest / plan.blocks) * group_rows;
   return BlockPlace{int(blockIdx.x) / per_direction, rest % plan.blocks, begin, min(B, begin + group_rows)};
+}
+
+// One phase of a step for this block, batch tile by batch tile of its group: issues the copy of
+// the tile of vec ([B, K+] float, global, K+ = w.row_len) into shared memory, calls
+// load(m, b, r) for each (row r < nr, batch row b) pair m of this thread while the copy is in
+// flight, runs the row dots of w, then calls finish(m, b, r, dots). Every thread must call this.
+template <int NG, class T, class Load, class Finish>
+__device__ __forceinline__ void run_phase(const FastrnnPlan& plan, const BlockPlace& place, const Rows<T>& w,
+                                          int nr, const float* vec, int ks, unsigned char* smem, Load&& load,
+                                          Finish&& finish) {
+  float* tile = reinterpret_cast<float*>(smem + plan.tile_offset);  // [tile_rows, K+]
+  float* pre = reinterpret_cast<float*>(smem + plan.pre_offset);    // [ks, tile_rows, NG, nr]
+  for (int b0 = place.batch_begin; b0 < place.batch_end; b0 += plan.tile_rows) {
+    const int bc = min(plan.tile_rows, place.batch_end - b0), pairs = bc * nr;
+    __syncthreads();  // the previous tile's dots and epilogue are done with tile and pre
+    copy_async(tile, vec + int64_t(b0) * w.row_len, int64_t(bc) * w.row_len * sizeof(float));
+#pragma unroll
+    for (int m = 0; m < kPairsPerThread; ++m) {
+      const int pair = threadIdx.x + m * kThreads;
+      if (pair < pairs) load(m, b0 + pair / nr, pair % nr);
+    }
+    copy_async_wait();
+    __syncthreads();
+    row_dots<NG>(w, nr, tile, bc, ks, pre);
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < kPairsPerThread; ++m) {
+      const int pair = threadIdx.x + m * kThreads;
+      if (pair < pairs) finish(m, b0 + pair / nr, pair % nr, PairDots{pre, ks, bc, NG, nr, pair / nr, pair % nr});
+    }
+  }
+}
+
+__device__ __forceinline__ void grid_barrier(bool cooperative) {
+  if (cooperative) cooperative_groups::this_grid().sync();
 }
 
 // ---- Launching (host).
