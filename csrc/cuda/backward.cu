@@ -79,6 +79,25 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardPar
       return go ? to_float(go[t * a.go_stride[0] + b * a.go_stride[1] + (int64_t(d) * P + k) * a.go_stride[2]])
                 : 0.f;
     };
+    // Loads the carry and output grad of h unit k (< P), batch row b for pair m; returns whether
+    // the step is valid for b (s < T and t < length(b)).
+    auto load_h_side = [&](int m, int b, int k) {
+      const bool valid = s < T && t < length(b);
+      carry[m] = __ldcg(a.carry + (int64_t(d) * B + b) * P + k);
+      grad_out[m] = valid ? grad_out_at(b, k) : 0.f;
+      return valid;
+    };
+    // The grad `g` reaching h unit k, batch row b at this step (carry, row dot, output grad). At
+    // s == T it is grad_h0 instead: written there, and the result is false.
+    auto h_gradient = [&](int m, int b, int k, const PairDots& dots, float& g) {
+      const float gh = carry[m] + (before_valid(b) ? dots(0) : 0.f);
+      if (s == T) {
+        a.grad_h0[(int64_t(d) * B + b) * P + k] = gh;
+        return false;
+      }
+      g = gh + grad_out[m];
+      return true;
+    };
     // The saved state of unit j, batch row b at time t (s < T and t < length(b)).
     auto load_inputs = [&](int b, int j, CellInputs<Cell>& in) {
       const int len = length(b);
@@ -121,24 +140,14 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardPar
     if (!proj) {
       if (p.phases & kPhaseCell) {
         auto load = [&](int m, int b, int r) {
-          const int j = j0 + r;
-          carry[m] = __ldcg(a.carry + (int64_t(d) * B + b) * P + j);
-          const bool valid = s < T && t < length(b);
-          grad_out[m] = valid ? grad_out_at(b, j) : 0.f;
-          if (valid) load_inputs(b, j, in[m]);
+          if (load_h_side(m, b, j0 + r)) load_inputs(b, j0 + r, in[m]);
         };
         auto finish = [&](int m, int b, int r, const PairDots& dots) {
-          const int j = j0 + r;
-          const int64_t idx = (int64_t(d) * B + b) * P + j;
-          const float gh = carry[m] + (before_valid(b) ? dots(0) : 0.f);
-          if (s == T) {
-            a.grad_h0[idx] = gh;
-            return;
-          }
+          float grad_step;
+          if (!h_gradient(m, b, j0 + r, dots, grad_step)) return;
           const bool valid = t < length(b);
-          const float grad_step = gh + grad_out[m];
-          const float direct = cell_step(b, j, grad_step, valid, in[m]);
-          a.carry[idx] = valid ? direct : grad_step;
+          const float direct = cell_step(b, j0 + r, grad_step, valid, in[m]);
+          a.carry[(int64_t(d) * B + b) * P + j0 + r] = valid ? direct : grad_step;
         };
         run_phase<1>(plan, place, wt, nj, ghg_prev, plan.k_split[0], smem, load, finish);
         if (s < T) grid_barrier(cooperative);
@@ -147,23 +156,15 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardPar
     }
     float* grad_step = a.grad_step + int64_t(d) * B * Pp;  // [B, P+]
     if (p.phases & kPhaseReduce) {
-      auto load = [&](int m, int b, int r) {
-        carry[m] = __ldcg(a.carry + (int64_t(d) * B + b) * P + k0 + r);
-        grad_out[m] = s < T && t < length(b) ? grad_out_at(b, k0 + r) : 0.f;
-      };
+      auto load = [&](int m, int b, int r) { load_h_side(m, b, k0 + r); };
       auto finish = [&](int m, int b, int r, const PairDots& dots) {
         const int k = k0 + r;
-        const int64_t idx = (int64_t(d) * B + b) * P + k;
-        const float gh = carry[m] + (before_valid(b) ? dots(0) : 0.f);
-        if (s == T) {
-          a.grad_h0[idx] = gh;
-          return;
-        }
+        float g;
+        if (!h_gradient(m, b, k, dots, g)) return;
         const bool valid = t < length(b);
-        const float g = gh + grad_out[m];
         grad_step[int64_t(b) * Pp + k] = g;
         a.grad_proj[((int64_t(t) * B + b) * D + d) * P + k] = valid ? g : 0.f;
-        a.carry[idx] = valid ? 0.f : g;
+        a.carry[(int64_t(d) * B + b) * P + k] = valid ? 0.f : g;
       };
       run_phase<1>(plan, place, wt, nk, ghg_prev, plan.k_split[0], smem, load, finish);
       if (s < T) grid_barrier(cooperative);
