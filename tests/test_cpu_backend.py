@@ -10,6 +10,7 @@ Legend: B batch, T time, H hidden, P proj_size or H, G gates, D directions.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pathlib
@@ -249,20 +250,75 @@ def test_unused_outputs(cell, grads):
     check_layer(cell, 2, 3 if cell == "lstm" else 0, True, True, torch.float64, grads=grads)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_blocks_of_units_over_threads(threads):
-    """Each thread runs its own block of hidden units (uneven blocks: H=300 over 3 threads)."""
+@contextlib.contextmanager
+def torch_threads(threads: int):
     was = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_blocks_of_units_over_threads(threads, monkeypatch):
+    """Each thread runs its own block of hidden units (uneven blocks: H=300 over 3 threads)."""
+    monkeypatch.setenv("FASTRNN_CPU_SPLIT", "units")
+    with torch_threads(threads):
         for cell in CELLS:
             check_layer(cell, 2, 0, True, True, torch.float32, T=3, B=40, H=300)
         check_layer("lstm", 2, 70, True, True, torch.float32, T=3, B=9, H=150)
         for cell in ("lstm", "gru"):  # bfloat16 products, h rounded per block
             check_layer(cell, 2, 0, True, True, torch.bfloat16, T=3, B=9, H=300)
         check_layer("lstm", 2, 71, True, True, torch.bfloat16, T=3, B=5, H=150)
-    finally:
-        torch.set_num_threads(was)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_groups_of_rows_over_threads(threads, monkeypatch):
+    """Each thread runs its own rows of the batch through every step, forward and backward
+    (uneven groups: B=17 over 2 or 3 threads; B=3 over 3: one row each)."""
+    monkeypatch.setenv("FASTRNN_CPU_SPLIT", "rows")
+    with torch_threads(threads):
+        for cell in CELLS:
+            check_layer(cell, 2, 0, True, True, torch.float32, T=5, B=17, H=40)
+        check_layer("lstm", 1, 0, True, False, torch.float32, T=4, B=3, H=7)
+        check_layer("gru", 2, 0, False, True, torch.float64, T=4, B=17, H=33)
+        for cell in ("lstm", "gru"):  # bfloat16 products, h rounded per group of rows
+            check_layer(cell, 2, 0, True, True, torch.bfloat16, T=3, B=17, H=40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_row_and_unit_splits_agree_to_the_bit(cell, dtype, monkeypatch):
+    """Rows of the batch or blocks of hidden units (two of 80) per thread: each output entry is
+    the same sum in the same order, so the whole module (input projection inside the recurrence,
+    packed sequences, both directions) gives the same bits, forward and backward; the default
+    split too (rows at this batch when the machine has 2 or more threads)."""
+    torch.manual_seed(0)
+    model = MODULES[cell](24, 160, bidirectional=True, dtype=dtype, backend="cpu",
+                          **({"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}))
+    x = torch.randn(7, 24, 24, dtype=dtype)
+    lengths = torch.randint(1, 8, (24,))
+    lengths[0] = 7
+
+    def run():
+        inputs = x.detach().requires_grad_()
+        packed = pack_padded_sequence(inputs, lengths, enforce_sorted=False)
+        output = pad_packed_sequence(model(packed)[0])[0]
+        return [output, *torch.autograd.grad(output.float().square().sum(),
+                                             [inputs, *model.parameters()])]
+
+    results = {}
+    with torch_threads(2):
+        for split in ("units", "rows", None):
+            if split is None:
+                monkeypatch.delenv("FASTRNN_CPU_SPLIT", raising=False)
+            else:
+                monkeypatch.setenv("FASTRNN_CPU_SPLIT", split)
+            results[split] = run()
+    for by_rows, by_units, default in zip(results["rows"], results["units"], results[None]):
+        assert torch.equal(by_rows, by_units)
+        assert torch.equal(default, by_units)
 
 
 def test_noncontiguous_x_gates():

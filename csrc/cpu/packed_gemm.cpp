@@ -331,9 +331,18 @@ constexpr Tile kTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, tile_avx2<1>, tile_avx2
                                                 tile_avx2<3>, tile_avx2<4>, tile_avx2<5>,
                                                 tile_avx2<6>};
 
-// The walk of packed_gemm over tiles of tile_rows x tile_columns (32, or 16 for half panels):
-// panel by panel (a panel stays in cache across the row tiles), then rows, then chunks of K.
-// tiles[r] computes r rows.
+// Rows of the next tile, `rows` being left: full tiles, but a last two that would leave the
+// second with less than half a tile share their rows evenly (8 rows on AVX2: 4 and 4, not 6
+// and 2: a tile of few rows has too few accumulators to keep the FMA units busy).
+int64_t tile_height(int64_t rows, int64_t tile_rows) {
+  if (rows <= tile_rows) return rows;
+  if (rows < tile_rows + tile_rows / 2) return rows - rows / 2;
+  return tile_rows;
+}
+
+// The walk of packed_gemm over tiles of at most tile_rows x tile_columns (32, or 16 for half
+// panels): panel by panel, then chunks of K (a chunk of the panel stays in L1 across the row
+// tiles), then rows. tiles[r] computes r rows.
 void run_tiles(const Tile* tiles, int64_t tile_rows, int64_t tile_columns, int64_t rows,
                const float* a, int64_t lda, const PackedMatrix& b, float* c, int64_t ldc,
                const float* bias, bool accumulate) {
@@ -343,12 +352,13 @@ void run_tiles(const Tile* tiles, int64_t tile_rows, int64_t tile_columns, int64
     for (int64_t first = p * width; first < last; first += tile_columns) {
       const int64_t columns = std::min(tile_columns, last - first);
       const float* columns_of_panel = b.panel(p) + (first - p * width);
-      for (int64_t m = 0; m < rows; m += tile_rows) {
-        const Tile tile_of_rows = tiles[std::min(tile_rows, rows - m)];
-        for (int64_t k = 0; k < b.depth(); k += kDepthChunk) {
-          tile_of_rows(std::min(kDepthChunk, b.depth() - k), a + m * lda + k, lda,
-                       columns_of_panel + k * width, c + m * ldc + first, ldc, columns,
-                       bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
+      for (int64_t k = 0; k < b.depth(); k += kDepthChunk) {
+        const int64_t depth = std::min(kDepthChunk, b.depth() - k);
+        for (int64_t m = 0, height; m < rows; m += height) {
+          height = tile_height(rows - m, tile_rows);
+          tiles[height](depth, a + m * lda + k, lda, columns_of_panel + k * width,
+                        c + m * ldc + first, ldc, columns,
+                        bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
         }
       }
     }
@@ -441,12 +451,13 @@ void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const Packed
   const int64_t chunk = kDepthChunk / 2;  // pairs per pass of the accumulators
   for (int64_t p = 0; p < b.panels(); ++p) {
     const int64_t first = p * width, columns = std::min(width, b.columns() - first);
-    for (int64_t m = 0; m < rows; m += kTileRows) {
-      const TileBf16 tile_of_rows = kTilesBf16[std::min<int64_t>(kTileRows, rows - m)];
-      for (int64_t k = 0; k < b.pair_rows(); k += chunk) {
-        tile_of_rows(std::min(chunk, b.pair_rows() - k), a + m * lda + 2 * k, lda,
-                     b.panel(p) + k * width * 2, c + m * ldc + first, ldc, columns,
-                     bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
+    for (int64_t k = 0; k < b.pair_rows(); k += chunk) {
+      const int64_t pairs = std::min(chunk, b.pair_rows() - k);
+      for (int64_t m = 0, height; m < rows; m += height) {  // walked as in run_tiles
+        height = tile_height(rows - m, kTileRows);
+        kTilesBf16[height](pairs, a + m * lda + 2 * k, lda, b.panel(p) + k * width * 2,
+                           c + m * ldc + first, ldc, columns,
+                           bias == nullptr ? nullptr : bias + first, accumulate || k > 0);
       }
     }
   }

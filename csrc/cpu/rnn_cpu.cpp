@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string_view>
 #include <tuple>
@@ -490,12 +491,13 @@ void run_segment(Cell cell, const BackwardStep<double>& s, int64_t b, int64_t j0
 // Elements of B*H below which a backward cell pass stays on one thread.
 constexpr int64_t kCellGrain = 2048;
 
-// Asks for the step's x_gates of its block of units to be brought into cache, so that the cell
-// pass does not wait on them.
+// Asks for the step's x_gates of its block of units, rows [first_row, last_row), to be brought
+// into cache, so that the cell pass does not wait on them.
 template <typename T>
-void prefetch_gate_inputs(const ForwardStep<T>& s, int64_t batch, int64_t gates) {
+void prefetch_gate_inputs(const ForwardStep<T>& s, int64_t first_row, int64_t last_row,
+                          int64_t gates) {
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = first_row; b < last_row; ++b) {
     for (int64_t g = 0; g < gates; ++g) {
       const T* begin = s.x_gates + b * s.x_gates_row + g * s.hidden + s.first_unit;
       for (int64_t j = 0; j < s.units; j += kLine) __builtin_prefetch(begin + j);
@@ -542,6 +544,27 @@ int64_t units_per_block(int64_t hidden) {
   return blocks == 1 ? hidden : (units + 15) / 16 * 16;
 }
 
+// Batch rows per thread from which the steps of a layer split by rows (row_groups): a whole
+// 8-row GEMM tile on AVX-512 (two of 4 rows on AVX2).
+constexpr int64_t kGroupRows = 8;
+
+// Groups of batch rows that the steps of a layer split into over threads: each thread runs its
+// rows through every step with the whole of W_hh (the rows of an RNN never meet), with no
+// barrier between steps. 1 where the steps split by blocks of hidden units instead
+// (units_per_block): too few rows per thread, or blocks of units keep more threads busy.
+// FASTRNN_CPU_SPLIT=units or rows (read at each call) forces one split, to test or compare.
+int64_t row_groups(int64_t batch, int64_t unit_blocks) {
+  const char* forced = std::getenv("FASTRNN_CPU_SPLIT");
+  const int64_t threads = at::get_num_threads();
+  int64_t groups = std::min<int64_t>(threads, batch / kGroupRows);
+  if (forced != nullptr && std::strcmp(forced, "units") == 0) groups = 1;
+  if (forced != nullptr && std::strcmp(forced, "rows") == 0) {
+    groups = std::min<int64_t>(threads, batch);
+    unit_blocks = 1;
+  }
+  return groups >= 2 && groups >= unit_blocks ? groups : 1;
+}
+
 // The input projection of a layer run step by step inside the recurrence (packed GEMMs): x_gates
 // of step t are x[t] W_ih^T + b_ih in float32, computed per block of units, never stored whole.
 struct InputProjection {
@@ -562,8 +585,13 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
   const int64_t H = GH / G, W = info.workspace_gates * H;
   const bool lstm = info.cell == Cell::kLstm;
   const bool projects = w_hr.defined();
-  // With a projection the whole step is one block: the projection needs every unit's h.
-  const int64_t block_units = projects ? H : units_per_block(H);
+  // The steps split over threads by blocks of hidden units (a barrier per step) or by groups of
+  // batch rows (packed GEMMs only). With a projection the whole step is one block: the
+  // projection needs every unit's h.
+  const int64_t units_by_units = projects ? H : units_per_block(H);
+  const int64_t groups = projects || !use_packed_gemm<T>()
+      ? 1 : row_groups(B, (H + units_by_units - 1) / units_by_units);
+  const int64_t block_units = groups > 1 ? H : units_by_units;
   const int64_t blocks = (H + block_units - 1) / block_units;
   Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, output.options());
   Tensor h_unprojected = projects ? at::empty({B, H}, output.options()) : Tensor();
@@ -624,45 +652,69 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
       step.h_unprojected = projects ? h_unprojected.data_ptr<T>() : nullptr;
     }
     if constexpr (std::is_same_v<T, float>) {
-      // Each block's columns of W_hh^T [P, G*units] packed by the thread that will use them.
       const float* weight = w_hh[d].data_ptr<float>();  // [G*H, P]
-      at::parallel_for(0, use_matmul ? 0 : blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t first = k * block_units, units = std::min(block_units, H - first);
-          const auto column = [&](int64_t n) {
-            return weight + ((n / units) * H + first + n % units) * P;
-          };
-          if (bf16) {
-            w_block_bf16[k].reset(P, G * units);
-            w_block_bf16[k].pack_panels_by_column(column, 0, w_block_bf16[k].panels());
-            h_bf16[k].assign(B * P_even, 0);
-          } else {
-            w_block_packed[k].reset(P, G * units);
-            w_block_packed[k].pack_panels_by_column(column, 0, w_block_packed[k].panels());
-          }
-          if (fused) {  // rows d*G*H + g*H + first + j of W_ih [D*G*H, I] and of b_ih
-            const int64_t I = projection->w_ih.size(1);
-            const float* w_ih = projection->w_ih.data_ptr<float>() + d * GH * I;
-            const auto row = [&](int64_t n) {
-              return w_ih + ((n / units) * H + first + n % units) * I;
-            };
-            if (fused_bf16) {
-              w_ih_bf16[k].reset(I, G * units);
-              w_ih_bf16[k].pack_panels_by_column(row, 0, w_ih_bf16[k].panels());
-            } else {
-              w_ih_packed[k].reset(I, G * units);
-              w_ih_packed[k].pack_panels_by_column(row, 0, w_ih_packed[k].panels());
-            }
-            b_ih_block[k].clear();
-            if (projection->b_ih.defined()) {
-              const float* b_ih = projection->b_ih.data_ptr<float>() + d * GH;
-              for (int64_t n = 0; n < G * units; ++n) {
-                b_ih_block[k].push_back(b_ih[(n / units) * H + first + n % units]);
-              }
+      // Room for block k's packed W_hh^T [P, G*units] (and W_ih^T [I, G*units], b_ih).
+      const auto reset_block = [&](int64_t k) {
+        const int64_t first = k * block_units, units = std::min(block_units, H - first);
+        if (bf16) {
+          w_block_bf16[k].reset(P, G * units);
+          h_bf16[k].assign(B * P_even, 0);
+        } else {
+          w_block_packed[k].reset(P, G * units);
+        }
+        if (fused_bf16) w_ih_bf16[k].reset(projection->w_ih.size(1), G * units);
+        if (fused && !fused_bf16) w_ih_packed[k].reset(projection->w_ih.size(1), G * units);
+        if (fused) {  // entries d*G*H + g*H + first + j of b_ih
+          b_ih_block[k].clear();
+          if (projection->b_ih.defined()) {
+            const float* b_ih = projection->b_ih.data_ptr<float>() + d * GH;
+            for (int64_t n = 0; n < G * units; ++n) {
+              b_ih_block[k].push_back(b_ih[(n / units) * H + first + n % units]);
             }
           }
         }
-      });
+      };
+      // Panels [p0, p1) of block k's weights: its columns of W_hh^T, rows of W_ih.
+      const auto pack_block = [&](int64_t k, int64_t p0, int64_t p1) {
+        const int64_t first = k * block_units, units = std::min(block_units, H - first);
+        const auto column = [&](int64_t n) {
+          return weight + ((n / units) * H + first + n % units) * P;
+        };
+        if (bf16) {
+          w_block_bf16[k].pack_panels_by_column(column, p0, p1);
+        } else {
+          w_block_packed[k].pack_panels_by_column(column, p0, p1);
+        }
+        if (fused) {  // rows d*G*H + g*H + first + j of W_ih [D*G*H, I]
+          const int64_t I = projection->w_ih.size(1);
+          const float* w_ih = projection->w_ih.data_ptr<float>() + d * GH * I;
+          const auto row = [&](int64_t n) {
+            return w_ih + ((n / units) * H + first + n % units) * I;
+          };
+          if (fused_bf16) {
+            w_ih_bf16[k].pack_panels_by_column(row, p0, p1);
+          } else {
+            w_ih_packed[k].pack_panels_by_column(row, p0, p1);
+          }
+        }
+      };
+      const auto panels_of = [&](int64_t k) {  // of every matrix of block k: G*units columns
+        const int64_t units = std::min(block_units, H - k * block_units);
+        return (G * units + PackedMatrix::kPanelColumns - 1) / PackedMatrix::kPanelColumns;
+      };
+      if (groups > 1) {  // one block, used by every thread: packed by all, by panels
+        reset_block(0);
+        at::parallel_for(0, panels_of(0), 1, [&](int64_t begin, int64_t end) {
+          pack_block(0, begin, end);
+        });
+      } else {  // each block packed by the thread that will use it
+        at::parallel_for(0, use_matmul ? 0 : blocks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin; k < end; ++k) {
+            reset_block(k);
+            pack_block(k, 0, panels_of(k));
+          }
+        });
+      }
     }
     const T* x_gates_base = fused ? nullptr : x_gates.data_ptr<T>() + d * GH;
     T* workspace_base = workspace.data_ptr<T>() + d * W;
@@ -670,59 +722,64 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
     // h before step s (s counts the steps in processing order): without a projection h_n[d] at
     // even s and h_other at odd s; with one, h_n[d], which the projection updates in place.
     T* const h_buffers[2] = {h_state.data_ptr<T>(), h_other.data_ptr<T>()};
-    // What step s of the blocks [begin, end) needs that earlier steps do not write: its pointers
+    // What step s of block k's rows [r0, r1) needs that earlier steps do not write: its pointers
     // and its x_gates (the projection of x_t, or a prefetch of the precomputed ones).
-    const auto prepare_blocks = [&](int64_t s, int64_t begin, int64_t end) {
+    const auto prepare_rows = [&](ForwardStep<T>& step, int64_t k, int64_t s, int64_t r0,
+                                  int64_t r1) {
       const int64_t t = reverse ? T_ - 1 - s : s;
-      for (int64_t k = begin; k < end; ++k) {
-        ForwardStep<T>& step = steps[k];
-        step.t = t;
-        step.x_gates = fused ? x_gates_block[k].data_ptr<T>()
-                             : x_gates_base + t * x_gates.stride(0);
-        step.workspace = workspace_base + t * workspace.stride(0);
-        step.output = output_base + t * B * D * P;
-        step.h_prev = h_buffers[projects ? 0 : s % 2];
-        step.h_next = projects ? nullptr : h_buffers[(s + 1) % 2];
-        if constexpr (std::is_same_v<T, float>) {
-          if (fused) {  // x_t W_ih^T + b_ih for this block of units
-            const Tensor& x = projection->x;
-            float* x_gates_k = x_gates_block[k].data_ptr<float>();
-            const float* b_ih_k = b_ih_block[k].empty() ? nullptr : b_ih_block[k].data();
-            if (fused_bf16) {
-              const auto* x_t = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-              packed_gemm_bf16(B, x_t + t * x.stride(0), x.stride(1), w_ih_bf16[k], x_gates_k,
-                               G * step.units, b_ih_k, false);
-            } else {
-              packed_gemm(B, x.data_ptr<float>() + t * x.stride(0), x.stride(1), w_ih_packed[k],
-                          x_gates_k, G * step.units, b_ih_k, false);
-            }
+      step.t = t;
+      step.x_gates = fused ? x_gates_block[k].data_ptr<T>() : x_gates_base + t * x_gates.stride(0);
+      step.workspace = workspace_base + t * workspace.stride(0);
+      step.output = output_base + t * B * D * P;
+      step.h_prev = h_buffers[projects ? 0 : s % 2];
+      step.h_next = projects ? nullptr : h_buffers[(s + 1) % 2];
+      if constexpr (std::is_same_v<T, float>) {
+        if (fused) {  // x_t W_ih^T + b_ih for this block of units
+          const Tensor& x = projection->x;
+          const int64_t row = G * step.units;
+          float* x_gates_k = x_gates_block[k].data_ptr<float>() + r0 * row;
+          const float* b_ih_k = b_ih_block[k].empty() ? nullptr : b_ih_block[k].data();
+          const int64_t x_t = t * x.stride(0) + r0 * x.stride(1);
+          if (fused_bf16) {
+            const auto* x_bits = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+            packed_gemm_bf16(r1 - r0, x_bits + x_t, x.stride(1), w_ih_bf16[k], x_gates_k, row,
+                             b_ih_k, false);
+          } else {
+            packed_gemm(r1 - r0, x.data_ptr<float>() + x_t, x.stride(1), w_ih_packed[k],
+                        x_gates_k, row, b_ih_k, false);
           }
         }
-        if (!fused) prefetch_gate_inputs(step, B, G);  // read by the cell pass after the GEMM
+      }
+      if (!fused) prefetch_gate_inputs(step, r0, r1, G);  // read by the cell pass after the GEMM
+    };
+    // Step s of block k's rows [r0, r1): W_hh h_prev, then the cell pass.
+    const auto step_rows = [&](const ForwardStep<T>& step, int64_t k, int64_t s, int64_t r0,
+                               int64_t r1) {
+      if (use_matmul) {  // all rows (groups == 1)
+        matmul(h_gates[k], projects || s % 2 == 0 ? h_state : h_other, w_block_t[k], false);
+      } else if constexpr (std::is_same_v<T, float>) {
+        const int64_t row = G * step.units;
+        float* h_gates_k = h_gates[k].data_ptr<float>() + r0 * row;
+        if (bf16) {
+          uint16_t* h_k = h_bf16[k].data() + r0 * P_even;
+          to_bfloat16_rows(step.h_prev + r0 * P, r1 - r0, P, P, h_k, P_even);
+          packed_gemm_bf16(r1 - r0, h_k, P_even, w_block_bf16[k], h_gates_k, row, nullptr,
+                           false);
+        } else {
+          packed_gemm(r1 - r0, step.h_prev + r0 * P, P, w_block_packed[k], h_gates_k, row,
+                      nullptr, false);
+        }
+      }
+      for (int64_t b = r0; b < r1; ++b) {
+        run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
       }
     };
-    // Step s of the blocks [begin, end): W_hh h_prev for each block, then its cell pass.
+    const auto prepare_blocks = [&](int64_t s, int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) prepare_rows(steps[k], k, s, 0, B);
+    };
     const auto step_blocks = [&](int64_t s, int64_t begin, int64_t end) {
       const at::NoGradGuard no_grad;  // worker threads start with grad mode on
-      for (int64_t k = begin; k < end; ++k) {
-        const ForwardStep<T>& step = steps[k];
-        if (use_matmul) {
-          matmul(h_gates[k], projects || s % 2 == 0 ? h_state : h_other, w_block_t[k], false);
-        } else if constexpr (std::is_same_v<T, float>) {
-          float* h_gates_k = h_gates[k].data_ptr<float>();
-          if (bf16) {
-            to_bfloat16_rows(step.h_prev, B, P, P, h_bf16[k].data(), P_even);
-            packed_gemm_bf16(B, h_bf16[k].data(), P_even, w_block_bf16[k], h_gates_k,
-                             G * step.units, nullptr, false);
-          } else {
-            packed_gemm(B, step.h_prev, P, w_block_packed[k], h_gates_k, G * step.units,
-                        nullptr, false);
-          }
-        }
-        for (int64_t b = 0; b < B; ++b) {
-          run_segment(info.cell, step, b, step.first_unit, step.first_unit + step.units);
-        }
-      }
+      for (int64_t k = begin; k < end; ++k) step_rows(steps[k], k, s, 0, B);
     };
     if (projects) {  // one block; h = W_hr (o * tanh(c)) where the sequence runs, else it stays
       for (int64_t s = 0; s < T_; ++s) {
@@ -742,6 +799,18 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
           }
         }
       }
+    } else if (groups > 1) {  // each thread runs its rows through every step: no barrier
+      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        ForwardStep<T> step = steps[0];  // this thread's copy
+        for (int64_t group = begin; group < end; ++group) {
+          const int64_t r0 = group * B / groups, r1 = (group + 1) * B / groups;
+          for (int64_t s = 0; s < T_; ++s) {
+            prepare_rows(step, 0, s, r0, r1);
+            step_rows(step, 0, s, r0, r1);
+          }
+        }
+      });
+      if (T_ % 2 == 1) h_state.copy_(h_other);  // h after the last step is in h_buffers[T % 2]
     } else {
       // The packed GEMMs and the cell passes do not throw: one parallel region for all steps.
       parallel_steps(T_, blocks, !use_matmul, prepare_blocks, step_blocks);
@@ -763,7 +832,12 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
   const bool lstm = info.cell == Cell::kLstm, gru = info.cell == Cell::kGru;
   const bool projects = w_hr.defined();
   auto options = output.options();
-  const int64_t block_columns = units_per_block(P);
+  // The steps split over threads by blocks of columns of h (a barrier per phase) or by groups
+  // of batch rows (packed GEMMs only, as in the forward).
+  const int64_t columns_by_columns = units_per_block(P);
+  const int64_t groups = projects || !use_packed_gemm<T>()
+      ? 1 : row_groups(B, (P + columns_by_columns - 1) / columns_by_columns);
+  const int64_t block_columns = groups > 1 ? P : columns_by_columns;
   const int64_t column_blocks = (P + block_columns - 1) / block_columns;
   // bfloat16 products (a bfloat16 layer on a CPU with them) for grad h_prev and the weight
   // gradient, grad_gates rounded to bfloat16 for them as oneDNN does; else float32.
@@ -791,21 +865,42 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     std::vector<PackedMatrixBf16> weight_bf16(bf16 ? column_blocks : 0);
     std::vector<std::vector<uint16_t>> grad_gates_bf16(bf16 ? column_blocks : 0);  // [B, GH_even]
     const Tensor weight_t = bf16 ? weight.t().contiguous() : Tensor();  // [P, G*H]
-    if constexpr (std::is_same_v<T, float>) {  // packed by the thread that will use them
-      at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
-          if (bf16) {
-            const float* rows = weight_t.data_ptr<float>() + first * GH;
-            weight_bf16[k].reset(GH, columns);
-            weight_bf16[k].pack_panels_by_column([&](int64_t n) { return rows + n * GH; }, 0,
-                                                 weight_bf16[k].panels());
-            grad_gates_bf16[k].assign(B * GH_even, 0);
-          } else if (!weight_packed.empty()) {
-            weight_packed[k].pack(weight.data_ptr<float>() + first, GH, columns, P, 1);
-          }
+    if constexpr (std::is_same_v<T, float>) {
+      const auto reset_block = [&](int64_t k) {  // room for block k's columns of W_hh, packed
+        const int64_t columns = std::min(block_columns, P - k * block_columns);
+        if (bf16) {
+          weight_bf16[k].reset(GH, columns);
+          grad_gates_bf16[k].assign(B * GH_even, 0);
+        } else if (!weight_packed.empty()) {
+          weight_packed[k].reset(GH, columns);
         }
-      });
+      };
+      const auto pack_block = [&](int64_t k, int64_t p0, int64_t p1) {  // its panels [p0, p1)
+        const int64_t first = k * block_columns;
+        if (bf16) {
+          const float* rows = weight_t.data_ptr<float>() + first * GH;
+          weight_bf16[k].pack_panels_by_column([&](int64_t n) { return rows + n * GH; }, p0, p1);
+        } else if (!weight_packed.empty()) {
+          weight_packed[k].pack_panels(weight.data_ptr<float>() + first, P, 1, p0, p1);
+        }
+      };
+      const auto panels_of = [&](int64_t k) {
+        const int64_t columns = std::min(block_columns, P - k * block_columns);
+        return (columns + PackedMatrix::kPanelColumns - 1) / PackedMatrix::kPanelColumns;
+      };
+      if (groups > 1) {  // one block, used by every thread: packed by all, by panels
+        reset_block(0);
+        at::parallel_for(0, panels_of(0), 1, [&](int64_t begin, int64_t end) {
+          pack_block(0, begin, end);
+        });
+      } else {  // each block packed by the thread that will use it
+        at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin; k < end; ++k) {
+            reset_block(k);
+            pack_block(k, 0, panels_of(k));
+          }
+        });
+      }
     }
     const bool use_matmul = weight_packed.empty() && weight_bf16.empty();
     for (int64_t k = 0; use_matmul && column_blocks > 1 && k < column_blocks; ++k) {
@@ -848,23 +943,25 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
       step.grad_output = grad_output_d == nullptr ? nullptr : grad_output_d + step.t * B * D * P;
       return step;
     };
-    // grad h_prev of step s += grad_h_gates W_hh, over the columns of block k.
-    const auto add_recurrent_gradient = [&](int64_t s, int64_t k) {
+    // grad h_prev of step s += grad_h_gates W_hh, over the columns of block k and the rows
+    // [r0, r1) (the matmul path: all rows).
+    const auto add_recurrent_gradient = [&](int64_t s, int64_t k, int64_t r0, int64_t r1) {
       const Tensor& grad_h_next = grad_h_buffers[(s + 1) % 2];
       const int64_t first = k * block_columns, columns = std::min(block_columns, P - first);
       if constexpr (std::is_same_v<T, float>) {  // no tensor made: may run in a persistent region
+        const int64_t row = grad_h_gates_d.stride(1);
         const float* grad_gates = grad_h_gates_d.data_ptr<float>() +
-                                  time_of(s) * grad_h_gates_d.stride(0);
+                                  time_of(s) * grad_h_gates_d.stride(0) + r0 * row;
+        float* grad_h = grad_h_next.data_ptr<float>() + r0 * P + first;
         if (bf16) {
-          to_bfloat16_rows(grad_gates, B, GH, grad_h_gates_d.stride(1), grad_gates_bf16[k].data(),
-                           GH_even);
-          packed_gemm_bf16(B, grad_gates_bf16[k].data(), GH_even, weight_bf16[k],
-                           grad_h_next.data_ptr<float>() + first, P, nullptr, true);
+          uint16_t* grad_gates_k = grad_gates_bf16[k].data() + r0 * GH_even;
+          to_bfloat16_rows(grad_gates, r1 - r0, GH, row, grad_gates_k, GH_even);
+          packed_gemm_bf16(r1 - r0, grad_gates_k, GH_even, weight_bf16[k], grad_h, P, nullptr,
+                           true);
           return;
         }
         if (!weight_packed.empty()) {
-          packed_gemm(B, grad_gates, grad_h_gates_d.stride(1), weight_packed[k],
-                      grad_h_next.data_ptr<float>() + first, P, nullptr, true);
+          packed_gemm(r1 - r0, grad_gates, row, weight_packed[k], grad_h, P, nullptr, true);
           return;
         }
       }
@@ -884,7 +981,7 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
     const auto add_recurrent_gradients = [&](int64_t s) {
       at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
         const at::NoGradGuard no_grad;  // worker threads start with grad mode on
-        for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k);
+        for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k, 0, B);
       });
     };
     if (projects) {  // grad of the projected h, then through W_hr to the unprojected h
@@ -907,6 +1004,17 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
         cell_pass(info.cell, step, B, H);
         add_recurrent_gradients(s);
       }
+    } else if (groups > 1) {  // each thread runs its rows through every step: no barrier
+      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t group = begin; group < end; ++group) {
+          const int64_t r0 = group * B / groups, r1 = (group + 1) * B / groups;
+          for (int64_t s = 0; s < T_; ++s) {
+            const BackwardStep<T> step = step_at(s);
+            for (int64_t b = r0; b < r1; ++b) run_segment(info.cell, step, b, 0, H);
+            add_recurrent_gradient(s, 0, r0, r1);
+          }
+        }
+      });
     } else if (column_blocks == 1) {  // one block: the cell passes split over threads by rows
       for (int64_t s = 0; s < T_; ++s) {
         cell_pass(info.cell, step_at(s), B, H);
@@ -919,7 +1027,7 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
         const int64_t s = phase / 2;
         if (phase % 2 == 1) {
           const at::NoGradGuard no_grad;  // worker threads start with grad mode on
-          for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k);
+          for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k, 0, B);
           return;
         }
         const BackwardStep<T> step = step_at(s);
