@@ -72,7 +72,9 @@ def gpu_configs() -> list[Config]:
 def cpu_configs(quick: bool) -> list[Config]:
     small = [Config("cpu-small", mode, 16, 50, 256, small=True) for mode in ("LSTM", "GRU", "RNN")]
     small += [Config("cpu-small", "LSTM", 16, 50, 256, dtypes=("bf16", "fp16"), small=True),
-              Config("cpu-small", "LSTM", 16, 50, 256, packed=True, small=True)]
+              Config("cpu-small", "LSTM", 16, 50, 256, packed=True, small=True),
+              # a small model in a training loop: one short call per batch
+              Config("cpu-tiny", "LSTM", 32, 12, 64, small=True)]
     if quick:
         return small + [Config("fastrnns", "LSTM", 64, 100, 512, passes=("fwd",))]
     return small + [Config("fastrnns", mode, 64, 100, 512) for mode in ("LSTM", "GRU", "RNN")]

@@ -162,6 +162,38 @@ def test_fused_forward_is_bitwise_the_two_op_path(case, keep_workspace):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", FUSED_CASES,
+                         ids=lambda c: "{}-T{}-B{}-I{}-H{}-D{}-P{}-{}".format(
+                             *c[:7], "varlen" if c[7] else "padded"))
+def test_inference_saves_no_gates_and_computes_what_training_does(case, dtype):
+    """Without a backward to come (keep_workspace False) the cell passes skip saving the gates;
+    output, h_n and c_n are still those of a training forward, to the bit."""
+    cell, T, B, I, H, D, proj, variable = case
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    P = proj or H
+    x = torch.randn(T, B, I, dtype=dtype)
+    w_ih = torch.randn(D * G * H, I, dtype=dtype) / I ** 0.5
+    b_ih = torch.randn(D * G * H, dtype=dtype)
+    h0 = torch.randn(D, B, P, dtype=dtype)
+    c0 = torch.randn(D, B, H, dtype=dtype) if cell == "lstm" else None
+    w_hh = torch.randn(D, G * H, P, dtype=dtype) / P ** 0.5
+    b_hh = torch.randn(D, G * H, dtype=dtype)
+    w_hr = torch.randn(D, P, H, dtype=dtype) / H ** 0.5 if proj else None
+    lengths = torch.randint(1, T + 1, (B,)) if variable else None
+    ops = torch.ops.fastrnn_cpu
+    x_gates = F.linear(x, w_ih, b_ih)
+    for run in (lambda keep: ops.layer_forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh,
+                                                          w_hr, lengths, keep),
+                lambda keep: ops.layer_forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                               keep)):
+        inference, training = run(False), run(True)
+        assert inference[3].shape[0] == 0
+        for got, expected in zip(inference[:3], training[:3]):
+            assert not got.isnan().any()
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_fused_forward_of_float64_is_the_two_op_path():
     T, B, I, H = 4, 3, 5, 6
     x, w_ih, b_ih = (torch.randn(T, B, I, dtype=torch.float64),

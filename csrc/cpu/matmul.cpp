@@ -88,7 +88,7 @@ bool plain_or_transposed(const Tensor& t) {
 }
 
 // Multiply-adds below which oneDNN's per-call cost outweighs its faster kernel.
-constexpr int64_t kMkldnnMinWork = int64_t(1) << 23;
+constexpr int64_t kMkldnnMinWork = int64_t(1) << 21;
 
 // Cleared for good when oneDNN refuses a call (a torch built without it).
 std::atomic<bool> mkldnn_usable{true};

@@ -127,7 +127,7 @@ struct alignas(64) ForwardStep {
   int64_t units;
   int64_t first_unit;
   const T* bias;                 // [G*H] b_hh (zeros when the layer has none)
-  T* workspace;                  // [B, W] rows workspace_row apart
+  T* workspace;                  // [B, W] rows workspace_row apart; null: no gates saved
   int64_t workspace_row;
   const T* h_prev;               // [B, P] h before the step
   T* h_next;                     // [B, P] h after the step; null when projecting
@@ -137,21 +137,24 @@ struct alignas(64) ForwardStep {
   T* h_unprojected;              // [B, H] LSTM with projection: o * tanh(c); else null
 };
 
-// Hidden units [j0, j1) of row b of one forward step (inside the step's block of units).
-template <typename T>
+// Hidden units [j0, j1) of row b of one forward step (inside the step's block of units); the
+// gates are saved to the workspace when kSaveGates (a backward is to come).
+template <bool kSaveGates, typename T>
 FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t b, int64_t j0,
                                     int64_t j1) {
   const int64_t H = s.hidden, n = j1 - j0, U = s.units;
   const bool valid = s.lengths == nullptr || s.t < s.lengths[b];
   const bool projects = s.h_unprojected != nullptr;
   // Without projection P == H, so h rows are H apart.
-  T* __restrict ws = s.workspace + b * s.workspace_row + j0;
+  T* __restrict ws = kSaveGates ? s.workspace + b * s.workspace_row + j0 : nullptr;
   T* __restrict out = s.output + b * s.output_row + j0;
   const T* __restrict h = projects ? nullptr : s.h_prev + b * H + j0;
   T* __restrict h_next = projects ? nullptr : s.h_next + b * H + j0;
   if (!valid) {  // past the sequence's end: zeros out, the state stays
     const int64_t saved_gates = cell == Cell::kLstm ? 5 : (cell == Cell::kGru ? 4 : 0);
-    for (int64_t k = 0; k < saved_gates; ++k) std::fill(ws + k * H, ws + k * H + n, T(0));
+    for (int64_t k = 0; kSaveGates && k < saved_gates; ++k) {
+      std::fill(ws + k * H, ws + k * H + n, T(0));
+    }
     if (!projects) {
       std::fill(out, out + n, T(0));
       std::copy(h, h + n, h_next);
@@ -175,11 +178,13 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
         const T o = sigmoid(xg[3 * X + j] + hg[3 * U + j] + bias[3 * H + j]);
         const T c_new = f * c[j] + i * g;
         const T h_new = o * tanh_(c_new);
-        ws[j] = i;
-        ws[H + j] = f;
-        ws[2 * H + j] = g;
-        ws[3 * H + j] = o;
-        ws[4 * H + j] = c_new;
+        if constexpr (kSaveGates) {
+          ws[j] = i;
+          ws[H + j] = f;
+          ws[2 * H + j] = g;
+          ws[3 * H + j] = o;
+          ws[4 * H + j] = c_new;
+        }
         c[j] = c_new;
         hu[j] = h_new;
       }
@@ -194,10 +199,12 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
         const T hn = hg[2 * U + j] + bias[2 * H + j];
         const T n_gate = tanh_(xg[2 * X + j] + r * hn);
         const T h_new = n_gate + z * (h[j] - n_gate);
-        ws[j] = r;
-        ws[H + j] = z;
-        ws[2 * H + j] = n_gate;
-        ws[3 * H + j] = hn;
+        if constexpr (kSaveGates) {
+          ws[j] = r;
+          ws[H + j] = z;
+          ws[2 * H + j] = n_gate;
+          ws[3 * H + j] = hn;
+        }
         h_next[j] = h_new;
         out[j] = h_new;
       }
@@ -346,13 +353,22 @@ FASTRNN_INLINE void backward_segment(Cell cell, const BackwardStep<T>& s, int64_
   }
 }
 
+// The forward cell pass; the gates are saved where the step has a workspace.
 FASTRNN_CLONES void forward_segment_f32(Cell cell, const ForwardStep<float>& s, int64_t b,
                                         int64_t j0, int64_t j1) {
-  forward_segment(cell, s, b, j0, j1);
+  if (s.workspace != nullptr) {
+    forward_segment<true>(cell, s, b, j0, j1);
+  } else {
+    forward_segment<false>(cell, s, b, j0, j1);
+  }
 }
 void forward_segment_f64(Cell cell, const ForwardStep<double>& s, int64_t b, int64_t j0,
                          int64_t j1) {
-  forward_segment(cell, s, b, j0, j1);
+  if (s.workspace != nullptr) {
+    forward_segment<true>(cell, s, b, j0, j1);
+  } else {
+    forward_segment<false>(cell, s, b, j0, j1);
+  }
 }
 FASTRNN_CLONES void backward_segment_f32(Cell cell, const BackwardStep<float>& s, int64_t b,
                                          int64_t j0, int64_t j1) {
@@ -435,12 +451,12 @@ FASTRNN_AVX512 __m512 gate_input16(__mmask16 mask, const float* x_gates, const f
 __attribute__((target("avx512f"))) void lstm_segment_avx512(const ForwardStep<float>& s,
                                                             int64_t b, int64_t j0, int64_t j1) {
   if (s.lengths != nullptr && s.t >= s.lengths[b]) {  // past the sequence's end
-    forward_segment(Cell::kLstm, s, b, j0, j1);
+    forward_segment_f32(Cell::kLstm, s, b, j0, j1);
     return;
   }
   const int64_t H = s.hidden, U = s.units, X = s.x_gates_gate;
   const bool projects = s.h_unprojected != nullptr;
-  float* ws = s.workspace + b * s.workspace_row;
+  float* ws = s.workspace == nullptr ? nullptr : s.workspace + b * s.workspace_row;
   const float* xg = s.x_gates + b * s.x_gates_row - s.x_gates_first;
   const float* hg = s.h_gates + b * 4 * U - s.first_unit;
   float* c = s.c_state + b * H;
@@ -455,11 +471,13 @@ __attribute__((target("avx512f"))) void lstm_segment_avx512(const ForwardStep<fl
     const __m512 o = sigmoid16(gate_input16(m, xg + 3 * X + j, hg + 3 * U + j, s.bias + 3 * H + j));
     const __m512 c_new = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, c + j), _mm512_mul_ps(i, g));
     const __m512 h_new = _mm512_mul_ps(o, tanh16(c_new));
-    _mm512_mask_storeu_ps(ws + j, m, i);
-    _mm512_mask_storeu_ps(ws + H + j, m, f);
-    _mm512_mask_storeu_ps(ws + 2 * H + j, m, g);
-    _mm512_mask_storeu_ps(ws + 3 * H + j, m, o);
-    _mm512_mask_storeu_ps(ws + 4 * H + j, m, c_new);
+    if (ws != nullptr) {
+      _mm512_mask_storeu_ps(ws + j, m, i);
+      _mm512_mask_storeu_ps(ws + H + j, m, f);
+      _mm512_mask_storeu_ps(ws + 2 * H + j, m, g);
+      _mm512_mask_storeu_ps(ws + 3 * H + j, m, o);
+      _mm512_mask_storeu_ps(ws + 4 * H + j, m, c_new);
+    }
     _mm512_mask_storeu_ps(c + j, m, c_new);
     _mm512_mask_storeu_ps(hu + j, m, h_new);
     if (!projects) _mm512_mask_storeu_ps(out + j, m, h_new);
@@ -585,6 +603,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
   const int64_t H = GH / G, W = info.workspace_gates * H;
   const bool lstm = info.cell == Cell::kLstm;
   const bool projects = w_hr.defined();
+  const bool save_gates = workspace.numel() > 0;  // for a backward: [T, B, D, W], else empty
   // The steps split over threads by blocks of hidden units (a barrier per step) or by groups of
   // batch rows (packed GEMMs only). With a projection the whole step is one block: the
   // projection needs every unit's h.
@@ -717,7 +736,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
       }
     }
     const T* x_gates_base = fused ? nullptr : x_gates.data_ptr<T>() + d * GH;
-    T* workspace_base = workspace.data_ptr<T>() + d * W;
+    T* workspace_base = save_gates ? workspace.data_ptr<T>() + d * W : nullptr;
     T* output_base = output.data_ptr<T>() + d * P;
     // h before step s (s counts the steps in processing order): without a projection h_n[d] at
     // even s and h_other at odd s; with one, h_n[d], which the projection updates in place.
@@ -729,7 +748,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
       const int64_t t = reverse ? T_ - 1 - s : s;
       step.t = t;
       step.x_gates = fused ? x_gates_block[k].data_ptr<T>() : x_gates_base + t * x_gates.stride(0);
-      step.workspace = workspace_base + t * workspace.stride(0);
+      step.workspace = save_gates ? workspace_base + t * workspace.stride(0) : nullptr;
       step.output = output_base + t * B * D * P;
       step.h_prev = h_buffers[projects ? 0 : s % 2];
       step.h_next = projects ? nullptr : h_buffers[(s + 1) % 2];
@@ -1106,10 +1125,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_forward(
   if (x.defined() && x.stride(2) != 1) x = x.contiguous();
   auto options = rows.options().dtype(compute);
   Tensor output = empty_large({T_, B, D * P}, options);
-  // Without a backward to come, every step writes its saved gates over one step's worth of rows.
+  // Without a backward to come, no gates are saved (an empty workspace).
   Tensor workspace = keep_workspace
       ? empty_large({T_, B, D, info.workspace_gates * H}, options)
-      : at::empty({1, B, D, info.workspace_gates * H}, options).expand({T_, B, D, info.workspace_gates * H});
+      : at::empty({0, B, D, info.workspace_gates * H}, options);
   Tensor h_n = at::empty({D, B, P}, options);
   Tensor c_n = info.cell == Cell::kLstm ? at::empty({D, B, H}, options) : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(compute, "fastrnn_cpu_layer_forward", [&] {
@@ -1125,7 +1144,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_forward(
     h_n = h_n.to(dtype);
     c_n = c_n.to(dtype);
   }
-  if (!keep_workspace) workspace = at::empty({0, B, D, info.workspace_gates * H}, options);
   return {output, h_n, c_n, workspace};
 }
 
