@@ -131,6 +131,7 @@ FUSED_CASES = [
     ("gru", 6, 17, 33, 70, 1, 0, False),
     ("rnn_tanh", 4, 9, 130, 200, 2, 0, True),
     ("rnn_relu", 5, 1, 1, 1, 1, 0, False),
+    ("lstm", 3, 5, 500, 300, 1, 0, True),  # W_ih over 2 MiB: one GEMM before the recurrence
 ]
 
 

@@ -563,8 +563,9 @@ int64_t units_per_block(int64_t hidden) {
 }
 
 // Batch rows per thread from which the steps of a layer split by rows (row_groups): a whole
-// 8-row GEMM tile on AVX-512 (two of 4 rows on AVX2).
-constexpr int64_t kGroupRows = 8;
+// GEMM tile of rows (packed_gemm.h: 8 on AVX-512; AVX2's 6-row tiles need 12 to stay full, as
+// 8 rows run as two tiles of 4, a sixth slower).
+int64_t rows_per_group() { return avx512_kernels() ? 8 : 12; }
 
 // Groups of batch rows that the steps of a layer split into over threads: each thread runs its
 // rows through every step with the whole of W_hh (the rows of an RNN never meet), with no
@@ -574,7 +575,7 @@ constexpr int64_t kGroupRows = 8;
 int64_t row_groups(int64_t batch, int64_t unit_blocks) {
   const char* forced = std::getenv("FASTRNN_CPU_SPLIT");
   const int64_t threads = at::get_num_threads();
-  int64_t groups = std::min<int64_t>(threads, batch / kGroupRows);
+  int64_t groups = std::min<int64_t>(threads, batch / rows_per_group());
   if (forced != nullptr && std::strcmp(forced, "units") == 0) groups = 1;
   if (forced != nullptr && std::strcmp(forced, "rows") == 0) {
     groups = std::min<int64_t>(threads, batch);
@@ -1155,11 +1156,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
                      keep_workspace);
 }
 
+// Bytes of W_ih per direction above which a float32 layer's input projection runs as one GEMM
+// over all steps (linear) before the recurrence instead of step by step inside it: inside, every
+// step streams W_ih through the caches again (measured on a 2-core Zen 4: at 1 MiB, B16 H256,
+// step by step is faster; at 4 MiB, B64 H512, one GEMM is).
+constexpr int64_t kFusedProjectionMaxBytes = int64_t(2) << 20;
+
 // One layer forward from its input x [T, B, I]: the input projection runs step by step inside the
-// recurrence (x_gates are never stored whole) for float32 where packed_gemm runs, each x_gates
-// entry is computed as linear() computes it, so the results are those of linear() then
-// layer_forward(); and for bfloat16 on AVX512_BF16 CPUs, with x_gates kept in float32 where
-// linear() rounds them to bfloat16. Otherwise linear() runs before the recurrence.
+// recurrence (x_gates are never stored whole) for float32 where packed_gemm runs and W_ih is not
+// large, each x_gates entry is computed as linear() computes it, so the results are those of
+// linear() then layer_forward(); and for bfloat16 on AVX512_BF16 CPUs, with x_gates kept in
+// float32 where linear() rounds them to bfloat16. Otherwise linear() runs before the recurrence.
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
     std::string_view cell, const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
     const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
@@ -1174,7 +1181,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
            (!b_ih.has_value() || b_ih->scalar_type() == dtype) && x.numel() > 0 &&
            w_ih.size(1) > 0;
   };
-  const bool packed = all_of(at::kFloat) && use_packed_gemm<float>();
+  // float32: fused unless W_ih is large, where one GEMM over all steps reads it once instead of
+  // once per step; bfloat16: always fused (its x_gates then stay in float32).
+  const bool large_w_ih =
+      w_ih.numel() * int64_t(sizeof(float)) > kFusedProjectionMaxBytes * w_hh.size(0);
+  const bool packed = all_of(at::kFloat) && use_packed_gemm<float>() && !large_w_ih;
   const bool bf16 = all_of(at::kBFloat16) && packed_gemm_bf16_supported();
   if (packed || bf16) {
     const int64_t I = x.size(2);
