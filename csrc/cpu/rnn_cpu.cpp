@@ -2,13 +2,18 @@
 // backward (BPTT), following the contract of fastrnn/backends/base.py.
 //
 // Legend: B batch, T time, H hidden, P proj_size or H, G gates, D directions, W workspace width.
-// Forward step: each thread multiplies h by its own block of W_hh rows (a one-thread GEMM into a
-// preallocated buffer) and runs the fused, vectorised cell on its block of hidden units; with
-// layer_forward_from_input it also computes its block's x_gates of the step (x_t W_ih^T), before
-// waiting for the other threads' h. Backward step: a fused cell pass split by rows, then
-// grad h_prev = grad_gates W_hh by blocks of columns. The backward ends with one GEMM per weight
-// over all steps. Where the per-step products cannot throw (the packed kernels), each pass over
-// the steps is one OpenMP region with a barrier per step (parallel_steps.h).
+// The steps split over threads in one of two ways (row_groups). By groups of batch rows, where
+// each thread gets a whole GEMM tile of rows (packed kernels): each thread runs its rows through
+// every step with the whole W_hh, forward (h W_hh^T, then the cell) and backward (the cell pass,
+// then grad h_prev = grad_gates W_hh), never waiting for another thread. Otherwise by blocks of
+// hidden units: forward, each thread multiplies h by its own block of W_hh rows (a one-thread
+// GEMM into a preallocated buffer) and runs the fused, vectorised cell on its block of units,
+// then waits for the other threads' h; backward, a fused cell pass split by rows, then
+// grad h_prev by blocks of columns. With layer_forward_from_input each thread also computes the
+// step's x_gates of its rows or units (x_t W_ih^T) inside the time loop, unless W_ih is large.
+// The backward ends with one GEMM per weight over all steps. Where the per-step products cannot
+// throw (the packed kernels), a split by units is one OpenMP region with a barrier per step
+// (parallel_steps.h).
 // In float32 on AVX-512 or AVX2/FMA CPUs the per-step GEMMs run on packed_gemm.h, each thread's
 // block of weights packed once per call; elsewhere on matmul.h. On AVX-512 CPUs the LSTM forward
 // cell is written with intrinsics (divisions by a reciprocal estimate and one Newton step).

@@ -6,8 +6,9 @@ Legend as in base.py. bfloat16 and float16 run in float32 inside the kernel and 
 output, except a bfloat16 forward's per-step products, which use bfloat16 dot products where the
 CPU has them; the input projection of a float16 layer is torch's (F.linear in float16).
 The input projection of float32 layers runs on the same packed GEMM (csrc/cpu/linear_cpu.cpp);
-in eager mode it runs step by step inside the recurrence (`forward_from_input`), as does that of
-bfloat16 layers on CPUs with bfloat16 dot products (its x_gates then stay in float32).
+in eager mode it runs step by step inside the recurrence (`forward_from_input`; one GEMM before
+it where W_ih exceeds 2 MiB per direction), as does that of bfloat16 layers on CPUs with
+bfloat16 dot products (its x_gates then stay in float32).
 """
 
 from __future__ import annotations
