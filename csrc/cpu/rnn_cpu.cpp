@@ -589,6 +589,37 @@ int64_t row_groups(int64_t batch, int64_t unit_blocks) {
   return groups >= 2 && groups >= unit_blocks ? groups : 1;
 }
 
+// Packs the blocks [0, blocks) of a layer's weights: reset(k) makes room for block k,
+// pack(k, p0, p1) fills its panels [p0, p1), panels(k) counts them. The one block of a split by
+// rows, used by every thread, is packed by all of them, panel by panel; else each block by the
+// thread that will use it.
+template <typename Reset, typename Pack, typename Panels>
+void pack_blocks(int64_t blocks, bool split_by_rows, const Reset& reset, const Pack& pack,
+                 const Panels& panels) {
+  if (split_by_rows) {
+    reset(0);
+    at::parallel_for(0, panels(0), 1, [&](int64_t begin, int64_t end) { pack(0, begin, end); });
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      reset(k);
+      pack(k, 0, panels(k));
+    }
+  });
+}
+
+// Runs rows(r0, r1) for each of the groups of batch rows [r0, r1) of row_groups, one thread per
+// group.
+template <typename Rows>
+void for_each_row_group(int64_t batch, int64_t groups, const Rows& rows) {
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      rows(group * batch / groups, (group + 1) * batch / groups);
+    }
+  });
+}
+
 // The input projection of a layer run step by step inside the recurrence (packed GEMMs): x_gates
 // of step t are x[t] W_ih^T + b_ih in float32, computed per block of units, never stored whole.
 struct InputProjection {
@@ -727,19 +758,7 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
         const int64_t units = std::min(block_units, H - k * block_units);
         return (G * units + PackedMatrix::kPanelColumns - 1) / PackedMatrix::kPanelColumns;
       };
-      if (groups > 1) {  // one block, used by every thread: packed by all, by panels
-        reset_block(0);
-        at::parallel_for(0, panels_of(0), 1, [&](int64_t begin, int64_t end) {
-          pack_block(0, begin, end);
-        });
-      } else {  // each block packed by the thread that will use it
-        at::parallel_for(0, use_matmul ? 0 : blocks, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t k = begin; k < end; ++k) {
-            reset_block(k);
-            pack_block(k, 0, panels_of(k));
-          }
-        });
-      }
+      if (!use_matmul) pack_blocks(blocks, groups > 1, reset_block, pack_block, panels_of);
     }
     const T* x_gates_base = fused ? nullptr : x_gates.data_ptr<T>() + d * GH;
     T* workspace_base = save_gates ? workspace.data_ptr<T>() + d * W : nullptr;
@@ -825,14 +844,11 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
         }
       }
     } else if (groups > 1) {  // each thread runs its rows through every step: no barrier
-      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-        ForwardStep<T> step = steps[0];  // this thread's copy
-        for (int64_t group = begin; group < end; ++group) {
-          const int64_t r0 = group * B / groups, r1 = (group + 1) * B / groups;
-          for (int64_t s = 0; s < T_; ++s) {
-            prepare_rows(step, 0, s, r0, r1);
-            step_rows(step, 0, s, r0, r1);
-          }
+      for_each_row_group(B, groups, [&](int64_t r0, int64_t r1) {
+        ForwardStep<T> step = steps[0];  // this group's copy
+        for (int64_t s = 0; s < T_; ++s) {
+          prepare_rows(step, 0, s, r0, r1);
+          step_rows(step, 0, s, r0, r1);
         }
       });
       if (T_ % 2 == 1) h_state.copy_(h_other);  // h after the last step is in h_buffers[T % 2]
@@ -913,19 +929,7 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
         const int64_t columns = std::min(block_columns, P - k * block_columns);
         return (columns + PackedMatrix::kPanelColumns - 1) / PackedMatrix::kPanelColumns;
       };
-      if (groups > 1) {  // one block, used by every thread: packed by all, by panels
-        reset_block(0);
-        at::parallel_for(0, panels_of(0), 1, [&](int64_t begin, int64_t end) {
-          pack_block(0, begin, end);
-        });
-      } else {  // each block packed by the thread that will use it
-        at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t k = begin; k < end; ++k) {
-            reset_block(k);
-            pack_block(k, 0, panels_of(k));
-          }
-        });
-      }
+      pack_blocks(column_blocks, groups > 1, reset_block, pack_block, panels_of);
     }
     const bool use_matmul = weight_packed.empty() && weight_bf16.empty();
     for (int64_t k = 0; use_matmul && column_blocks > 1 && k < column_blocks; ++k) {
@@ -1030,14 +1034,11 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
         add_recurrent_gradients(s);
       }
     } else if (groups > 1) {  // each thread runs its rows through every step: no barrier
-      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t group = begin; group < end; ++group) {
-          const int64_t r0 = group * B / groups, r1 = (group + 1) * B / groups;
-          for (int64_t s = 0; s < T_; ++s) {
-            const BackwardStep<T> step = step_at(s);
-            for (int64_t b = r0; b < r1; ++b) run_segment(info.cell, step, b, 0, H);
-            add_recurrent_gradient(s, 0, r0, r1);
-          }
+      for_each_row_group(B, groups, [&](int64_t r0, int64_t r1) {
+        for (int64_t s = 0; s < T_; ++s) {
+          const BackwardStep<T> step = step_at(s);
+          for (int64_t b = r0; b < r1; ++b) run_segment(info.cell, step, b, 0, H);
+          add_recurrent_gradient(s, 0, r0, r1);
         }
       });
     } else if (column_blocks == 1) {  // one block: the cell passes split over threads by rows
