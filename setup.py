@@ -9,10 +9,30 @@ Torch must be importable when building (`pip install --no-build-isolation -e .`)
 package is installed without extensions and the backends compile them on first use instead.
 """
 
+import glob
 import os
 import sys
 
 from setuptools import setup
+
+
+def _fix_cuda_home(cpp_extension) -> None:
+    """torch takes CUDA_HOME from the folder above the `nvcc` on PATH; where that `nvcc` is a
+    wrapper script (/usr/local/bin/nvcc), take the first toolkit folder holding both nvcc and
+    cuda_runtime.h instead."""
+    def complete(home):
+        return bool(home) and all(os.path.exists(os.path.join(home, *part)) for part in
+                                  (("bin", "nvcc"), ("include", "cuda_runtime.h")))
+
+    if complete(cpp_extension.CUDA_HOME):
+        return
+    for home in [os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+                 *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if complete(home):
+            print(f"fastrnn: CUDA_HOME {home} (torch found {cpp_extension.CUDA_HOME})",
+                  file=sys.stderr)
+            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = home
+            return
 
 
 def extension_setup() -> dict:
@@ -31,7 +51,9 @@ def extension_setup() -> dict:
         extra_link_args=["-fopenmp"],
     )]
     if torch.version.cuda is not None and not os.environ.get("FASTRNN_SKIP_CUDA_BUILD"):
+        from torch.utils import cpp_extension
         from torch.utils.cpp_extension import CUDAExtension
+        _fix_cuda_home(cpp_extension)
         extensions.append(CUDAExtension(
             "fastrnn._C_cuda",
             ["csrc/cuda/binding.cpp", "csrc/cuda/forward.cu", "csrc/cuda/backward.cu"],

@@ -19,17 +19,9 @@ import fastrnn
 from fastrnn.backends import cuda as cuda_backend
 from fastrnn.backends import triton as triton_backend
 from fastrnn.backends.base import LayerConfig
+from fastrnn.benchmark_configs import DTYPES, SMOKE_SHAPES, SMOKE_TINY_SHAPES
 from fastrnn.cells import CELLS_BY_MODE
 
-SHAPES = [  # mode, B, T, H, bidirectional, dtype
-    ("LSTM", 16, 256, 768, False, torch.float32), ("LSTM", 16, 256, 768, False, torch.bfloat16),
-    ("LSTM", 16, 256, 1024, True, torch.bfloat16), ("GRU", 64, 100, 512, True, torch.float32),
-    ("RNN", 64, 100, 512, False, torch.float16),
-]
-TINY_SHAPES = [
-    ("LSTM", 3, 7, 20, True, torch.float32), ("GRU", 5, 6, 33, False, torch.bfloat16),
-    ("RNN", 2, 5, 9, True, torch.float16), ("LSTM", 9, 4, 130, False, torch.bfloat16),
-]
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 
@@ -89,7 +81,8 @@ def main() -> int:
     parser.add_argument("--backend", default="triton", choices=["triton", "cuda"])
     parser.add_argument("--shapes", default="stress", choices=["stress", "tiny"])
     args = parser.parse_args()
-    shapes = SHAPES if args.shapes == "stress" else TINY_SHAPES
+    shapes = [(*shape[:-1], DTYPES[shape[-1]])
+              for shape in (SMOKE_SHAPES if args.shapes == "stress" else SMOKE_TINY_SHAPES)]
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     failures = sum(not check(args.backend, args.shapes == "stress", *shape) for shape in shapes)
     print(f"persistent smoke ({args.backend}): {len(shapes) - failures}/{len(shapes)} shapes ok")

@@ -80,6 +80,26 @@ def cpu_configs(quick: bool) -> list[Config]:
     return small + [Config("fastrnns", mode, 64, 100, 512) for mode in ("LSTM", "GRU", "RNN")]
 
 
+# The persistent launches benchmarks/persistent_smoke.py checks on a GPU: (mode, B, T, H,
+# bidirectional, dtype). Stress shapes are timed; tiny ones run under compute-sanitizer.
+SMOKE_SHAPES = [
+    ("LSTM", 16, 256, 768, False, "fp32"), ("LSTM", 16, 256, 768, False, "bf16"),
+    ("LSTM", 16, 256, 1024, True, "bf16"), ("GRU", 64, 100, 512, True, "fp32"),
+    ("RNN", 64, 100, 512, False, "fp16"),
+]
+SMOKE_TINY_SHAPES = [
+    ("LSTM", 3, 7, 20, True, "fp32"), ("GRU", 5, 6, 33, False, "bf16"),
+    ("RNN", 2, 5, 9, True, "fp16"), ("LSTM", 9, 4, 130, False, "bf16"),
+]
+
+
+def smoke_configs() -> list[Config]:
+    """The smoke shapes as configs (forward and backward, each in its own dtype)."""
+    return [Config("smoke", mode, batch, seq, hidden, bidirectional=bidirectional,
+                   dtypes=(dtype,)) for mode, batch, seq, hidden, bidirectional, dtype
+            in SMOKE_SHAPES + SMOKE_TINY_SHAPES]
+
+
 def layer_config(config: Config, dtype: str, device_type: str) -> LayerConfig:
     """What a backend sees of the first layer of `config`."""
     return LayerConfig(cell=CELLS_BY_MODE["RNN_TANH" if config.mode == "RNN" else config.mode],

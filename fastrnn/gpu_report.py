@@ -1,6 +1,7 @@
 """Offline report of the GPU plans: what each benchmark layer would run, from compiled kernels.
 
-    python -m fastrnn.gpu_report --target sm_90 [--backend triton|cuda] [--configs benchmarks|small]
+    python -m fastrnn.gpu_report --target sm_90 [--backend triton|cuda]
+                                 [--configs benchmarks|small|smoke|check|all] [--save-table]
 
 No GPU is needed. For the triton backend, each GPU benchmark config (fastrnn.benchmark_configs) x
 dtype x pass is planned as on the target device (triton_plan.choose compiles the candidates for
@@ -11,6 +12,12 @@ config x dtype x pass is planned by cuda_plan.choose (path, blocks, blocks per S
 hidden units per block, batch tile rows, shared bytes, modelled us per step) next to the `nvcc -Xptxas -v`
 registers and spills of its kernel; the exit status is 1 when a plan needs more than one block per
 SM or any kernel spills.
+
+--configs smoke plans the shapes of benchmarks/persistent_smoke.py; check, those and the benchmark
+configs benchmarks/gpu_check.sh times (fastrnns, latency); all, every benchmark config and smoke.
+--save-table writes every compiled resource the triton report used into the table shipped with
+the package (fastrnn/backends/triton_resources.json) under the installed Triton version, so that
+a first call on those shapes plans without compiling: run it under each supported Triton.
 """
 
 from __future__ import annotations
@@ -22,12 +29,17 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from .benchmark_configs import Config, gpu_configs, layer_config  # noqa: E402
+from .benchmark_configs import Config, gpu_configs, layer_config, smoke_configs  # noqa: E402
+
+CHECKED_SUITES = ("fastrnns", "latency")  # benchmarks/gpu_check.sh: -k "fastrnns or latency"
 
 
 def _configs(which: str) -> list[Config]:
-    configs = gpu_configs()
-    return [c for c in configs if c.small] if which == "small" else configs
+    if which == "small":
+        return [c for c in gpu_configs() if c.small]
+    checked = [c for c in gpu_configs() if c.suite in CHECKED_SUITES]
+    return {"benchmarks": gpu_configs(), "smoke": smoke_configs(),
+            "check": smoke_configs() + checked, "all": gpu_configs() + smoke_configs()}[which]
 
 
 def _layer_passes(which: str):
@@ -125,11 +137,19 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="sm_90", choices=["sm_90"])
     parser.add_argument("--backend", default="triton", choices=["triton", "cuda"])
-    parser.add_argument("--configs", default="benchmarks", choices=["benchmarks", "small"])
+    parser.add_argument("--configs", default="benchmarks",
+                        choices=["benchmarks", "small", "smoke", "check", "all"])
+    parser.add_argument("--save-table", action="store_true",
+                        help="write the compiled resources used into the shipped table")
     args = parser.parse_args(argv)
     if args.backend == "cuda":
         return cuda_report(args.target, args.configs)
-    return triton_report(args.target, args.configs)
+    status = triton_report(args.target, args.configs)
+    if args.save_table:
+        from .backends import triton_resources
+        triton_resources.save_table()
+        print(f"saved: {triton_resources.SHIPPED_TABLE}")
+    return status
 
 
 if __name__ == "__main__":

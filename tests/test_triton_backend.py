@@ -11,28 +11,40 @@ persistent launch with every program in its own thread (`concurrent_programs`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import fastrnn  # noqa: E402
 from fastrnn.backends import triton as triton_backend  # noqa: E402
 from fastrnn.backends.base import LayerConfig  # noqa: E402
 from fastrnn.backends.reference import BACKEND as REFERENCE  # noqa: E402
 from fastrnn.cells import CELLS  # noqa: E402
+from triton_cases import CASES, GPU_SIZES, INTERPRETER_SIZES, MULTI_PROGRAM_CELLS  # noqa: E402
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETING else "cuda"
 if not INTERPRETING and not torch.cuda.is_available():
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def _version(text: str) -> tuple[int, int]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
+if INTERPRETING and _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
+    pytest.skip(f"Triton {triton.__version__}'s interpreter needs numpy < 2.4 (it converts "
+                "1-element arrays to Python ints)", allow_module_level=True)
 interpreter_only = pytest.mark.skipif(not INTERPRETING, reason="tests the interpreter's thread harness")
 
 
@@ -165,26 +177,6 @@ def _compare(cell, inputs, dtype, run=None):
         _assert_close(actual_grads[name], expected, dtype, f"grad of {name}")
 
 
-# cell, T, B, H, proj, D, bias, variable lengths, dtype
-CASES = [
-    ("lstm", 4, 3, 5, 0, 2, True, True, torch.float32),
-    ("lstm", 3, 2, 6, 3, 2, True, True, torch.float32),
-    ("lstm", 3, 2, 4, 2, 1, False, False, torch.float32),
-    ("gru", 4, 3, 5, 0, 2, True, True, torch.float32),
-    ("gru", 3, 2, 4, 0, 1, False, False, torch.float32),
-    ("rnn_tanh", 4, 3, 7, 0, 2, True, True, torch.float32),
-    ("rnn_relu", 3, 2, 5, 0, 1, True, False, torch.float32),
-    ("lstm", 1, 1, 1, 0, 2, True, False, torch.float32),  # T = B = H = 1
-    ("gru", 2, 1, 1, 0, 2, True, True, torch.float32),
-    ("rnn_relu", 1, 3, 7, 0, 2, False, True, torch.float32),
-    ("lstm", 3, 2, 5, 3, 2, True, True, torch.float16),
-    ("gru", 3, 2, 5, 0, 2, True, True, torch.float16),
-    ("rnn_tanh", 3, 2, 5, 0, 1, True, False, torch.float16),
-    ("lstm", 3, 2, 5, 0, 2, True, True, torch.bfloat16),
-    ("gru", 3, 2, 4, 0, 1, True, False, torch.bfloat16),
-]
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
 def test_layer_matches_reference(case):
     name, seq_len, batch, hidden, proj, directions, bias, variable, dtype = case
@@ -207,42 +199,47 @@ def _run_with_plan(plan):
     return run
 
 
-# Several programs per direction: H = 9 in blocks of 4 is 3 programs; proj 5 in blocks of 2.
-MULTI_PROGRAM_CASES = [("lstm", 5), ("lstm", 0), ("gru", 0), ("rnn_relu", 0)]
+# Several programs per direction (3 of them, triton_cases.MultiProgram): tiny tiles under the
+# interpreter, the smallest a GPU compiles on a GPU.
+SIZES = INTERPRETER_SIZES if INTERPRETING else GPU_SIZES
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "streamed"])
-@pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CASES)
+@pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CELLS)
 def test_several_programs_one_launch_per_phase(name, proj, resident):
-    """block_k 4 < K: resident weights kept in several K chunks, streamed ones in several loads."""
+    """block_k < K: resident weights kept in several K chunks, streamed ones in several loads."""
     cell = CELLS[name]
-    plan = triton_backend.Plan(block_h=4, block_r=2 if proj else 4, block_b=2, resident=resident,
-                               persistent=False, block_k=4)
-    inputs = _layer_inputs(cell, 3, 3, 9, proj, 2, True, True, torch.float32)
+    plan = SIZES.plan(proj, resident, persistent=False)
+    assert plan.num_programs(SIZES.hidden) == 3 and plan.block_k < SIZES.hidden
+    inputs = _layer_inputs(cell, 3, SIZES.batch, SIZES.hidden, SIZES.proj if proj else 0, 2, True,
+                           True, torch.float32)
     _compare(cell, inputs, torch.float32, run=_run_with_plan(plan))
 
 
-@pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CASES)
+@pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CELLS)
 def test_batch_groups(name, proj):
-    """B = 5 in 2 groups of rows (4 and 1), each with its own 3 programs per direction and its
-    own barrier; variable lengths, bidirectional."""
+    """The batch in 2 groups of rows, each with its own 3 programs per direction and its own
+    barrier; variable lengths, bidirectional."""
     cell = CELLS[name]
-    plan = triton_backend.Plan(block_h=4, block_r=2 if proj else 4, block_b=2, resident=True,
-                               persistent=False, block_k=4, batch_groups=2)
-    assert plan.group_rows(5) == 4 and plan.total_programs(9, 5, 2) == 12
-    inputs = _layer_inputs(cell, 3, 5, 9, proj, 2, True, True, torch.float32)
+    plan = SIZES.plan(proj, True, persistent=False, batch_groups=2)
+    batch = SIZES.grouped_batch
+    assert plan.group_rows(batch) == SIZES.group_rows < batch
+    assert plan.total_programs(SIZES.hidden, batch, 2) == 12
+    inputs = _layer_inputs(cell, 3, batch, SIZES.hidden, SIZES.proj if proj else 0, 2, True, True,
+                           torch.float32)
     _compare(cell, inputs, torch.float32, run=_run_with_plan(plan))
 
 
 @interpreter_only
-@pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CASES)
+@pytest.mark.parametrize("name,proj", MULTI_PROGRAM_CELLS)
 def test_several_programs_persistent_concurrent(name, proj):
     """One launch for the whole sequence, 3 programs per direction and batch group (2 groups)
     spinning on their barriers."""
     cell = CELLS[name]
-    plan = triton_backend.Plan(block_h=4, block_r=2 if proj else 4, block_b=2, resident=True,
-                               persistent=True, batch_groups=2)
-    inputs = _layer_inputs(cell, 3, 3, 9, proj, 2, True, True, torch.float32)
+    plan = dataclasses.replace(INTERPRETER_SIZES.plan(proj, True, persistent=True, batch_groups=2),
+                               block_k=triton_backend.Plan.block_k)
+    inputs = _layer_inputs(cell, 3, 3, INTERPRETER_SIZES.hidden,
+                           INTERPRETER_SIZES.proj if proj else 0, 2, True, True, torch.float32)
     with concurrent_programs():
         _compare(cell, inputs, torch.float32, run=_run_with_plan(plan))
 
@@ -305,6 +302,36 @@ def test_barrier_timeout_raises_instead_of_hanging(monkeypatch):
               for k, v in _layer_inputs(cell, 2, 2, 8, 0, 1, True, False, torch.float32).items()}
     with pytest.raises(RuntimeError, match="timed out at its grid barrier"):
         triton_backend.forward_layer(cell, *inputs.values(), plan=plan)
+
+
+@interpreter_only
+@pytest.mark.parametrize("name,proj", [("lstm", 3), ("lstm", 0), ("gru", 0), ("rnn_tanh", 0)])
+def test_a_timed_out_launch_hands_back_nan(monkeypatch, name, proj):
+    """Once a barrier timed out, every program fills all it owns with NaN: nothing plausible
+    comes back from the launch itself, even before the launcher reads the counter and raises."""
+    cell = CELLS[name]
+    plan = triton_backend.Plan(block_h=4, block_r=2 if proj else 4, block_b=2, resident=True,
+                               persistent=True)
+    inputs = {k: v.detach() if isinstance(v, torch.Tensor) else v
+              for k, v in _layer_inputs(cell, 3, 3, 8, proj, 2, True, True, torch.float32).items()}
+    with concurrent_programs():  # a valid forward, to start the backward from
+        output, h_n, c_n, workspace = triton_backend.forward_layer(cell, *inputs.values(),
+                                                                   plan=plan)
+    assert not output.isnan().any() and not h_n.isnan().any()
+    monkeypatch.setattr(triton_backend, "_INTERPRETER_SPIN_LIMIT", 8)
+    monkeypatch.setattr(triton_backend._BarrierWatch, "_raise_if_timed_out",
+                        staticmethod(lambda counter: None))
+    timed_out = triton_backend.forward_layer(cell, *inputs.values(), plan=plan)
+    for name_, value in zip(("output", "h_n", "c_n"), timed_out[:3]):
+        assert value.isnan().all(), name_
+    grad_output = torch.randn_like(output)
+    grads = triton_backend.backward_layer(
+        cell, grad_output, torch.randn_like(h_n), torch.randn_like(c_n) if c_n.numel() else None,
+        inputs["h0"], inputs["c0"], inputs["w_hh"], inputs["w_hr"], inputs["lengths"], output,
+        workspace, plan)
+    names = ("grad_x_gates", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr")
+    for name_, grad in zip(names, grads):
+        assert grad.isnan().all(), name_
 
 
 def _config(name, hidden, proj=0, dtype=torch.float32, directions=2, device_type="cuda"):

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from fastrnn.backends import triton as triton_backend  # noqa: E402
-from fastrnn.backends import triton_plan  # noqa: E402
+from fastrnn import benchmark_configs  # noqa: E402
+from fastrnn.backends import triton_plan, triton_resources  # noqa: E402
 from fastrnn.backends.base import LayerConfig  # noqa: E402
 from fastrnn.cells import CELLS  # noqa: E402
 
@@ -184,3 +185,59 @@ def test_no_compiler_at_all_still_gives_a_step_wise_plan(monkeypatch):
     assert choice.plan.kind == "step-wise" and choice.resources is None
     assert all("does not compile (FileNotFoundError: ptxas)" in reason
                for reason in choice.rejected)
+
+
+def test_compile_in_order_answers_in_order_and_compiles_ahead(monkeypatch):
+    """Known items are answered at once; unknown ones are compiled compile_threads() at a time,
+    in order; an exception comes back as the item's answer; stopping early leaves the rest."""
+    monkeypatch.setenv("FASTRNN_COMPILE_THREADS", "2")
+    started = []
+
+    def resources(item):
+        started.append(item)
+        if item == 3:
+            raise ValueError("does not compile")
+        return item * 10
+
+    compiled = triton_resources.compile_in_order(list(range(8)), lambda item: item < 2, resources)
+    answers = [next(compiled) for _ in range(5)]
+    compiled.close()
+    assert [item for item, _ in answers] == [0, 1, 2, 3, 4]
+    assert [answer for _, answer in answers if not isinstance(answer, Exception)] == [0, 10, 20, 40]
+    assert isinstance(answers[3][1], ValueError)
+    assert set(started) <= set(range(6))  # at most one item compiled ahead of the last asked
+
+
+def test_shipped_resource_table_is_current_for_this_triton():
+    """The table shipped with the package holds this Triton's answers for the current kernels
+    (regenerate: python -m fastrnn.gpu_report --configs check --save-table and
+    python tests/test_triton_gpu_compile.py --save-table, under each supported Triton)."""
+    table = triton_resources.shipped_table()
+    assert {"3.6.0", "3.9.0"} <= set(table), sorted(table)
+    entry = table.get(triton_resources.triton_version())
+    if entry is None:
+        pytest.skip(f"no shipped resources for Triton {triton_resources.triton_version()}")
+    assert entry["source"] == triton_resources.source_hash(), "kernels changed: regenerate"
+    assert entry["read_with"] == triton_resources.READ_WITH and entry["resources"]
+
+
+@pytest.mark.parametrize("shape", benchmark_configs.SMOKE_SHAPES, ids=str)
+def test_smoke_shapes_plan_from_the_shipped_table_without_compiling(monkeypatch, tmp_path, shape):
+    """A first call on a shipped shape plans at once: nothing is compiled."""
+    if triton_resources.triton_version() not in triton_resources.shipped_table():
+        pytest.skip("no shipped resources for this Triton")
+    monkeypatch.setenv("FASTRNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # plan the GPU's kernels (bf16 dots)
+    monkeypatch.setattr(triton_resources, "STORE", triton_resources._Store())
+
+    def refuse(*variant):
+        raise AssertionError(f"compiled {variant[0]}")
+
+    monkeypatch.setattr(triton_resources, "_compile", refuse)
+    mode, batch, _, hidden, bidirectional, dtype = shape
+    config = benchmark_configs.layer_config(
+        benchmark_configs.Config("smoke", mode, batch, 1, hidden, bidirectional=bidirectional),
+        dtype, "cuda")
+    for backward in (False, True):
+        choice = triton_plan.choose(config, H100, backward)
+        assert choice.plan.persistent and choice.resources is not None

@@ -5,8 +5,8 @@ rows per chunk, K chunk), whether the weight slices stay on-chip (resident) or a
 L2 each step, and whether one launch runs the whole sequence (persistent) or one launch runs each
 phase (step-wise). A persistent launch spins at a grid barrier, so all of its programs must be
 resident at once: a persistent plan is taken only when the compiled kernel (registers, spills,
-shared memory, from `ptxas -v` on the PTX Triton produces for the target) fits the device with
-every program co-resident. Nothing here is a guessed budget: candidates are compiled cheapest
+shared memory of the cubin Triton builds for the target: triton_resources.py) fits the device
+with every program co-resident. Nothing here is a guessed budget: candidates are compiled cheapest
 first by a stated cost model (estimate_us_per_step) and the first that fits is taken; step-wise
 only when none does.
 """
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
-import re
-import subprocess
-import tempfile
 
 import torch
 
+from . import triton_resources
 from .base import LayerConfig, workspace_dtype
+from .triton_resources import Resources
 
 MIN_BLOCK = 16  # tl.dot tile side every supported Triton accepts
 MIN_COLUMNS = 8  # narrowest weight tile tried (Triton pads M and N of a dot up to the MMA's)
@@ -121,129 +118,9 @@ def cuda_device(index: int) -> Device:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Resources:
-    """What ptxas reports for one compiled kernel variant."""
-
-    registers: int  # per thread
-    spill_bytes: int  # spill stores + spill loads
-    shared_bytes: int  # Triton's shared memory per program
-    num_warps: int
-
-    def programs_per_sm(self, device: Device) -> int:
-        """How many programs of this kernel one SM holds at once (CUDA occupancy rules: registers
-        allocated per warp in units of 256, shared memory with 1 KB reserved per block)."""
-        threads = self.num_warps * device.warp_size
-        by_threads = device.max_threads // threads
-        registers_per_warp = -(-max(self.registers, 1) * device.warp_size // 256) * 256
-        by_registers = device.registers // (registers_per_warp * self.num_warps)
-        by_shared = (device.shared_bytes // (self.shared_bytes + 1024) if self.shared_bytes
-                     else device.max_programs)
-        return min(by_threads, by_registers, by_shared, device.max_programs)
-
-    def why_not(self, device: Device, programs: int) -> str:
-        """Why `programs` programs of this kernel cannot all be co-resident without spills on
-        `device`, or "" when they can."""
-        if self.spill_bytes:
-            return f"{self.spill_bytes} bytes of register spills"
-        if self.shared_bytes > device.shared_bytes_per_program:
-            return (f"{self.shared_bytes} bytes of shared memory per program "
-                    f"(the device allows {device.shared_bytes_per_program})")
-        resident = self.programs_per_sm(device) * device.sm_count
-        if programs > resident:
-            return f"{programs} programs but only {resident} can be resident at once"
-        return ""
-
-
-def _ptxas() -> str:
-    """The newest ptxas that ships with Triton (its PTX may be newer than the system's ptxas)."""
-    from triton.backends import nvidia
-    folder = os.path.join(os.path.dirname(nvidia.__file__), "bin")
-    for name in ("ptxas-blackwell", "ptxas"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return path
-    return "ptxas"
-
-
 def _pointer_type(dtype: torch.dtype) -> str:
     return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                   torch.int32: "i32", torch.int64: "i64"}[dtype]
-
-
-def _cache_path() -> str:
-    folder = os.environ.get("FASTRNN_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fastrnn")
-    return os.path.join(folder, "triton_resources.json")
-
-
-def _cache_key(*parts) -> str:
-    """Identifies one compiled variant: Triton's version, the kernels' source and the inputs."""
-    import triton
-
-    from ..triton_kernels import recurrence
-
-    with open(recurrence.__file__, "rb") as file:
-        source = file.read()
-    text = repr((triton.__version__, hashlib.sha256(source).hexdigest(), *parts))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@functools.cache
-def compiled_resources(kernel_name: str, signature: tuple, constexprs: tuple, num_warps: int,
-                       arch: int) -> Resources:
-    """The resources of kernel `kernel_name` of triton_kernels.recurrence compiled for sm_`arch`
-    (no GPU needed), remembered on disk (FASTRNN_CACHE_DIR, default ~/.cache/fastrnn)."""
-    key = _cache_key(kernel_name, signature, constexprs, num_warps, arch)
-    path = _cache_path()
-    try:
-        with open(path) as file:
-            known = json.load(file)
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return Resources(*known[key])
-    resources = _compile_resources(kernel_name, signature, constexprs, num_warps, arch)
-    known[key] = dataclasses.astuple(resources)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.{os.getpid()}"
-        with open(temporary, "w") as file:
-            json.dump(known, file)
-        os.replace(temporary, path)
-    except OSError:
-        pass  # a read-only home: compile again next time
-    return resources
-
-
-def _compile_resources(kernel_name: str, signature: tuple, constexprs: tuple, num_warps: int,
-                       arch: int) -> Resources:
-    """Compile for sm_`arch` and read registers and spills from `ptxas -v`, shared memory from
-    Triton."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from ..triton_kernels import recurrence
-
-    kernel = getattr(recurrence, kernel_name)
-    source = ASTSource(kernel, dict(signature), dict(constexprs))
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": 1,
-                                       "enable_fp_fusion": True})
-    suffix = "a" if arch >= 90 else ""
-    with tempfile.TemporaryDirectory() as folder:
-        ptx = os.path.join(folder, "kernel.ptx")
-        with open(ptx, "w") as file:
-            file.write(compiled.asm["ptx"])
-        report = subprocess.run([_ptxas(), f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
-                                 os.path.join(folder, "kernel.cubin")],
-                                capture_output=True, text=True, check=True).stderr
-    registers = re.search(r"Used (\d+) registers", report)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    return Resources(registers=int(registers.group(1)),
-                     spill_bytes=int(spills.group(1)) + int(spills.group(2)),
-                     shared_bytes=int(compiled.metadata.shared), num_warps=num_warps)
 
 
 # --- the kernels' launch contract: constexprs and pointer dtypes of each pass -------------------
@@ -341,8 +218,9 @@ def _backward_signature(config: LayerConfig) -> dict:
     return {name: _pointer_type(t) for name, t in pointers.items()}
 
 
-def kernel_resources(config: LayerConfig, plan: Plan, backward: bool, arch: int) -> Resources:
-    """The compiled resources of the forward or backward kernel of `config` under `plan`."""
+def kernel_variant(config: LayerConfig, plan: Plan, backward: bool,
+                   arch: int) -> triton_resources.Variant:
+    """The forward or backward kernel variant that runs `config` under `plan` on sm_`arch`."""
     if backward:
         name, signature = "_recurrence_bwd_kernel", _backward_signature(config)
         constexprs = backward_constexprs(config, plan)
@@ -351,8 +229,12 @@ def kernel_resources(config: LayerConfig, plan: Plan, backward: bool, arch: int)
         constexprs = forward_constexprs(config, plan)
     signature.update({runtime: "i32" for runtime in _RUNTIME_INTS})
     signature.update({key: "constexpr" for key in constexprs})
-    return compiled_resources(name, tuple(signature.items()), tuple(constexprs.items()),
-                              plan.num_warps, arch)
+    return name, tuple(signature.items()), tuple(constexprs.items()), plan.num_warps, arch
+
+
+def kernel_resources(config: LayerConfig, plan: Plan, backward: bool, arch: int) -> Resources:
+    """The compiled resources of the forward or backward kernel of `config` under `plan`."""
+    return triton_resources.compiled_resources(kernel_variant(config, plan, backward, arch))
 
 
 # --- choosing a plan ----------------------------------------------------------------------------
@@ -467,19 +349,24 @@ class Choice:
 
 def choose(config: LayerConfig, device: Device, backward: bool) -> Choice:
     """The first candidate whose compiled kernel fits `device` with all programs co-resident,
-    else the step-wise plan (with the reasons every candidate was rejected)."""
+    else the step-wise plan (with the reasons every candidate was rejected). Candidates not in
+    the resource caches are compiled several at a time (triton_resources.compile_in_order)."""
     rejected = []
-    for plan in candidates(config, device, backward):
-        try:
-            resources = kernel_resources(config, plan, backward, device.arch)
-        except Exception as error:  # noqa: BLE001 - a candidate this Triton cannot compile
-            rejected.append(f"{describe(plan)}: does not compile "
-                            f"({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+    plans = candidates(config, device, backward)
+    compiled = triton_resources.compile_in_order(
+        plans, lambda plan: triton_resources.is_known(
+            kernel_variant(config, plan, backward, device.arch)),
+        lambda plan: kernel_resources(config, plan, backward, device.arch))
+    for plan, resources in compiled:
+        if isinstance(resources, Exception):  # a candidate this Triton cannot compile
+            rejected.append(f"{describe(plan)}: does not compile ({type(resources).__name__}: "
+                            f"{str(resources).splitlines()[0][:120]})")
             continue
         programs = plan.total_programs(config.hidden_size, config.batch_size,
                                        config.num_directions)
         reason = resources.why_not(device, programs)
         if not reason:
+            compiled.close()
             return Choice(plan, resources, tuple(rejected))
         rejected.append(f"{describe(plan)}: {reason}")
     plan = stepwise_plan(config)

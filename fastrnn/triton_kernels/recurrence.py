@@ -25,7 +25,10 @@ phase that reads other programs' results, waits until every program of its direc
 group has arrived.
 Phase `ph` waits for num_programs * ph arrivals, so one launch may run any range of phases:
 all of them (persistent; needs every program co-resident) or one (a launch per phase). A wait
-that outlasts spin_limit polls marks the counter TIMED_OUT instead of hanging; the launcher raises.
+that outlasts spin_limit polls marks the counter TIMED_OUT instead of hanging. A program that
+sees the mark once its phases are done fills everything it owns with NaN (outputs, final states,
+gradients), so the launch that timed out hands back no plausible numbers; the launcher raises
+once it reads the counter (at a later launch, so that the normal path never waits for the GPU).
 
 RESIDENT: each program loads its weight slices once, before the time loop, and keeps them on-chip
 for every step, as NUM_K tiles of BLOCK_K rows of K (_resident_chunks), so that a matmul stages
@@ -79,6 +82,26 @@ def _arrive(counter_ptr):
     """Publish this program's writes of the phase and count it as arrived."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release")
+
+
+@triton.jit
+def _timed_out(counter_ptr):
+    """Whether any program of this direction and batch group marked the counter TIMED_OUT.
+
+    The counter is one word changed only by atomic read-modify-writes, so a program that passed
+    a barrier the marking program had not reached sees the mark here."""
+    return (tl.atomic_add(counter_ptr, 0, sem="acquire") & TIMED_OUT) != 0
+
+
+@triton.jit
+def _poison(ptr, row_begin, row_end, row_stride, columns, column_mask, BLOCK_B: tl.constexpr):
+    """NaN into ptr[row * row_stride + column] for rows row_begin .. row_end and the columns."""
+    nan = tl.full([BLOCK_B, columns.shape[0]], float("nan"), tl.float32)
+    for b0 in range(row_begin, row_end, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        mask = (rows < row_end)[:, None] & column_mask[None, :]
+        tl.store(ptr + rows.to(tl.int64)[:, None] * row_stride + columns[None, :],
+                 nan.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -371,6 +394,21 @@ def _recurrence_fwd_kernel(
                              mask=mask)
         _arrive(counter_ptr)
 
+    if _timed_out(counter_ptr):  # own output columns, h of both buffers, own c: NaN
+        if HAS_PROJ:
+            own, own_mask = cols, cols < P
+        else:
+            own, own_mask = units, units < H
+        for t in range(0, T):
+            step_ptr = output_ptr + (t * B).to(tl.int64) * (D * P) + d * P  # [B, D*P] of step t
+            _poison(step_ptr, batch_begin, batch_end, D * P, own, own_mask, BLOCK_B)
+        for buffer in range(0, 2):
+            _poison(h_state_ptr + (buffer * D + d) * B * P, batch_begin, batch_end, P, own,
+                    own_mask, BLOCK_B)
+        if CELL == CELL_LSTM:
+            _poison(c_state_ptr + d * B * H, batch_begin, batch_end, H, units, units < H,
+                    BLOCK_B)
+
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _recurrence_bwd_kernel(
@@ -559,3 +597,21 @@ def _recurrence_bwd_kernel(
                     tl.store(proj_ptrs, tl.where(keep, grad_step, 0.0), mask=mask)
         _arrive(counter_ptr)
 
+    if _timed_out(counter_ptr):  # own gate gradients, grad h of both buffers, own grad c: NaN
+        for t in range(0, T):
+            rows_of_step = (t * B).to(tl.int64) * D  # row (t, 0, d) of [T, B, D, *]
+            for gate in tl.static_range(G):
+                columns = gate * H + units
+                _poison(grad_x_ptr + (rows_of_step + d) * GH, batch_begin, batch_end, D * GH,
+                        columns, units < H, BLOCK_B)
+                _poison(grad_hg_ptr + (rows_of_step + d) * GH, batch_begin, batch_end, D * GH,
+                        columns, units < H, BLOCK_B)
+            if HAS_PROJ:
+                _poison(grad_proj_ptr + (rows_of_step + d) * P, batch_begin, batch_end, D * P,
+                        cols, cols < P, BLOCK_B)
+        for buffer in range(0, 2):
+            _poison(grad_h_state_ptr + (buffer * D + d) * B * P, batch_begin, batch_end, P, cols,
+                    cols < P, BLOCK_B)
+        if CELL == CELL_LSTM:
+            _poison(grad_c_state_ptr + d * B * H, batch_begin, batch_end, H, units, units < H,
+                    BLOCK_B)
