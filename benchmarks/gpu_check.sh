@@ -20,6 +20,7 @@ DRY_RUN=0
 OUT=${OUT:-benchmarks/gpu_check}
 PY=${PYTHON:-python3}
 DEADLINE=${GPU_CHECK_DEADLINE:-450}
+[ "$DRY_RUN" -eq 1 ] && DEADLINE=${GPU_CHECK_DEADLINE:-1500}  # compiling here, on 2 cores, cold
 ONLY=${GPU_CHECK_STEPS:-}  # a rerun: only these steps (names, space-separated)
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -80,15 +81,15 @@ export MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0  # the cuda extension: all cor
 # Budgets: measured on the project's 2-core CPU machine (2026-12-04, other work running beside it,
 # so upper bounds for the GPU machine's 16 cores), see benchmarks/RESULTS.md "Device check".
 if [ "$DRY_RUN" -eq 0 ]; then
-    step install 60 150 "the _C_cpu build: 5 C++ files in parallel, 90 s of CPU here" \
+    step install 60 150 "the _C_cpu build: 5 files in parallel; 145 s here, one by one" \
         env FASTRNN_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
     step plans 10 30 "smoke plans from the shipped resource table, no compile" \
         "$PY" -m fastrnn.gpu_report --target sm_90 --configs smoke
-    step triton-smoke 80 150 "10 kernel compiles at launch (3-12 s each here), timing 10 s" \
+    step triton-smoke 80 150 "planning 1.4 s (table), 10 kernel compiles 3-12 s each here" \
         "$PY" benchmarks/persistent_smoke.py
     step triton-tests 90 150 "58 small kernel compiles at launch (0.4-1.7 s each here)" \
         "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_triton_plan.py
-    step cuda-build 60 150 "3 files in parallel: binding.cpp ~60 s, forward.cu 86 s loaded" \
+    step cuda-build 60 150 "3 files in parallel: binding.cpp ~60 s, the two .cu 45 s here" \
         "$PY" -c "from fastrnn.backends import cuda; print(cuda._load_extension().__file__)"
     step cuda-smoke 20 60 "5 layers, no compile" "$PY" benchmarks/persistent_smoke.py --backend cuda
     step cuda-tests 30 60 "GPU cuda parity tests" \
@@ -103,7 +104,7 @@ if [ "$DRY_RUN" -eq 0 ]; then
     fi
 else
     # The same steps without a GPU: what each compiles, compiled here for sm_90, timed.
-    step install 60 120 "_C_cpu build" \
+    step install 60 300 "_C_cpu build" \
         env FASTRNN_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
     step plans 10 30 "smoke plans from the shipped resource table" \
         env -u TRITON_INTERPRET FASTRNN_CACHE_DIR="$WORK/cache" \
@@ -111,7 +112,8 @@ else
     step triton-smoke 90 400 "planning the smoke shapes cold, without and with the table" \
         "$PY" benchmarks/first_call.py
     step triton-tests 100 300 "every kernel the GPU tests launch, compiled for sm_90" \
-        env -u TRITON_INTERPRET "$PY" tests/test_triton_gpu_compile.py
+        env -u TRITON_INTERPRET TRITON_CACHE_DIR="$WORK/triton-cold" \
+        "$PY" tests/test_triton_gpu_compile.py
     if command -v nvcc > /dev/null; then
         step cuda-build 90 150 "the device code of _C_cuda (binding.cpp needs a CUDA torch)" \
             bash -c 'for f in forward backward; do nvcc -c -arch=sm_90 -O3 -Icsrc/cuda \
