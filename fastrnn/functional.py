@@ -27,10 +27,11 @@ def check_batch_sizes(batch_sizes: Tensor, batch: int, total: int) -> None:
     fault; under torch.compile and torch.export a torch._check that the graph keeps as a runtime
     assertion (its message names only the expression)."""
     if torch.compiler.is_compiling():
-        # one count of faults (Dynamo keeps the assertion on it, not on a bool), from tensors of
-        # T elements (a slice of T - 1 would specialise on T - 1 == 1): non-increasing is
-        # being its own running minimum
-        faults = ((batch_sizes.cummin(0).values != batch_sizes).sum() + (batch_sizes < 1).sum()
+        # one count of faults (Dynamo keeps the assertion on it, not on a bool), from tensors
+        # of T elements: a slice of T - 1 would specialise the graph on T - 1 > 1
+        step = torch.arange(batch_sizes.shape[0])
+        previous = batch_sizes[(step - 1).clamp(min=0)]  # [T] batch_sizes[t - 1], [0] at t = 0
+        faults = ((batch_sizes > previous).sum() + (batch_sizes < 1).sum()
                   + (batch_sizes[0] != batch) + (batch_sizes.sum() != total))
         torch._check(faults.item() == 0, lambda: "malformed PackedSequence batch_sizes")
         return
