@@ -9,9 +9,9 @@ from .modules import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
-# torch.load's weights-only unpickler (its default) accepts only classes it was told of: the
-# modules hold nothing but parameters and plain attributes, so a saved model holding them loads
-# like one holding torch.nn's (which the user must still name in torch.serialization.safe_globals)
+# torch.load's default (weights_only=True) unpickles only the classes it is told of; these modules
+# hold nothing but parameters and plain attributes, so they are declared safe here: a saved model
+# holding them loads with only the user's own classes named in torch.serialization.safe_globals
 torch.serialization.add_safe_globals([GRU, GRUCell, LSTM, LSTMCell, RNN, RNNCell])
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "available_backends",

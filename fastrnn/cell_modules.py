@@ -65,9 +65,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class RNNCellBase(torch_rnn.RNNCellBase):
-    """The common part of the cells: a torch.nn.RNNCellBase whose methods are all its own. Each
-    cell also subclasses its torch.nn twin (isinstance(cell, nn.LSTMCell) holds), which
-    torch.compile traces (it refuses only nn.LSTM, nn.GRU and nn.RNN instances)."""
+    """The common part of the cells: an nn.RNNCellBase that runs its own methods, none of
+    torch's. Each cell also subclasses its torch.nn twin (isinstance(cell, nn.LSTMCell) holds),
+    which torch.compile traces (it refuses only nn.LSTM, nn.GRU and nn.RNN instances)."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None, *, backend: str | None = None) -> None:

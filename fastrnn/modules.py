@@ -3,7 +3,8 @@
 Same constructor, attributes, parameter names, shapes, registration order, initialisation,
 state_dict, inputs, outputs and error messages as torch.nn. They subclass nn.RNNBase but not
 nn.LSTM, nn.GRU or nn.RNN: torch.compile refuses to trace any instance of those three (Dynamo's
-"Attempted to wrap RNN, GRU, or LSTM"), not of nn.RNNBase. Extra keyword: `backend` (see backends).
+"Attempted to wrap RNN, GRU, or LSTM"), not of nn.RNNBase. Extra keyword: `backend` (see
+backends).
 """
 
 from __future__ import annotations
