@@ -47,6 +47,14 @@ def test_a_subclass_of_nn_lstm_is_refused_by_torch_compile():
         torch.compile(Subclass(3, 4), fullgraph=True, backend="eager")(torch.randn(2, 3))
 
 
+def test_rebinding_torch_nn_lstm_makes_torch_compile_refuse_fastrnn(monkeypatch):
+    """As the README says: Dynamo refuses instances of whatever torch.nn.LSTM names."""
+    monkeypatch.setattr(nn, "LSTM", fastrnn.LSTM)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
+        torch.compile(nn.LSTM(3, 4), fullgraph=True, backend="eager")(torch.randn(2, 1, 3))
+
+
 def test_a_weight_init_loop_written_for_both_reaches_every_module():
     torch.manual_seed(0)
     model = nn.Sequential(fastrnn.LSTM(3, 4, num_layers=2), fastrnn.GRU(4, 4),
