@@ -64,12 +64,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
             torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
 
 
-class RNNCellBase(nn.Module):
-    """The common part of the cells, mirroring torch.nn.RNNCellBase."""
+class RNNCellBase(torch_rnn.RNNCellBase):
+    """The common part of the cells: an nn.RNNCellBase that runs its own methods, none of
+    torch's. Each cell also subclasses its torch.nn twin (isinstance(cell, nn.LSTMCell) holds),
+    which torch.compile traces (it refuses only nn.LSTM, nn.GRU and nn.RNN instances)."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
                  device=None, dtype=None, *, backend: str | None = None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's __init__, which builds its own weights
         factory_kwargs = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -142,7 +144,7 @@ class RNNCellBase(nn.Module):
         return (h, c) if is_lstm else h
 
 
-class LSTMCell(RNNCellBase):
+class LSTMCell(RNNCellBase, torch_rnn.LSTMCell):
     """Drop-in torch.nn.LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None)."""
 
     torch_class = torch_rnn.LSTMCell
@@ -156,7 +158,7 @@ class LSTMCell(RNNCellBase):
         return self._step(CELLS["lstm"], input, hx, "LSTMCell")
 
 
-class GRUCell(RNNCellBase):
+class GRUCell(RNNCellBase, torch_rnn.GRUCell):
     """Drop-in torch.nn.GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None)."""
 
     torch_class = torch_rnn.GRUCell
@@ -170,7 +172,7 @@ class GRUCell(RNNCellBase):
         return self._step(CELLS["gru"], input, hx, "GRUCell")
 
 
-class RNNCell(RNNCellBase):
+class RNNCell(RNNCellBase, torch_rnn.RNNCell):
     """Drop-in torch.nn.RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh',
     device=None, dtype=None)."""
 

@@ -1,8 +1,10 @@
 """Drop-in replacements for torch.nn.LSTM, GRU and RNN.
 
 Same constructor, attributes, parameter names, shapes, registration order, initialisation,
-state_dict, inputs, outputs and error messages as torch.nn. They do not subclass nn.RNNBase
-(torch.compile refuses to trace those), they mirror it. Extra keyword: `backend` (see backends).
+state_dict, inputs, outputs and error messages as torch.nn. They subclass nn.RNNBase but not
+nn.LSTM, nn.GRU or nn.RNN: torch.compile refuses to trace any instance of those three (Dynamo's
+"Attempted to wrap RNN, GRU, or LSTM"), not of nn.RNNBase. Extra keyword: `backend` (see
+backends).
 """
 
 from __future__ import annotations
@@ -20,14 +22,24 @@ from . import functional
 from .backends import check_backend_name
 from .cells import CELLS_BY_MODE
 
-class RNNBase(nn.Module):
-    """The common part of LSTM, GRU and RNN, mirroring torch.nn.RNNBase."""
+class RNNBase(torch_rnn.RNNBase):
+    """The common part of LSTM, GRU and RNN: an nn.RNNBase (for isinstance) that runs its own
+    methods, none of torch's."""
+
+    # torch's RNNBase keeps a list of the weights (_flat_weights) in step with the parameters
+    # through these; here _flat_weights is read from the parameters each time, so that
+    # nn.Module's own versions serve (and a pickled module loads through nn.Module's)
+    __setattr__ = nn.Module.__setattr__
+    __getstate__ = nn.Module.__getstate__
+    __setstate__ = nn.Module.__setstate__
+    _apply = nn.Module._apply
+    _replicate_for_data_parallel = nn.Module._replicate_for_data_parallel
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
                  backend: str | None = None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's RNNBase.__init__, which builds its own weights
         factory_kwargs = {"device": device, "dtype": dtype}
         self.mode = mode
         self.input_size = input_size
@@ -181,19 +193,17 @@ class RNNBase(nn.Module):
     def _packed_batch_size(self, batch_sizes: Tensor, sorted_indices: Tensor | None, hx) -> int:
         """The batch size B of a PackedSequence: batch_sizes[0], like torch.nn. Under
         torch.compile, a size instead where one holds B (sorted_indices [B], hx [L*D, B, P]), so
-        that one graph serves every batch size; batch_sizes[0] is then checked when it runs."""
+        that one graph serves every batch size; functional.check_batch_sizes then checks
+        batch_sizes[0] against it when the graph runs."""
         if not torch.compiler.is_compiling():
             return int(batch_sizes[0])
         if sorted_indices is not None:
             return sorted_indices.shape[0]
+        if hx is not None:
+            return (hx[0] if self.mode == "LSTM" else hx).shape[1]
         first = batch_sizes[0].item()
-        if hx is None:
-            torch._check_is_size(first)
-            return first
-        batch = (hx[0] if self.mode == "LSTM" else hx).shape[1]
-        torch._check(first == batch, lambda: "Expected the hidden state's batch size to be "
-                     "the PackedSequence's batch size, batch_sizes[0]")
-        return batch
+        torch._check(first >= 0)
+        return first
 
     def permute_hidden(self, hx, permutation: Tensor | None):
         if permutation is None:
