@@ -15,7 +15,7 @@ from .backends import check_backend_name
 from .cells import CELLS, CellSpec
 from .modules import _converted, not_scriptable
 from .functional import autocast_dtype, needs_backward
-from .ops import layer
+from .ops import direct_step, layer
 
 
 def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight_ih: Tensor,
@@ -49,13 +49,17 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         weight_ih, weight_hh = weight_ih.to(cast), weight_hh.to(cast)
         bias_ih = None if bias_ih is None else bias_ih.to(cast)
         bias_hh = None if bias_hh is None else bias_hh.to(cast)
+    wants_grad = needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    step = direct_step(cell, backend, wants_grad, input, h, c, weight_ih, weight_hh, bias_ih,
+                       bias_hh)
+    if step is not None:
+        return step
     x_gates = F.linear(input, weight_ih, bias_ih).unsqueeze(0)  # [1, B, G*H]
     _, h_n, c_n = layer(
         cell, x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0),
         weight_hh.unsqueeze(0),
         None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
-        check_backend_name(backend) or "",
-        needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh))
+        check_backend_name(backend) or "", wants_grad)
     return h_n[0], (c_n[0] if c is not None else None)
 
 

@@ -26,6 +26,7 @@ forward-mode AD the layers run as those ops from the start. Every op has a per-s
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -258,10 +259,8 @@ def _vjp_by_recompute(forward: Callable, inputs: Sequence[Optional[Tensor]],
     return [next(found) if want else None for want in wanted]
 
 
-class _EagerLayer(torch.autograd.Function):
-    """Input projection and layer as one autograd node, run by one backend in eager mode; the
-    gradients are those of input_projection and the layer op (by recomputation in differentiable
-    ops where the backward must itself be differentiated or batched)."""
+class _EagerFunction(torch.autograd.Function):
+    """An autograd.Function of the eager paths, whose forward takes every argument by position."""
 
     @classmethod
     def apply(cls, *args):
@@ -271,6 +270,12 @@ class _EagerLayer(torch.autograd.Function):
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)
+
+
+class _EagerLayer(_EagerFunction):
+    """Input projection and layer as one autograd node, run by one backend in eager mode; the
+    gradients are those of input_projection and the layer op (by recomputation in differentiable
+    ops where the backward must itself be differentiated or batched)."""
 
     @staticmethod
     def forward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl):
@@ -316,6 +321,94 @@ class _EagerLayer(torch.autograd.Function):
                 grad_c0 if cell.has_cell_state else None, grad_w_hh,
                 grad_b_hh if ctx.has_bias[1] else None, grad_w_hr if w_hr is not None else None,
                 None, None, None)
+
+
+def direct_step(cell: CellSpec, backend: Optional[str], wants_grad: bool, x: Tensor, h: Tensor,
+                c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                b_hh: Optional[Tensor]) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """One step of a cell as one native call (the cpu backend's cell_step_forward: projection,
+    recurrent product and cell; `_EagerStep` for autograd): x [B, I], h [B, H], c [B, H] (LSTM)
+    -> (h' [B, H], c' [B, H] or None). None where the step must run through the layer ops
+    instead: another backend, dtype or device, a compiler, tracer, ONNX export, torch.func
+    transform or forward-mode AD, a tensor subclass, or an empty problem. The same kernels'
+    results either way, without the ops' dispatch and planning."""
+    tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if not _direct_step_allowed(backend, tensors) or 0 in (x.shape[0], x.shape[1], h.shape[1]):
+        return None
+    if wants_grad:
+        h_new, c_new, _ = _EagerStep.apply(*tensors, cell)
+    else:
+        h_new, c_new, _ = _CELL_STEP_FORWARD(cell.name, *tensors, False)
+    return h_new, (c_new if cell.has_cell_state else None)
+
+
+def _direct_step_allowed(backend: Optional[str], tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether `direct_step` may run on these tensors for this backend name (None: the
+    environment's); the checks are ordered by cost, the cheap ones first."""
+    name = backend or os.environ.get("FASTRNN_BACKEND") or "auto"
+    if name not in ("auto", "cpu") or _CELL_STEP_FORWARD is None and not _load_step_ops():
+        return False
+    for tensor in tensors:
+        if tensor is not None and (tensor.dtype is not torch.float32
+                                   or tensor.device.type != "cpu"):
+            return False
+    return not (torch._C._has_torch_function(tensors) or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or _needs_plain_ops(*tensors)
+                or onnx_export.exporting())
+
+
+_CELL_STEP_FORWARD = _CELL_STEP_BACKWARD = None  # the native step ops, once loaded
+
+
+def _load_step_ops() -> bool:
+    """Look the cpu backend's step ops up once; False where its kernels are not available."""
+    global _CELL_STEP_FORWARD, _CELL_STEP_BACKWARD
+    cpu = backends._load("cpu")
+    if cpu is None or not cpu.available()[0]:
+        return False
+    _CELL_STEP_FORWARD = torch.ops.fastrnn_cpu.cell_step_forward.default
+    _CELL_STEP_BACKWARD = torch.ops.fastrnn_cpu.cell_step_backward.default
+    return True
+
+
+class _EagerStep(_EagerFunction):
+    """One step of a cell as one autograd node (direct_step): its backward is the native
+    cell_step_backward, or where the backward must itself be differentiated or batched, the
+    step recomputed in the reference recurrence's differentiable ops."""
+
+    @staticmethod
+    def forward(x, h, c, w_ih, w_hh, b_ih, b_hh, cell):
+        return tuple(_CELL_STEP_FORWARD(cell.name, x, h, c, w_ih, w_hh, b_ih, b_hh, True))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, cell = inputs
+        h_new, c_new, workspace = output
+        ctx.save_for_backward(*tensors, h_new, workspace)
+        ctx.cell = cell
+        ctx.mark_non_differentiable(workspace, *(() if cell.has_cell_state else (c_new,)))
+        ctx.set_materialize_grads(False)  # unused outputs get None
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c, _grad_workspace):
+        *tensors, h_new, workspace = ctx.saved_tensors
+        cell = ctx.cell
+        grad_c = grad_c if cell.has_cell_state else None
+        if _backward_needs_graph(grad_h, grad_c):
+            def forward(x, h, c, w_ih, w_hh, b_ih, b_hh):
+                _, h_n, c_n = differentiable_layer(
+                    cell, F.linear(x, w_ih, b_ih).unsqueeze(0), h.unsqueeze(0),
+                    None if c is None else c.unsqueeze(0), w_hh.unsqueeze(0),
+                    None if b_hh is None else b_hh.unsqueeze(0), None, None, False)[:3]
+                return h_n[0], (c_n[0] if c is not None else None)
+
+            return (*_vjp_by_recompute(forward, tensors, ctx.needs_input_grad[:7],
+                                       (grad_h, grad_c)), None)
+        mask = [wanted and tensor is not None
+                for wanted, tensor in zip(ctx.needs_input_grad, tensors)]
+        grads = _CELL_STEP_BACKWARD(cell.name, grad_h, grad_c, *tensors[:5], h_new, workspace,
+                                    mask)
+        return (*(grad if wanted else None for grad, wanted in zip(grads, mask)), None)
 
 
 @torch.library.custom_op("fastrnn::input_projection_backward", mutates_args=())

@@ -365,6 +365,84 @@ void run_tiles(const Tile* tiles, int64_t tile_rows, int64_t tile_columns, int64
   }
 }
 
+// GCC 12 warns about the undefined operands inside its own _mm512_reduce_add_ps.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// y[r] = w[r, :K] . x + bias[r] for kRows rows (AVX-512): one accumulator per row, 16 lanes
+// of K at a time; the lanes are summed at the end.
+template <int kRows>
+__attribute__((target("avx512f"))) void gemv_tile(int64_t depth, const float* w, int64_t ldw,
+                                                  const float* x, float* y, const float* bias) {
+  __m512 acc[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= depth; k += 16) {
+    const __m512 xk = _mm512_loadu_ps(x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ldw + k), xk, acc[r]);
+    }
+  }
+  if (k < depth) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (depth - k)) - 1);
+    const __m512 xk = _mm512_maskz_loadu_ps(mask, x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + r * ldw + k), xk, acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    y[r] = _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.0f : bias[r]);
+  }
+}
+
+#pragma GCC diagnostic pop
+
+// The AVX2/FMA gemv_tile: 8 lanes of K at a time.
+template <int kRows>
+__attribute__((target("avx2,fma"))) void gemv_tile_avx2(int64_t depth, const float* w,
+                                                        int64_t ldw, const float* x, float* y,
+                                                        const float* bias) {
+  __m256 acc[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= depth; k += 8) {
+    const __m256 xk = _mm256_loadu_ps(x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * ldw + k), xk, acc[r]);
+    }
+  }
+  if (k < depth) {
+    const __m256i mask = lane_mask(depth - k);
+    const __m256 xk = _mm256_maskload_ps(x + k, mask);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * ldw + k, mask), xk, acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    const __m128 one = _mm_add_ss(pair, _mm_movehdup_ps(pair));
+    y[r] = _mm_cvtss_f32(one) + (bias == nullptr ? 0.0f : bias[r]);
+  }
+}
+
+using GemvTile = void (*)(int64_t, const float*, int64_t, const float*, float*, const float*);
+constexpr int kGemvRows = 8;
+constexpr GemvTile kGemvTiles[kGemvRows + 1] = {
+    nullptr, gemv_tile<1>, gemv_tile<2>, gemv_tile<3>, gemv_tile<4>,
+    gemv_tile<5>, gemv_tile<6>, gemv_tile<7>, gemv_tile<8>};
+constexpr GemvTile kGemvTilesAvx2[kGemvRows + 1] = {
+    nullptr, gemv_tile_avx2<1>, gemv_tile_avx2<2>, gemv_tile_avx2<3>, gemv_tile_avx2<4>,
+    gemv_tile_avx2<5>, gemv_tile_avx2<6>, gemv_tile_avx2<7>, gemv_tile_avx2<8>};
+
 }  // namespace
 
 void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
@@ -385,6 +463,15 @@ void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& 
     run_tiles(kTiles, kTileRows, 32, rows, a, lda, b, c, ldc, bias, accumulate);
   } else {  // AVX2/FMA: each panel as two halves of 16 columns
     run_tiles(kTilesAvx2, kTileRowsAvx2, 16, rows, a, lda, b, c, ldc, bias, accumulate);
+  }
+}
+
+void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x, float* y,
+               const float* bias) {
+  const GemvTile* tiles = avx512_kernels() ? kGemvTiles : kGemvTilesAvx2;
+  for (int64_t m = 0; m < rows; m += kGemvRows) {
+    const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
+    tiles[height](depth, w + m * ldw, ldw, x, y + m, bias == nullptr ? nullptr : bias + m);
   }
 }
 
@@ -489,6 +576,10 @@ void packed_gemm_bf16(int64_t, const uint16_t*, int64_t, const PackedMatrixBf16&
 void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, int64_t,
                  const float*, bool) {
   throw std::runtime_error("fastrnn cpu: packed_gemm needs an x86-64 CPU with AVX2");
+}
+
+void gemv_rows(int64_t, int64_t, const float*, int64_t, const float*, float*, const float*) {
+  throw std::runtime_error("fastrnn cpu: gemv_rows needs an x86-64 CPU with AVX2");
 }
 
 #endif

@@ -122,6 +122,13 @@ bool avx512_kernels();
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate);
 
+// y [N] = w [N, K] x [K] + bias [N] (bias may be null) on the calling thread: a product with a
+// single row of activations (one step at batch 1), reading each weight once where it lies, rows
+// of w ldw apart, with no packing; 8 rows at a time, each a sum over K in vector lanes. Only
+// where packed_gemm_supported().
+void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x, float* y,
+               const float* bias);
+
 // Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (avx512_kernels(), and AVX-512
 // BW, VL and BF16).
 bool packed_gemm_bf16_supported();
