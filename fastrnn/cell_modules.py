@@ -26,16 +26,18 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         if weight is None:  # a weight set to None, with the message of torch's _VF cell op
             raise TypeError(f"{cell.name}_cell(): argument '{argument}' (position {position}) "
                             "must be Tensor, not NoneType")
-    if input.size(1) != weight_ih.size(1):
-        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} "
-                           f"expected {weight_ih.size(1)}")
-    hidden = weight_hh.size(1)
+    batch, input_size = input.shape
+    if input_size != weight_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {input_size} "
+                           f"expected {weight_ih.shape[1]}")
+    hidden = weight_hh.shape[1]
     for index, state in enumerate((h, c) if c is not None else (h,)):
-        if input.size(0) != state.size(0):
-            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
-                               f"batch size {state.size(0)}")
-        if state.size(1) != hidden:
-            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
+        state_batch, state_size = state.shape
+        if batch != state_batch:
+            raise RuntimeError(f"Input batch size {batch} doesn't match hidden{index} "
+                               f"batch size {state_batch}")
+        if state_size != hidden:
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state_size}, "
                                f"expected {hidden}")
     cast = autocast_dtype(input.device.type)
     if cast is None:  # dtypes must agree, checked in torch's order: input @ W_ih, h @ W_hh

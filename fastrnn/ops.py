@@ -27,7 +27,6 @@ forward-mode AD the layers run as those ops from the start. Every op has a per-s
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
@@ -157,8 +156,18 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     as opaque nodes. Under torch.func transforms and forward-mode AD, as plain differentiable ops. In eager mode the
     backend the layer op would pick runs projection and layer as one call (`forward_from_input`,
     with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
-    the cpu backend then computes the input projection step by step inside its time loop.
+    the cpu backend then computes the input projection step by step inside its time loop. A
+    single step of one direction (T = 1, no projection or lengths) is one cell step
+    (`direct_step`) where that can run.
     """
+    if x.shape[0] == 1 and w_hh.shape[0] == 1 and w_hr is None and lengths is None:
+        # squeeze, not [0]: its backward is a view, where select's fills a copy of w_hh
+        step = direct_step(cell, backend, keep_workspace, x.squeeze(0), h0.squeeze(0),
+                           None if c0 is None else c0.squeeze(0), w_ih, w_hh.squeeze(0), b_ih,
+                           None if b_hh is None else b_hh.squeeze(0))
+        if step is not None:  # output [1, B, H] and h_n [1, B, H] as separate tensors
+            h_n = step[0].unsqueeze(0)
+            return h_n.clone(), h_n, None if step[1] is None else step[1].unsqueeze(0)
     if onnx_export.exporting():
         return onnx_export.layer(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths)
     if _needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
@@ -237,7 +246,7 @@ def _backward_needs_graph(*grads: Optional[Tensor]) -> bool:
 
 def _legacy_batched(tensor: Tensor) -> bool:
     """Whether `tensor` is a BatchedTensor of torch._vmap_internals (dispatch key "Batched")."""
-    return "Batched" in re.findall(r"\w+", str(torch._C._dispatch_keys(tensor)))
+    return torch._C._functorch.is_legacy_batchedtensor(tensor)
 
 
 def _vjp_by_recompute(forward: Callable, inputs: Sequence[Optional[Tensor]],
@@ -349,12 +358,11 @@ def _direct_step_allowed(backend: Optional[str], tensors: Sequence[Optional[Tens
     if name not in ("auto", "cpu") or _CELL_STEP_FORWARD is None and not _load_step_ops():
         return False
     for tensor in tensors:
-        if tensor is not None and (tensor.dtype is not torch.float32
-                                   or tensor.device.type != "cpu"):
+        if tensor is not None and (tensor.dtype is not torch.float32 or not tensor.is_cpu):
             return False
+    # an ONNX export traces (torch.jit) or compiles (dynamo=True): both are excluded
     return not (torch._C._has_torch_function(tensors) or torch.compiler.is_compiling()
-                or torch.jit.is_tracing() or _needs_plain_ops(*tensors)
-                or onnx_export.exporting())
+                or torch.jit.is_tracing() or _needs_plain_ops(*tensors))
 
 
 _CELL_STEP_FORWARD = _CELL_STEP_BACKWARD = None  # the native step ops, once loaded

@@ -153,6 +153,34 @@ __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int6
   finish_tile<kRows>(low, high, masks, c, ldc, accumulate);
 }
 
+// tile for at most 16 columns: the first half of each panel row only (bitwise the same sums).
+template <int kRows>
+__attribute__((target("avx512f"))) void tile_half(int64_t depth, const float* a, int64_t lda,
+                                                  const float* panel, float* c, int64_t ldc,
+                                                  int64_t columns, const float* bias,
+                                                  bool accumulate) {
+  const __mmask16 mask = tile_masks(columns).low;
+  const bool biased = bias != nullptr && !accumulate;
+  __m512 acc[kRows];
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) {
+    acc[r] = biased ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 b_low = _mm512_loadu_ps(panel + k * 32);
+#pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), b_low, acc[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) acc[r] = _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, row));
+    _mm512_mask_storeu_ps(row, mask, acc[r]);
+  }
+}
+
 // The AVX2/FMA tile: c[kRows, columns] = a[kRows, K] half[K, 16] + bias (accumulate: c += ...),
 // half being 16 of a panel's 32 columns (rows 32 apart); columns in 1..16; bias: its 16 entries.
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i lane_mask(int64_t columns) {
@@ -326,6 +354,11 @@ constexpr int kTileRows = 8;
 constexpr int64_t kDepthChunk = 128;
 constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
                                         tile<5>, tile<6>, tile<7>, tile<8>};
+constexpr int kTileRowsHalf = 16;  // 16 accumulators, one per row
+constexpr Tile kTilesHalf[kTileRowsHalf + 1] = {
+    nullptr, tile_half<1>, tile_half<2>, tile_half<3>, tile_half<4>, tile_half<5>,
+    tile_half<6>, tile_half<7>, tile_half<8>, tile_half<9>, tile_half<10>, tile_half<11>,
+    tile_half<12>, tile_half<13>, tile_half<14>, tile_half<15>, tile_half<16>};
 constexpr int kTileRowsAvx2 = 6;  // 12 accumulators, 2 panel rows and a broadcast: 15 of 16 ymm
 constexpr Tile kTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, tile_avx2<1>, tile_avx2<2>,
                                                 tile_avx2<3>, tile_avx2<4>, tile_avx2<5>,
@@ -459,7 +492,9 @@ void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) 
 
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate) {
-  if (avx512_kernels()) {
+  if (avx512_kernels() && b.columns() <= 16) {  // half of a panel: half the multiply-adds
+    run_tiles(kTilesHalf, kTileRowsHalf, 16, rows, a, lda, b, c, ldc, bias, accumulate);
+  } else if (avx512_kernels()) {
     run_tiles(kTiles, kTileRows, 32, rows, a, lda, b, c, ldc, bias, accumulate);
   } else {  // AVX2/FMA: each panel as two halves of 16 columns
     run_tiles(kTilesAvx2, kTileRowsAvx2, 16, rows, a, lda, b, c, ldc, bias, accumulate);
