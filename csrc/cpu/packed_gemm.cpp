@@ -467,6 +467,51 @@ __attribute__((target("avx2,fma"))) void gemv_tile_avx2(int64_t depth, const flo
   }
 }
 
+// y[k0 .. k0+width) (+)= sum over n of g[n] w[n, k0 .. k0+width), width <= 128 (AVX-512).
+__attribute__((target("avx512f"))) void gemv_columns_block(int64_t rows, int64_t width,
+                                                           const float* w, int64_t ldw,
+                                                           const float* g, float* y,
+                                                           bool accumulate) {
+  __mmask16 masks[8];
+  __m512 acc[8];
+  for (int j = 0; j < 8; ++j) {
+    const int64_t left = std::clamp<int64_t>(width - 16 * j, 0, 16);
+    masks[j] = static_cast<__mmask16>((1u << left) - 1);
+    acc[j] = accumulate ? _mm512_maskz_loadu_ps(masks[j], y + 16 * j) : _mm512_setzero_ps();
+  }
+  for (int64_t n = 0; n < rows; ++n) {
+    const __m512 gn = _mm512_set1_ps(g[n]);
+    const float* row = w + n * ldw;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      acc[j] = _mm512_fmadd_ps(gn, _mm512_maskz_loadu_ps(masks[j], row + 16 * j), acc[j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm512_mask_storeu_ps(y + 16 * j, masks[j], acc[j]);
+}
+
+// The AVX2/FMA gemv_columns_block: width <= 64.
+__attribute__((target("avx2,fma"))) void gemv_columns_block_avx2(int64_t rows, int64_t width,
+                                                                 const float* w, int64_t ldw,
+                                                                 const float* g, float* y,
+                                                                 bool accumulate) {
+  __m256i masks[8];
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) {
+    masks[j] = lane_mask(width - 8 * j);
+    acc[j] = accumulate ? _mm256_maskload_ps(y + 8 * j, masks[j]) : _mm256_setzero_ps();
+  }
+  for (int64_t n = 0; n < rows; ++n) {
+    const __m256 gn = _mm256_broadcast_ss(g + n);
+    const float* row = w + n * ldw;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      acc[j] = _mm256_fmadd_ps(gn, _mm256_maskload_ps(row + 8 * j, masks[j]), acc[j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm256_maskstore_ps(y + 8 * j, masks[j], acc[j]);
+}
+
 using GemvTile = void (*)(int64_t, const float*, int64_t, const float*, float*, const float*);
 constexpr int kGemvRows = 8;
 constexpr GemvTile kGemvTiles[kGemvRows + 1] = {
@@ -507,6 +552,20 @@ void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const f
   for (int64_t m = 0; m < rows; m += kGemvRows) {
     const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
     tiles[height](depth, w + m * ldw, ldw, x, y + m, bias == nullptr ? nullptr : bias + m);
+  }
+}
+
+void gemv_columns(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* g,
+                  float* y, bool accumulate) {
+  const bool avx512 = avx512_kernels();
+  const int64_t block = avx512 ? 128 : 64;
+  for (int64_t k = 0; k < depth; k += block) {
+    const int64_t width = std::min(block, depth - k);
+    if (avx512) {
+      gemv_columns_block(rows, width, w + k, ldw, g, y + k, accumulate);
+    } else {
+      gemv_columns_block_avx2(rows, width, w + k, ldw, g, y + k, accumulate);
+    }
   }
 }
 
@@ -615,6 +674,10 @@ void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, in
 
 void gemv_rows(int64_t, int64_t, const float*, int64_t, const float*, float*, const float*) {
   throw std::runtime_error("fastrnn cpu: gemv_rows needs an x86-64 CPU with AVX2");
+}
+
+void gemv_columns(int64_t, int64_t, const float*, int64_t, const float*, float*, bool) {
+  throw std::runtime_error("fastrnn cpu: gemv_columns needs an x86-64 CPU with AVX2");
 }
 
 #endif

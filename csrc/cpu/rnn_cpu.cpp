@@ -1349,6 +1349,32 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   });
 }
 
+// result [N, K] = g^T a for g [B, N], a [B, K] (float32, contiguous, B <= kGemvBatch): a weight
+// gradient of one step, as B rank-one updates written row by row.
+FASTRNN_CLONES void outer_sum_rows(int64_t batch, int64_t rows, int64_t depth, const float* g,
+                                   const float* a, float* result) {
+  for (int64_t n = 0; n < rows; ++n) {
+    float* __restrict row = result + n * depth;
+    const float g0 = g[n];
+    const float* __restrict a0 = a;
+    #pragma GCC ivdep
+    for (int64_t k = 0; k < depth; ++k) row[k] = g0 * a0[k];
+    for (int64_t b = 1; b < batch; ++b) {
+      const float gb = g[b * rows + n];
+      const float* __restrict ab = a + b * depth;
+      #pragma GCC ivdep
+      for (int64_t k = 0; k < depth; ++k) row[k] += gb * ab[k];
+    }
+  }
+}
+
+Tensor outer_sum(const Tensor& g, const Tensor& a) {
+  Tensor result = at::empty({g.size(1), a.size(1)}, a.options());
+  outer_sum_rows(g.size(0), g.size(1), a.size(1), g.data_ptr<float>(), a.data_ptr<float>(),
+                 result.data_ptr<float>());
+  return result;
+}
+
 // (h_new [B, H], c_new [B, H] or [0], workspace [B, W] or [0, W]): one step of cell `cell`, see
 // above; the workspace is what cell_step_backward needs (keep_workspace), in the layout of a
 // layer's workspace at T = 1, D = 1.
@@ -1449,14 +1475,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   });
   const auto empty = [&] { return at::empty({0}, x.options()); };
   const auto as_input = [&](const Tensor& t) { return t.to(dtype); };
-  const Tensor w_ih_c = to_compute(w_ih, compute), w_hh_c = to_compute(w_hh, compute);
-  Tensor grad_x = output_mask[0] ? as_input(at::mm(grad_x_gates, w_ih_c)) : empty();
-  Tensor grad_h_prev = output_mask[1]
-      ? as_input(at::addmm(grad_h_direct, grad_h_gates, w_hh_c)) : empty();
+  const Tensor w_ih_c = to_compute(w_ih, compute).contiguous();
+  const Tensor w_hh_c = to_compute(w_hh, compute).contiguous();
+  const Tensor x_c = to_compute(x, compute);
+  Tensor grad_x, grad_h_prev, grad_w_ih, grad_w_hh;
+  if (compute == at::kFloat && use_packed_gemm<float>() && B <= kGemvBatch) {
+    // products over the weights as they lie, each read once per batch row (see gemv_columns)
+    const float* gx = grad_x_gates.data_ptr<float>();
+    const float* gh = grad_h_gates.data_ptr<float>();
+    const int64_t I = x.size(1);
+    if (output_mask[0]) {
+      grad_x = at::empty({B, I}, options);
+      for (int64_t b = 0; b < B; ++b) {
+        gemv_columns(GH, I, w_ih_c.data_ptr<float>(), I, gx + b * GH,
+                     grad_x.data_ptr<float>() + b * I, false);
+      }
+    }
+    if (output_mask[1]) {
+      grad_h_prev = grad_h_direct;
+      for (int64_t b = 0; b < B; ++b) {
+        gemv_columns(GH, H, w_hh_c.data_ptr<float>(), H, gh + b * GH,
+                     grad_h_prev.data_ptr<float>() + b * H, true);
+      }
+    }
+    if (output_mask[3]) grad_w_ih = outer_sum(grad_x_gates, x_c);
+    if (output_mask[4]) grad_w_hh = outer_sum(grad_h_gates, h_c);
+  } else {
+    if (output_mask[0]) grad_x = at::mm(grad_x_gates, w_ih_c);
+    if (output_mask[1]) grad_h_prev = at::addmm(grad_h_direct, grad_h_gates, w_hh_c);
+    if (output_mask[3]) grad_w_ih = at::mm(grad_x_gates.t(), x_c);
+    if (output_mask[4]) grad_w_hh = at::mm(grad_h_gates.t(), h_c);
+  }
+  grad_x = output_mask[0] ? as_input(grad_x) : empty();
+  grad_h_prev = output_mask[1] ? as_input(grad_h_prev) : empty();
   Tensor grad_c_prev = output_mask[2] && lstm ? as_input(grad_c) : empty();
-  Tensor grad_w_ih = output_mask[3]
-      ? as_input(at::mm(grad_x_gates.t(), to_compute(x, compute))) : empty();
-  Tensor grad_w_hh = output_mask[4] ? as_input(at::mm(grad_h_gates.t(), h_c)) : empty();
+  grad_w_ih = output_mask[3] ? as_input(grad_w_ih) : empty();
+  grad_w_hh = output_mask[4] ? as_input(grad_w_hh) : empty();
   // b_ih and b_hh enter only as their sum except in a GRU (b_hn inside r * (W_hn h + b_hn))
   Tensor grad_b_ih = output_mask[5] ? as_input(grad_x_gates.sum(0)) : empty();
   Tensor grad_b_hh = !output_mask[6] ? empty()
