@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, _VF
 from torch.autograd import forward_ad
 
 from . import backends, onnx_export
@@ -335,15 +335,23 @@ class _EagerLayer(_EagerFunction):
 def direct_step(cell: CellSpec, backend: Optional[str], wants_grad: bool, x: Tensor, h: Tensor,
                 c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                 b_hh: Optional[Tensor]) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-    """One step of a cell as one native call (the cpu backend's cell_step_forward: projection,
-    recurrent product and cell; `_EagerStep` for autograd): x [B, I], h [B, H], c [B, H] (LSTM)
-    -> (h' [B, H], c' [B, H] or None). None where the step must run through the layer ops
-    instead: another backend, dtype or device, a compiler, tracer, ONNX export, torch.func
-    transform or forward-mode AD, a tensor subclass, or an empty problem. The same kernels'
-    results either way, without the ops' dispatch and planning."""
+    """One step of a cell in eager mode with the fewest calls: x [B, I], h [B, H], c [B, H]
+    (LSTM) -> (h' [B, H], c' [B, H] or None).
+
+    On the CPU one native call (the cpu backend's cell_step_forward: projection, recurrent
+    product and cell; `_EagerStep` for autograd). On CUDA, where a step is bound by its kernel
+    launches, torch.nn's own step (`torch._VF.*_cell`: two GEMMs and one fused cell kernel for
+    LSTM and GRU), which the layer kernels cannot undercut at T = 1. None where the step must
+    run through the layer ops instead: another backend asked for, another dtype or device, a
+    compiler, tracer, ONNX export, torch.func transform or forward-mode AD, a tensor subclass,
+    or an empty problem.
+    """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if not _direct_step_allowed(backend, tensors) or 0 in (x.shape[0], x.shape[1], h.shape[1]):
+    where = _direct_step_device(backend, tensors)
+    if not where or 0 in (x.shape[0], x.shape[1], h.shape[1]):
         return None
+    if where == "cuda":
+        return torch_step(cell, *tensors)
     if wants_grad:
         h_new, c_new, _ = _EagerStep.apply(*tensors, cell)
     else:
@@ -351,18 +359,42 @@ def direct_step(cell: CellSpec, backend: Optional[str], wants_grad: bool, x: Ten
     return h_new, (c_new if cell.has_cell_state else None)
 
 
-def _direct_step_allowed(backend: Optional[str], tensors: Sequence[Optional[Tensor]]) -> bool:
-    """Whether `direct_step` may run on these tensors for this backend name (None: the
-    environment's); the checks are ordered by cost, the cheap ones first."""
+def torch_step(cell: CellSpec, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor,
+               w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+               ) -> tuple[Tensor, Optional[Tensor]]:
+    """The step of torch.nn's cells (torch._VF), differentiable: (h', c' or None)."""
+    if cell.has_cell_state:
+        return tuple(_VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh))
+    step = {"gru": _VF.gru_cell, "rnn_tanh": _VF.rnn_tanh_cell,
+            "rnn_relu": _VF.rnn_relu_cell}[cell.name]
+    return step(x, h, w_ih, w_hh, b_ih, b_hh), None
+
+
+def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tensor]]) -> str:
+    """Where `direct_step` may run these tensors for this backend name (None: the
+    environment's): "cpu", "cuda", or "" where it may not. Cheap checks first."""
     name = backend or os.environ.get("FASTRNN_BACKEND") or "auto"
-    if name not in ("auto", "cpu") or _CELL_STEP_FORWARD is None and not _load_step_ops():
-        return False
-    for tensor in tensors:
-        if tensor is not None and (tensor.dtype is not torch.float32 or not tensor.is_cpu):
-            return False
+    x = tensors[0]
+    if x.is_cpu:
+        if name not in ("auto", "cpu") or _CELL_STEP_FORWARD is None and not _load_step_ops():
+            return ""
+        for tensor in tensors:
+            if tensor is not None and (tensor.dtype is not torch.float32 or not tensor.is_cpu):
+                return ""
+        where = "cpu"
+    elif x.is_cuda and name == "auto":
+        for tensor in tensors:
+            if tensor is not None and (tensor.dtype is not x.dtype
+                                       or tensor.device != x.device):
+                return ""
+        where = "cuda"
+    else:
+        return ""
     # an ONNX export traces (torch.jit) or compiles (dynamo=True): both are excluded
-    return not (torch._C._has_torch_function(tensors) or torch.compiler.is_compiling()
-                or torch.jit.is_tracing() or _needs_plain_ops(*tensors))
+    if (torch._C._has_torch_function(tensors) or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or _needs_plain_ops(*tensors)):
+        return ""
+    return where
 
 
 _CELL_STEP_FORWARD = _CELL_STEP_BACKWARD = None  # the native step ops, once loaded
