@@ -1,5 +1,7 @@
-"""Drop-in replacements for torch.nn.LSTMCell, GRUCell and RNNCell: one step of the recurrence,
-run by the same layer ops as the full modules (T = 1, D = 1). Legend: B batch, I input, H hidden.
+"""Drop-in replacements for torch.nn.LSTMCell, GRUCell and RNNCell: one step of the recurrence.
+In eager mode a step is one call (ops.direct_step); under compilers, tracers and torch.func it
+runs through the same layer ops as the full modules (T = 1, D = 1). Legend: B batch, I input,
+H hidden.
 """
 
 from __future__ import annotations

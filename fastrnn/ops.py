@@ -22,6 +22,8 @@ The fused backward kernels give first derivatives. A backward that must itself b
 (create_graph=True) or batched (vmap over it) instead runs the layer again in the reference
 recurrence's differentiable torch ops and differentiates those; under torch.func transforms and
 forward-mode AD the layers run as those ops from the start. Every op has a per-sample vmap rule.
+
+In eager mode a cell step, or a layer call with T = 1, skips the ops: `direct_step`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@
 // bfloat16/float16 inputs run in float32 and are rounded on output; on CPUs with bfloat16 dot
 // products (AVX512_BF16) the per-step GEMMs of a bfloat16 layer (and its grad W_hh) multiply in
 // bfloat16, h and grad_gates rounded to bfloat16 for them as oneDNN does, and sum in float32.
+// A single step of a cell (cell_step_forward / cell_step_backward, at the end of this file) is
+// one call without any packing of the weights: the step reads them once, as they lie.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -1311,7 +1313,7 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
     x_t.pack(x.data_ptr<float>(), I, B, 1, I);
     h_t.pack(h.data_ptr<float>(), H, B, 1, H);
   }
-  if (lstm) c_new.copy_(c);
+  if (lstm) std::memcpy(c_new.data_ptr<float>(), c.data_ptr<float>(), sizeof(float) * B * H);
   ForwardStep<float> step{};
   step.hidden = H;
   step.t = 0;
@@ -1503,8 +1505,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
   } else {
     if (output_mask[0]) grad_x = at::mm(grad_x_gates, w_ih_c);
     if (output_mask[1]) grad_h_prev = at::addmm(grad_h_direct, grad_h_gates, w_hh_c);
-    if (output_mask[3]) grad_w_ih = at::mm(grad_x_gates.t(), x_c);
-    if (output_mask[4]) grad_w_hh = at::mm(grad_h_gates.t(), h_c);
+    // (a^T g)^T, as torch.nn's linear computes it: MKL is faster with the long rows
+    if (output_mask[3]) grad_w_ih = at::mm(x_c.t(), grad_x_gates).t();
+    if (output_mask[4]) grad_w_hh = at::mm(h_c.t(), grad_h_gates).t();
   }
   grad_x = output_mask[0] ? as_input(grad_x) : empty();
   grad_h_prev = output_mask[1] ? as_input(grad_h_prev) : empty();
