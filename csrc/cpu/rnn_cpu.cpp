@@ -1266,6 +1266,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 // Batch rows up to which a step multiplies by dot products (gemv_rows, one pass over the weights
 // per row) instead of packed_gemm with the weights as a operand (32 batch columns per pass).
 constexpr int64_t kGemvBatch = 4;
+// Batch rows below which, above kGemvBatch, the products are ATen's GEMMs instead: packed_gemm's
+// tiles of 16 or 32 batch columns would multiply mostly padding.
+constexpr int64_t kPackedBatch = 12;
 // Multiply-adds of a step below which it stays on one thread (a fork costs a few us).
 constexpr int64_t kStepParallelWork = int64_t(1) << 17;
 
@@ -1281,8 +1284,14 @@ void step_product(int64_t batch, const float* a, int64_t depth, const PackedMatr
     }
     return;
   }
-  // scratch [count, B]: gates^T of these rows, then transposed into out with the bias
-  packed_gemm(count, w + first * depth, depth, packed_a, scratch, batch, nullptr, false);
+  // scratch [count, B]: gates^T of these rows, then transposed into out with the bias; by blocks
+  // of rows, which packed_gemm reads again for each panel of batch columns (AVX2: each half),
+  // so that they come from the L2 cache the second time rather than from memory
+  constexpr int64_t kRowBlock = 64;
+  for (int64_t r = 0; r < count; r += kRowBlock) {
+    packed_gemm(std::min(kRowBlock, count - r), w + (first + r) * depth, depth, packed_a,
+                scratch + r * batch, batch, nullptr, false);
+  }
   for (int64_t b = 0; b < batch; ++b) {
     float* row = out + b * ldo + first;
     #pragma GCC ivdep
@@ -1309,7 +1318,17 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   float* scratch = h_next + B * H;
   Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, x.options());
   PackedMatrix x_t, h_t;  // [I, B], [H, B]
-  if (!gemv) {
+  const bool aten = !gemv && B < kPackedBatch;
+  if (aten) {  // x_gates = x W_ih^T + b_ih, h_gates = h W_hh^T
+    Tensor x_gates_t = buffer.narrow(0, 0, B * GH).view({B, GH});
+    Tensor h_gates_t = buffer.narrow(0, B * GH, B * GH).view({B, GH});
+    if (b_ih.defined()) {
+      at::addmm_out(x_gates_t, b_ih, x, w_ih.t());
+    } else {
+      at::mm_out(x_gates_t, x, w_ih.t());
+    }
+    at::mm_out(h_gates_t, h, w_hh.t());
+  } else if (!gemv) {
     x_t.pack(x.data_ptr<float>(), I, B, 1, I);
     h_t.pack(h.data_ptr<float>(), H, B, 1, H);
   }
@@ -1340,7 +1359,7 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   const int64_t grain = work < kStepParallelWork ? unit_blocks : 1;
   at::parallel_for(0, unit_blocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t j0 = begin * 16, j1 = std::min(H, end * 16);
-    for (int64_t g = 0; g < G; ++g) {  // gate rows g*H + [j0, j1) of both products
+    for (int64_t g = 0; g < G && !aten; ++g) {  // gate rows g*H + [j0, j1) of both products
       const int64_t first = g * H + j0;
       step_product(B, x.data_ptr<float>(), I, x_t, w_ih.data_ptr<float>(), bias_ih, first,
                    j1 - j0, x_gates, GH, scratch + first * B);
@@ -1384,6 +1403,7 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
     std::string_view cell, const Tensor& x, const Tensor& h, const std::optional<Tensor>& c,
     const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
     const std::optional<Tensor>& b_hh, bool keep_workspace) {
+  const at::NoGradGuard no_grad;  // the op is differentiated by its callers (ops._EagerStep)
   const CellInfo info = cell_info(cell);
   const bool lstm = info.cell == Cell::kLstm;
   const int64_t B = x.size(0), H = h.size(1), GH = info.gates * H;
@@ -1428,6 +1448,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
     const std::optional<Tensor>& grad_c_new, const Tensor& x, const Tensor& h,
     const std::optional<Tensor>& c, const Tensor& w_ih, const Tensor& w_hh, const Tensor& h_new,
     const Tensor& workspace, std::array<bool, 7> output_mask) {
+  const at::NoGradGuard no_grad;
   const CellInfo info = cell_info(cell);
   const bool lstm = info.cell == Cell::kLstm, gru = info.cell == Cell::kGru;
   const auto dtype = x.scalar_type();
