@@ -1252,14 +1252,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   return {grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr};
 }
 
-
 // ---- one step of a cell (cell_step_forward, cell_step_backward) -----------------------------
 // A step of an LSTMCell, GRUCell or RNNCell, or a layer call with T = 1: the input projection,
 // the recurrent product and the cell in one call, without packing the weights: a step reads
 // them once, as they lie. At B <= kGemvBatch each gate row is a dot product (gemv_rows) with
-// each row of x and h; above it the weights are the a operand of packed_gemm against the packed
-// x^T and h^T ([K, B], a few KiB), giving gates^T [G*H, B], transposed for the cell. Either way
-// nothing of the weights is kept between calls, so no weight can be stale. The hidden units
+// each row of x and h; from kPackedBatch on (AVX-512) the weights are the a operand of
+// packed_gemm against the packed x^T and h^T ([K, B], a few KiB), giving gates^T [G*H, B],
+// transposed for the cell; otherwise ATen's GEMMs. Nothing of the weights is kept between calls (a weight changed
+// through .data leaves no trace in its version counter), so no weight can be stale. The units
 // split over threads in blocks of 16; a block's gate rows of W_ih and W_hh, its cell pass and
 // its outputs are its thread's alone, so a step has no barrier.
 
@@ -1267,7 +1267,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 // per row) instead of packed_gemm with the weights as a operand (32 batch columns per pass).
 constexpr int64_t kGemvBatch = 4;
 // Batch rows below which, above kGemvBatch, the products are ATen's GEMMs instead: packed_gemm's
-// tiles of 16 or 32 batch columns would multiply mostly padding.
+// tiles of 16 or 32 batch columns would multiply mostly padding. On AVX2 CPUs they are ATen's
+// for every B above kGemvBatch: its 6-row, 16-column tiles were slower than MKL from B = 32 on.
 constexpr int64_t kPackedBatch = 12;
 // Multiply-adds of a step below which it stays on one thread (a fork costs a few us).
 constexpr int64_t kStepParallelWork = int64_t(1) << 17;
@@ -1318,7 +1319,7 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   float* scratch = h_next + B * H;
   Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, x.options());
   PackedMatrix x_t, h_t;  // [I, B], [H, B]
-  const bool aten = !gemv && B < kPackedBatch;
+  const bool aten = !gemv && (B < kPackedBatch || !avx512_kernels());
   if (aten) {  // x_gates = x W_ih^T + b_ih, h_gates = h W_hh^T
     Tensor x_gates_t = buffer.narrow(0, 0, B * GH).view({B, GH});
     Tensor h_gates_t = buffer.narrow(0, B * GH, B * GH).view({B, GH});
