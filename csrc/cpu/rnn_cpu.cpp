@@ -1268,8 +1268,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 constexpr int64_t kGemvBatch = 4;
 // Batch rows below which, above kGemvBatch, the products are ATen's GEMMs instead: packed_gemm's
 // tiles of 16 or 32 batch columns would multiply mostly padding. On AVX2 CPUs they are ATen's
-// for every B above kGemvBatch: its 6-row, 16-column tiles were slower than MKL from B = 32 on.
+// too where the weights exceed kPackedAvx2Bytes: its 6-row, 16-column tiles read each weight
+// row once per 16 batch columns, from memory once the weights outgrow the L2 cache, and were
+// slower than MKL there (LSTM B32 H512); below it they were faster (RNN B16 H256).
 constexpr int64_t kPackedBatch = 12;
+constexpr int64_t kPackedAvx2Bytes = int64_t(1) << 20;
 // Multiply-adds of a step below which it stays on one thread (a fork costs a few us).
 constexpr int64_t kStepParallelWork = int64_t(1) << 17;
 
@@ -1319,7 +1322,8 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   float* scratch = h_next + B * H;
   Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, x.options());
   PackedMatrix x_t, h_t;  // [I, B], [H, B]
-  const bool aten = !gemv && (B < kPackedBatch || !avx512_kernels());
+  const bool large = int64_t(sizeof(float)) * GH * (I + H) > kPackedAvx2Bytes;
+  const bool aten = !gemv && (B < kPackedBatch || (large && !avx512_kernels()));
   if (aten) {  // x_gates = x W_ih^T + b_ih, h_gates = h W_hh^T
     Tensor x_gates_t = buffer.narrow(0, 0, B * GH).view({B, GH});
     Tensor h_gates_t = buffer.narrow(0, B * GH, B * GH).view({B, GH});
