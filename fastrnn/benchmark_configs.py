@@ -84,10 +84,10 @@ def gpu_configs() -> list[Config]:
         Config("rnn", "RNN", 64, 100, 512, dtypes=half),
         Config("latency", "LSTM", 1, 100, 256, dtypes=half, small=True),
     ]
-    return configs + step_configs(gpu=True)
+    return configs + step_configs()
 
 
-def step_configs(gpu: bool = False, quick: bool = False) -> list[Config]:
+def step_configs(quick: bool = False) -> list[Config]:
     """Step-by-step calls: cells in a loop of T steps, and layers called with T = 1 per call."""
     configs = [Config("cell", "LSTMCell", 1, 50, 32),  # the fixed cost of a call
                Config("cell", "LSTMCell", 1, 50, 256),
