@@ -1530,7 +1530,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_bac
     if (output_mask[4]) grad_w_hh = outer_sum(grad_h_gates, h_c);
   } else {
     if (output_mask[0]) grad_x = at::mm(grad_x_gates, w_ih_c);
-    if (output_mask[1]) grad_h_prev = at::addmm(grad_h_direct, grad_h_gates, w_hh_c);
+    if (output_mask[1]) {  // the direct part is GRU's z dh; zero for the other cells
+      grad_h_prev = gru ? at::addmm(grad_h_direct, grad_h_gates, w_hh_c)
+                        : at::mm(grad_h_gates, w_hh_c);
+    }
     // (a^T g)^T, as torch.nn's linear computes it: MKL is faster with the long rows
     if (output_mask[3]) grad_w_ih = at::mm(x_c.t(), grad_x_gates).t();
     if (output_mask[4]) grad_w_hh = at::mm(h_c.t(), grad_h_gates).t();
