@@ -136,7 +136,8 @@ def yardstick(case, device) -> rnn_cases.Yardstick:
     key = (case[0], device)
     if _current.get("key") != key:
         _current.clear()
-        _current.update(key=key, yardstick=rnn_cases.Yardstick(rnn_cases.make_problem(*key)))
+        _current.update(key=key, yardstick=rnn_cases.Yardstick(rnn_cases.make_problem(*key),
+                                                                case[0].stepwise))
     return _current["yardstick"]
 
 

@@ -39,8 +39,11 @@ class Problem:
 def make_problem(config: Config, device: torch.device, seed: int = 0) -> Problem:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    module = getattr(nn, config.mode)(config.input_size, config.hidden, config.layers,
-                                      bidirectional=config.bidirectional)
+    if config.is_cell:
+        module = getattr(nn, config.mode)(config.input_size, config.hidden)
+    else:
+        module = getattr(nn, config.mode)(config.input_size, config.hidden, config.layers,
+                                          bidirectional=config.bidirectional)
     with torch.no_grad():
         for weight in module.parameters():
             weight.copy_(_round_through_bf16(weight))
@@ -79,7 +82,7 @@ def _data(x):
 class Workload:
     """One implementation of one config in one dtype, ready to run a pass."""
 
-    def __init__(self, problem: Problem, implementation: str, dtype: str):
+    def __init__(self, problem: Problem, implementation: str, dtype: str, stepwise: bool = False):
         torch_dtype = DTYPES[dtype]
         module = copy.deepcopy(problem.module).to(torch_dtype)
         if implementation != "torch":
@@ -91,13 +94,30 @@ class Workload:
         self.input_with_grad = _input_as(problem.input, torch_dtype, requires_grad=True)
         self.grad_output = problem.grad_output.to(torch_dtype)
         self.grad_targets = [_data(self.input_with_grad), *self.module.parameters()]
+        self.stepwise = stepwise
+
+    def _run(self, x):
+        """(output, final state) of the module on x [T, B, I]: one call, or stepwise one call per
+        step with the state carried, the outputs [T, B, H] gathered as a layer returns them."""
+        if not self.stepwise:
+            return self.module(x)
+        is_cell = not hasattr(self.module, "num_layers")
+        state, outputs = None, []
+        for step in range(x.shape[0]):
+            if is_cell:
+                state = self.module(x[step], state)
+                outputs.append(state[0] if isinstance(state, tuple) else state)
+            else:
+                output, state = self.module(x[step:step + 1], state)
+                outputs.append(output[0])
+        return torch.stack(outputs), state
 
     def forward(self):
         with torch.no_grad():
-            return self.module(self.input)
+            return self._run(self.input)
 
     def forward_backward(self):
-        output, _ = self.module(self.input_with_grad)
+        output, _ = self._run(self.input_with_grad)
         return torch.autograd.grad(_data(output), self.grad_targets, self.grad_output)
 
     def runner(self, pass_name: str):
@@ -118,13 +138,14 @@ class Yardstick:
     """A problem and torch.nn's float32 results on it, computed on first use: what the
     correctness gate compares fastrnn with."""
 
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, stepwise: bool = False):
         self.problem = problem
+        self.stepwise = stepwise
         self._expected: dict[str, list[torch.Tensor]] = {}
 
     def expected(self, pass_name: str) -> list[torch.Tensor]:
         if pass_name not in self._expected:
-            workload = Workload(self.problem, "torch", "fp32")
+            workload = Workload(self.problem, "torch", "fp32", self.stepwise)
             if pass_name == "fwd":
                 output, hidden = workload.forward()
                 hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]

@@ -21,7 +21,7 @@ def test_rnn(benchmark, case, device, yardstick, record_timing, timing_plan):
         reason = rnn_cases.unsupported(bench_config, dtype, device, implementation)
         if reason:
             pytest.skip(f"fastrnn backend {implementation!r}: {reason}")
-    workload = rnn_cases.Workload(yardstick.problem, implementation, dtype)
+    workload = rnn_cases.Workload(yardstick.problem, implementation, dtype, bench_config.stepwise)
     if implementation != "torch":
         error = rnn_cases.mismatch(workload, pass_name, yardstick.expected(pass_name), dtype)
         if error:
@@ -30,7 +30,8 @@ def test_rnn(benchmark, case, device, yardstick, record_timing, timing_plan):
     run = workload.runner(pass_name)
     setup, torch_seconds = None, []
     if implementation != "torch":
-        run_torch = rnn_cases.Workload(yardstick.problem, "torch", dtype).runner(pass_name)
+        run_torch = rnn_cases.Workload(yardstick.problem, "torch", dtype,
+                                       bench_config.stepwise).runner(pass_name)
 
         def setup():  # torch.nn's round, paired with the fastrnn round that follows it
             start = time.perf_counter()

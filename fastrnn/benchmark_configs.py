@@ -22,7 +22,7 @@ class Config:
     """One benchmarked layer shape."""
 
     suite: str  # where the shape comes from: "fastrnns", "deepbench-train", ...
-    mode: str  # "LSTM", "GRU" or "RNN" (tanh)
+    mode: str  # "LSTM", "GRU" or "RNN" (tanh), or a cell: "LSTMCell", "GRUCell", "RNNCell"
     batch: int
     seq: int
     hidden: int
@@ -33,6 +33,23 @@ class Config:
     passes: tuple[str, ...] = PASSES
     dtypes: tuple[str, ...] = ("fp32",)
     small: bool = False  # cheap enough to time the reference backend by default
+    # the T steps run as T calls of one step each, the state carried from call to call (a
+    # decoder's cell in a Python loop, an RL policy's layer called once per environment step);
+    # fwd+bwd: one backward at the end, through all of them. Cells always run so.
+    stepwise: bool = False
+
+    def __post_init__(self):
+        if self.is_cell:
+            object.__setattr__(self, "stepwise", True)
+
+    @property
+    def is_cell(self) -> bool:
+        return self.mode.endswith("Cell")
+
+    @property
+    def layer_mode(self) -> str:
+        """The mode of the layer the config runs: "LSTM", "GRU" or "RNN"."""
+        return self.mode.removesuffix("Cell")
 
     @property
     def input_size(self) -> int:
@@ -47,7 +64,8 @@ class Config:
             parts.append("bi")
         if self.packed:
             parts.append("packed")
-        parts.append(f"B{self.batch}-T{self.seq}-I{self.input_size}-H{self.hidden}")
+        steps = f"T1x{self.seq}" if self.stepwise else f"T{self.seq}"  # T1x50: 50 calls of 1
+        parts.append(f"B{self.batch}-{steps}-I{self.input_size}-H{self.hidden}")
         return "-".join(parts)
 
 
@@ -66,6 +84,23 @@ def gpu_configs() -> list[Config]:
         Config("rnn", "RNN", 64, 100, 512, dtypes=half),
         Config("latency", "LSTM", 1, 100, 256, dtypes=half, small=True),
     ]
+    return configs + step_configs()
+
+
+def step_configs(quick: bool = False) -> list[Config]:
+    """Step-by-step calls: cells in a loop of T steps, and layers called with T = 1 per call."""
+    configs = [Config("cell", "LSTMCell", 1, 50, 32),  # the fixed cost of a call
+               Config("cell", "LSTMCell", 1, 50, 256),
+               Config("step", "GRU", 1, 50, 256, stepwise=True),
+               Config("step", "LSTM", 32, 50, 256, stepwise=True)]
+    if quick:
+        return configs[:1] + configs[2:3]
+    configs += [Config("cell", "GRUCell", 1, 50, 384, input=64),
+                Config("cell", "GRUCell", 64, 50, 128),
+                Config("cell", "RNNCell", 16, 50, 256),
+                Config("cell", "LSTMCell", 32, 10, 512, input=256),
+                Config("step", "LSTM", 1, 50, 256, stepwise=True),
+                Config("step", "LSTM", 1, 10, 512, layers=2, stepwise=True)]
     return configs
 
 
@@ -75,6 +110,7 @@ def cpu_configs(quick: bool) -> list[Config]:
               Config("cpu-small", "LSTM", 16, 50, 256, packed=True, small=True),
               # a small model in a training loop: one short call per batch
               Config("cpu-tiny", "LSTM", 32, 12, 64, small=True)]
+    small += step_configs(quick=quick)
     if quick:
         return small + [Config("fastrnns", "LSTM", 64, 100, 512, passes=("fwd",))]
     return small + [Config("fastrnns", mode, 64, 100, 512) for mode in ("LSTM", "GRU", "RNN")]
@@ -102,8 +138,10 @@ def smoke_configs() -> list[Config]:
 
 def layer_config(config: Config, dtype: str, device_type: str) -> LayerConfig:
     """What a backend sees of the first layer of `config`."""
-    return LayerConfig(cell=CELLS_BY_MODE["RNN_TANH" if config.mode == "RNN" else config.mode],
+    mode = config.layer_mode
+    return LayerConfig(cell=CELLS_BY_MODE["RNN_TANH" if mode == "RNN" else mode],
                        device_type=device_type, dtype=DTYPES[dtype], batch_size=config.batch,
-                       seq_len=config.seq, hidden_size=config.hidden, proj_size=0,
+                       seq_len=1 if config.stepwise else config.seq,
+                       hidden_size=config.hidden, proj_size=0,
                        num_directions=2 if config.bidirectional else 1,
                        variable_lengths=config.packed)

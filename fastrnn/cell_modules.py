@@ -1,5 +1,7 @@
-"""Drop-in replacements for torch.nn.LSTMCell, GRUCell and RNNCell: one step of the recurrence,
-run by the same layer ops as the full modules (T = 1, D = 1). Legend: B batch, I input, H hidden.
+"""Drop-in replacements for torch.nn.LSTMCell, GRUCell and RNNCell: one step of the recurrence.
+In eager mode a step is one call (ops.direct_step); under compilers, tracers and torch.func it
+runs through the same layer ops as the full modules (T = 1, D = 1). Legend: B batch, I input,
+H hidden.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .backends import check_backend_name
 from .cells import CELLS, CellSpec
 from .modules import _converted, not_scriptable
 from .functional import autocast_dtype, needs_backward
-from .ops import layer
+from .ops import direct_step, layer
 
 
 def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight_ih: Tensor,
@@ -26,16 +28,18 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         if weight is None:  # a weight set to None, with the message of torch's _VF cell op
             raise TypeError(f"{cell.name}_cell(): argument '{argument}' (position {position}) "
                             "must be Tensor, not NoneType")
-    if input.size(1) != weight_ih.size(1):
-        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} "
-                           f"expected {weight_ih.size(1)}")
-    hidden = weight_hh.size(1)
+    batch, input_size = input.shape
+    if input_size != weight_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {input_size} "
+                           f"expected {weight_ih.shape[1]}")
+    hidden = weight_hh.shape[1]
     for index, state in enumerate((h, c) if c is not None else (h,)):
-        if input.size(0) != state.size(0):
-            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
-                               f"batch size {state.size(0)}")
-        if state.size(1) != hidden:
-            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
+        state_batch, state_size = state.shape
+        if batch != state_batch:
+            raise RuntimeError(f"Input batch size {batch} doesn't match hidden{index} "
+                               f"batch size {state_batch}")
+        if state_size != hidden:
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state_size}, "
                                f"expected {hidden}")
     cast = autocast_dtype(input.device.type)
     if cast is None:  # dtypes must agree, checked in torch's order: input @ W_ih, h @ W_hh
@@ -49,13 +53,17 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         weight_ih, weight_hh = weight_ih.to(cast), weight_hh.to(cast)
         bias_ih = None if bias_ih is None else bias_ih.to(cast)
         bias_hh = None if bias_hh is None else bias_hh.to(cast)
+    wants_grad = needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    step = direct_step(cell, backend, wants_grad, input, h, c, weight_ih, weight_hh, bias_ih,
+                       bias_hh)
+    if step is not None:
+        return step
     x_gates = F.linear(input, weight_ih, bias_ih).unsqueeze(0)  # [1, B, G*H]
     _, h_n, c_n = layer(
         cell, x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0),
         weight_hh.unsqueeze(0),
         None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
-        check_backend_name(backend) or "",
-        needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh))
+        check_backend_name(backend) or "", wants_grad)
     return h_n[0], (c_n[0] if c is not None else None)
 
 

@@ -92,8 +92,9 @@ def needs_backward(*tensors: Tensor | None) -> bool:
     """Whether autograd will differentiate through a layer taking these tensors. While
     torch.jit.trace records, grad mode is left out: its check traces again under no_grad, and the
     graph it records is one for training and inference alike."""
-    wanted = any(t is not None and t.requires_grad for t in tensors)
-    return wanted if torch.jit.is_tracing() else torch.is_grad_enabled() and wanted
+    if not (torch.is_grad_enabled() or torch.jit.is_tracing()):
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -22,18 +22,20 @@ The fused backward kernels give first derivatives. A backward that must itself b
 (create_graph=True) or batched (vmap over it) instead runs the layer again in the reference
 recurrence's differentiable torch ops and differentiates those; under torch.func transforms and
 forward-mode AD the layers run as those ops from the start. Every op has a per-sample vmap rule.
+
+In eager mode a cell step, or a layer call with T = 1, skips the ops: `direct_step`.
 """
 
 from __future__ import annotations
 
-import re
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, _VF
 from torch.autograd import forward_ad
 
 from . import backends, onnx_export
@@ -156,8 +158,18 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     as opaque nodes. Under torch.func transforms and forward-mode AD, as plain differentiable ops. In eager mode the
     backend the layer op would pick runs projection and layer as one call (`forward_from_input`,
     with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
-    the cpu backend then computes the input projection step by step inside its time loop.
+    the cpu backend then computes the input projection step by step inside its time loop. A
+    single step of one direction (T = 1, no projection or lengths) is one cell step
+    (`direct_step`) where that can run.
     """
+    if x.shape[0] == 1 and w_hh.shape[0] == 1 and w_hr is None and lengths is None:
+        # squeeze, not [0]: its backward is a view, where select's fills a copy of w_hh
+        step = direct_step(cell, backend, keep_workspace, x.squeeze(0), h0.squeeze(0),
+                           None if c0 is None else c0.squeeze(0), w_ih, w_hh.squeeze(0), b_ih,
+                           None if b_hh is None else b_hh.squeeze(0))
+        if step is not None:  # output [1, B, H] and h_n [1, B, H] as separate tensors
+            h_n = step[0].unsqueeze(0)
+            return h_n.clone(), h_n, None if step[1] is None else step[1].unsqueeze(0)
     if onnx_export.exporting():
         return onnx_export.layer(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths)
     if _needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
@@ -236,7 +248,7 @@ def _backward_needs_graph(*grads: Optional[Tensor]) -> bool:
 
 def _legacy_batched(tensor: Tensor) -> bool:
     """Whether `tensor` is a BatchedTensor of torch._vmap_internals (dispatch key "Batched")."""
-    return "Batched" in re.findall(r"\w+", str(torch._C._dispatch_keys(tensor)))
+    return torch._C._functorch.is_legacy_batchedtensor(tensor)
 
 
 def _vjp_by_recompute(forward: Callable, inputs: Sequence[Optional[Tensor]],
@@ -258,10 +270,8 @@ def _vjp_by_recompute(forward: Callable, inputs: Sequence[Optional[Tensor]],
     return [next(found) if want else None for want in wanted]
 
 
-class _EagerLayer(torch.autograd.Function):
-    """Input projection and layer as one autograd node, run by one backend in eager mode; the
-    gradients are those of input_projection and the layer op (by recomputation in differentiable
-    ops where the backward must itself be differentiated or batched)."""
+class _EagerFunction(torch.autograd.Function):
+    """An autograd.Function of the eager paths, whose forward takes every argument by position."""
 
     @classmethod
     def apply(cls, *args):
@@ -271,6 +281,12 @@ class _EagerLayer(torch.autograd.Function):
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)
+
+
+class _EagerLayer(_EagerFunction):
+    """Input projection and layer as one autograd node, run by one backend in eager mode; the
+    gradients are those of input_projection and the layer op (by recomputation in differentiable
+    ops where the backward must itself be differentiated or batched)."""
 
     @staticmethod
     def forward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl):
@@ -316,6 +332,125 @@ class _EagerLayer(torch.autograd.Function):
                 grad_c0 if cell.has_cell_state else None, grad_w_hh,
                 grad_b_hh if ctx.has_bias[1] else None, grad_w_hr if w_hr is not None else None,
                 None, None, None)
+
+
+def direct_step(cell: CellSpec, backend: Optional[str], wants_grad: bool, x: Tensor, h: Tensor,
+                c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                b_hh: Optional[Tensor]) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """One step of a cell in eager mode with the fewest calls: x [B, I], h [B, H], c [B, H]
+    (LSTM) -> (h' [B, H], c' [B, H] or None).
+
+    On the CPU one native call (the cpu backend's cell_step_forward: projection, recurrent
+    product and cell; `_EagerStep` for autograd). On CUDA, where a step is bound by its kernel
+    launches, torch.nn's own step (`torch._VF.*_cell`: two GEMMs and one fused cell kernel for
+    LSTM and GRU), which the layer kernels cannot undercut at T = 1. None where the step must
+    run through the layer ops instead: another backend asked for, another dtype or device, a
+    compiler, tracer, ONNX export, torch.func transform or forward-mode AD, a tensor subclass,
+    or an empty problem.
+    """
+    tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    where = _direct_step_device(backend, tensors)
+    if not where or 0 in (x.shape[0], x.shape[1], h.shape[1]):
+        return None
+    if where == "cuda":
+        return torch_step(cell, *tensors)
+    if wants_grad:
+        h_new, c_new, _ = _EagerStep.apply(*tensors, cell)
+    else:
+        h_new, c_new, _ = _CELL_STEP_FORWARD(cell.name, *tensors, False)
+    return h_new, (c_new if cell.has_cell_state else None)
+
+
+def torch_step(cell: CellSpec, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor,
+               w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+               ) -> tuple[Tensor, Optional[Tensor]]:
+    """The step of torch.nn's cells (torch._VF), differentiable: (h', c' or None)."""
+    if cell.has_cell_state:
+        return tuple(_VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh))
+    step = {"gru": _VF.gru_cell, "rnn_tanh": _VF.rnn_tanh_cell,
+            "rnn_relu": _VF.rnn_relu_cell}[cell.name]
+    return step(x, h, w_ih, w_hh, b_ih, b_hh), None
+
+
+def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tensor]]) -> str:
+    """Where `direct_step` may run these tensors for this backend name (None: the
+    environment's): "cpu", "cuda", or "" where it may not. Cheap checks first."""
+    name = backend or os.environ.get("FASTRNN_BACKEND") or "auto"
+    x = tensors[0]
+    if x.is_cpu:
+        if name not in ("auto", "cpu") or _CELL_STEP_FORWARD is None and not _load_step_ops():
+            return ""
+        for tensor in tensors:
+            if tensor is not None and (tensor.dtype is not torch.float32 or not tensor.is_cpu):
+                return ""
+        where = "cpu"
+    elif x.is_cuda and name == "auto":
+        for tensor in tensors:
+            if tensor is not None and (tensor.dtype is not x.dtype
+                                       or tensor.device != x.device):
+                return ""
+        where = "cuda"
+    else:
+        return ""
+    # an ONNX export traces (torch.jit) or compiles (dynamo=True): both are excluded
+    if (torch._C._has_torch_function(tensors) or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or _needs_plain_ops(*tensors)):
+        return ""
+    return where
+
+
+_CELL_STEP_FORWARD = _CELL_STEP_BACKWARD = None  # the native step ops, once loaded
+
+
+def _load_step_ops() -> bool:
+    """Look the cpu backend's step ops up once; False where its kernels are not available."""
+    global _CELL_STEP_FORWARD, _CELL_STEP_BACKWARD
+    cpu = backends._load("cpu")
+    if cpu is None or not cpu.available()[0]:
+        return False
+    _CELL_STEP_FORWARD = torch.ops.fastrnn_cpu.cell_step_forward.default
+    _CELL_STEP_BACKWARD = torch.ops.fastrnn_cpu.cell_step_backward.default
+    return True
+
+
+class _EagerStep(_EagerFunction):
+    """One step of a cell as one autograd node (direct_step): its backward is the native
+    cell_step_backward, or where the backward must itself be differentiated or batched, the
+    step recomputed in the reference recurrence's differentiable ops."""
+
+    @staticmethod
+    def forward(x, h, c, w_ih, w_hh, b_ih, b_hh, cell):
+        return tuple(_CELL_STEP_FORWARD(cell.name, x, h, c, w_ih, w_hh, b_ih, b_hh, True))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, cell = inputs
+        h_new, c_new, workspace = output
+        ctx.save_for_backward(*tensors, h_new, workspace)
+        ctx.cell = cell
+        ctx.mark_non_differentiable(workspace, *(() if cell.has_cell_state else (c_new,)))
+        ctx.set_materialize_grads(False)  # unused outputs get None
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c, _grad_workspace):
+        *tensors, h_new, workspace = ctx.saved_tensors
+        cell = ctx.cell
+        grad_c = grad_c if cell.has_cell_state else None
+        if _backward_needs_graph(grad_h, grad_c):
+            def forward(x, h, c, w_ih, w_hh, b_ih, b_hh):
+                _, h_n, c_n = differentiable_layer(
+                    cell, F.linear(x, w_ih, b_ih).unsqueeze(0), h.unsqueeze(0),
+                    None if c is None else c.unsqueeze(0), w_hh.unsqueeze(0),
+                    None if b_hh is None else b_hh.unsqueeze(0), None, None, False)[:3]
+                return h_n[0], (c_n[0] if c is not None else None)
+
+            return (*_vjp_by_recompute(forward, tensors, ctx.needs_input_grad[:7],
+                                       (grad_h, grad_c)), None)
+        mask = [wanted and tensor is not None
+                for wanted, tensor in zip(ctx.needs_input_grad, tensors)]
+        grads = _CELL_STEP_BACKWARD(cell.name, grad_h, grad_c, *tensors[:5], h_new, workspace,
+                                    mask)
+        return (*(grad if wanted else None for grad, wanted in zip(grads, mask)), None)
 
 
 @torch.library.custom_op("fastrnn::input_projection_backward", mutates_args=())

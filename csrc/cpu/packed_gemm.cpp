@@ -153,6 +153,34 @@ __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int6
   finish_tile<kRows>(low, high, masks, c, ldc, accumulate);
 }
 
+// tile for at most 16 columns: the first half of each panel row only (bitwise the same sums).
+template <int kRows>
+__attribute__((target("avx512f"))) void tile_half(int64_t depth, const float* a, int64_t lda,
+                                                  const float* panel, float* c, int64_t ldc,
+                                                  int64_t columns, const float* bias,
+                                                  bool accumulate) {
+  const __mmask16 mask = tile_masks(columns).low;
+  const bool biased = bias != nullptr && !accumulate;
+  __m512 acc[kRows];
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) {
+    acc[r] = biased ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 b_low = _mm512_loadu_ps(panel + k * 32);
+#pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), b_low, acc[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) {
+    float* row = c + r * ldc;
+    if (accumulate) acc[r] = _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, row));
+    _mm512_mask_storeu_ps(row, mask, acc[r]);
+  }
+}
+
 // The AVX2/FMA tile: c[kRows, columns] = a[kRows, K] half[K, 16] + bias (accumulate: c += ...),
 // half being 16 of a panel's 32 columns (rows 32 apart); columns in 1..16; bias: its 16 entries.
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i lane_mask(int64_t columns) {
@@ -326,6 +354,11 @@ constexpr int kTileRows = 8;
 constexpr int64_t kDepthChunk = 128;
 constexpr Tile kTiles[kTileRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
                                         tile<5>, tile<6>, tile<7>, tile<8>};
+constexpr int kTileRowsHalf = 16;  // 16 accumulators, one per row
+constexpr Tile kTilesHalf[kTileRowsHalf + 1] = {
+    nullptr, tile_half<1>, tile_half<2>, tile_half<3>, tile_half<4>, tile_half<5>,
+    tile_half<6>, tile_half<7>, tile_half<8>, tile_half<9>, tile_half<10>, tile_half<11>,
+    tile_half<12>, tile_half<13>, tile_half<14>, tile_half<15>, tile_half<16>};
 constexpr int kTileRowsAvx2 = 6;  // 12 accumulators, 2 panel rows and a broadcast: 15 of 16 ymm
 constexpr Tile kTilesAvx2[kTileRowsAvx2 + 1] = {nullptr, tile_avx2<1>, tile_avx2<2>,
                                                 tile_avx2<3>, tile_avx2<4>, tile_avx2<5>,
@@ -365,6 +398,129 @@ void run_tiles(const Tile* tiles, int64_t tile_rows, int64_t tile_columns, int64
   }
 }
 
+// GCC 12 warns about the undefined operands inside its own _mm512_reduce_add_ps.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// y[r] = w[r, :K] . x + bias[r] for kRows rows (AVX-512): one accumulator per row, 16 lanes
+// of K at a time; the lanes are summed at the end.
+template <int kRows>
+__attribute__((target("avx512f"))) void gemv_tile(int64_t depth, const float* w, int64_t ldw,
+                                                  const float* x, float* y, const float* bias) {
+  __m512 acc[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= depth; k += 16) {
+    const __m512 xk = _mm512_loadu_ps(x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ldw + k), xk, acc[r]);
+    }
+  }
+  if (k < depth) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (depth - k)) - 1);
+    const __m512 xk = _mm512_maskz_loadu_ps(mask, x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + r * ldw + k), xk, acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    y[r] = _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.0f : bias[r]);
+  }
+}
+
+#pragma GCC diagnostic pop
+
+// The AVX2/FMA gemv_tile: 8 lanes of K at a time.
+template <int kRows>
+__attribute__((target("avx2,fma"))) void gemv_tile_avx2(int64_t depth, const float* w,
+                                                        int64_t ldw, const float* x, float* y,
+                                                        const float* bias) {
+  __m256 acc[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= depth; k += 8) {
+    const __m256 xk = _mm256_loadu_ps(x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * ldw + k), xk, acc[r]);
+    }
+  }
+  if (k < depth) {
+    const __m256i mask = lane_mask(depth - k);
+    const __m256 xk = _mm256_maskload_ps(x + k, mask);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * ldw + k, mask), xk, acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    const __m128 one = _mm_add_ss(pair, _mm_movehdup_ps(pair));
+    y[r] = _mm_cvtss_f32(one) + (bias == nullptr ? 0.0f : bias[r]);
+  }
+}
+
+// y[k0 .. k0+width) (+)= sum over n of g[n] w[n, k0 .. k0+width), width <= 128 (AVX-512).
+__attribute__((target("avx512f"))) void gemv_columns_block(int64_t rows, int64_t width,
+                                                           const float* w, int64_t ldw,
+                                                           const float* g, float* y,
+                                                           bool accumulate) {
+  __mmask16 masks[8];
+  __m512 acc[8];
+  for (int j = 0; j < 8; ++j) {
+    const int64_t left = std::clamp<int64_t>(width - 16 * j, 0, 16);
+    masks[j] = static_cast<__mmask16>((1u << left) - 1);
+    acc[j] = accumulate ? _mm512_maskz_loadu_ps(masks[j], y + 16 * j) : _mm512_setzero_ps();
+  }
+  for (int64_t n = 0; n < rows; ++n) {
+    const __m512 gn = _mm512_set1_ps(g[n]);
+    const float* row = w + n * ldw;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      acc[j] = _mm512_fmadd_ps(gn, _mm512_maskz_loadu_ps(masks[j], row + 16 * j), acc[j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm512_mask_storeu_ps(y + 16 * j, masks[j], acc[j]);
+}
+
+// The AVX2/FMA gemv_columns_block: width <= 64.
+__attribute__((target("avx2,fma"))) void gemv_columns_block_avx2(int64_t rows, int64_t width,
+                                                                 const float* w, int64_t ldw,
+                                                                 const float* g, float* y,
+                                                                 bool accumulate) {
+  __m256i masks[8];
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) {
+    masks[j] = lane_mask(width - 8 * j);
+    acc[j] = accumulate ? _mm256_maskload_ps(y + 8 * j, masks[j]) : _mm256_setzero_ps();
+  }
+  for (int64_t n = 0; n < rows; ++n) {
+    const __m256 gn = _mm256_broadcast_ss(g + n);
+    const float* row = w + n * ldw;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      acc[j] = _mm256_fmadd_ps(gn, _mm256_maskload_ps(row + 8 * j, masks[j]), acc[j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm256_maskstore_ps(y + 8 * j, masks[j], acc[j]);
+}
+
+using GemvTile = void (*)(int64_t, const float*, int64_t, const float*, float*, const float*);
+constexpr int kGemvRows = 8;
+constexpr GemvTile kGemvTiles[kGemvRows + 1] = {
+    nullptr, gemv_tile<1>, gemv_tile<2>, gemv_tile<3>, gemv_tile<4>,
+    gemv_tile<5>, gemv_tile<6>, gemv_tile<7>, gemv_tile<8>};
+constexpr GemvTile kGemvTilesAvx2[kGemvRows + 1] = {
+    nullptr, gemv_tile_avx2<1>, gemv_tile_avx2<2>, gemv_tile_avx2<3>, gemv_tile_avx2<4>,
+    gemv_tile_avx2<5>, gemv_tile_avx2<6>, gemv_tile_avx2<7>, gemv_tile_avx2<8>};
+
 }  // namespace
 
 void PackedMatrix::pack_panel(const float* const* sources, float* panel) const {
@@ -381,10 +537,35 @@ void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) 
 
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate) {
-  if (avx512_kernels()) {
+  if (avx512_kernels() && b.columns() <= 16) {  // half of a panel: half the multiply-adds
+    run_tiles(kTilesHalf, kTileRowsHalf, 16, rows, a, lda, b, c, ldc, bias, accumulate);
+  } else if (avx512_kernels()) {
     run_tiles(kTiles, kTileRows, 32, rows, a, lda, b, c, ldc, bias, accumulate);
   } else {  // AVX2/FMA: each panel as two halves of 16 columns
     run_tiles(kTilesAvx2, kTileRowsAvx2, 16, rows, a, lda, b, c, ldc, bias, accumulate);
+  }
+}
+
+void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x, float* y,
+               const float* bias) {
+  const GemvTile* tiles = avx512_kernels() ? kGemvTiles : kGemvTilesAvx2;
+  for (int64_t m = 0; m < rows; m += kGemvRows) {
+    const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
+    tiles[height](depth, w + m * ldw, ldw, x, y + m, bias == nullptr ? nullptr : bias + m);
+  }
+}
+
+void gemv_columns(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* g,
+                  float* y, bool accumulate) {
+  const bool avx512 = avx512_kernels();
+  const int64_t block = avx512 ? 128 : 64;
+  for (int64_t k = 0; k < depth; k += block) {
+    const int64_t width = std::min(block, depth - k);
+    if (avx512) {
+      gemv_columns_block(rows, width, w + k, ldw, g, y + k, accumulate);
+    } else {
+      gemv_columns_block_avx2(rows, width, w + k, ldw, g, y + k, accumulate);
+    }
   }
 }
 
@@ -489,6 +670,14 @@ void packed_gemm_bf16(int64_t, const uint16_t*, int64_t, const PackedMatrixBf16&
 void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, int64_t,
                  const float*, bool) {
   throw std::runtime_error("fastrnn cpu: packed_gemm needs an x86-64 CPU with AVX2");
+}
+
+void gemv_rows(int64_t, int64_t, const float*, int64_t, const float*, float*, const float*) {
+  throw std::runtime_error("fastrnn cpu: gemv_rows needs an x86-64 CPU with AVX2");
+}
+
+void gemv_columns(int64_t, int64_t, const float*, int64_t, const float*, float*, bool) {
+  throw std::runtime_error("fastrnn cpu: gemv_columns needs an x86-64 CPU with AVX2");
 }
 
 #endif

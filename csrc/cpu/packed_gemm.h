@@ -122,6 +122,19 @@ bool avx512_kernels();
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate);
 
+// y [N] = w [N, K] x [K] + bias [N] (bias may be null) on the calling thread: a product with a
+// single row of activations (one step at batch 1), reading each weight once where it lies, rows
+// of w ldw apart, with no packing; 8 rows at a time, each a sum over K in vector lanes. Only
+// where packed_gemm_supported().
+void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x, float* y,
+               const float* bias);
+
+// y [K] = g [N] w [N, K] (accumulate: y += g w) on the calling thread: the transposed product
+// of gemv_rows (the backward of a step at batch 1), reading each weight once where it lies, in
+// blocks of 128 (AVX2: 64) columns over all rows. Only where packed_gemm_supported().
+void gemv_columns(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* g,
+                  float* y, bool accumulate);
+
 // Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (avx512_kernels(), and AVX-512
 // BW, VL and BF16).
 bool packed_gemm_bf16_supported();

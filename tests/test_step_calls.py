@@ -1,0 +1,383 @@
+"""Step-by-step calls: cells and T = 1 layer calls in eager mode run as one native step
+(ops.direct_step, the cpu backend's cell_step_forward / cell_step_backward). Results against
+torch.nn in float64, weights updated in place between calls, the paths that must keep the layer
+ops, and on a GPU, CUDA-graph capture and the kernel count of a step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastrnn
+from fastrnn import ops
+from fastrnn.backends import cpu as cpu_backend
+
+pytestmark = pytest.mark.skipif(fastrnn.available_backends().get("cpu") != "",
+                                reason="the cpu backend is not built here")
+
+CELLS = {"lstm": (nn.LSTMCell, fastrnn.LSTMCell), "gru": (nn.GRUCell, fastrnn.GRUCell),
+         "rnn_tanh": (nn.RNNCell, fastrnn.RNNCell), "rnn_relu": (nn.RNNCell, fastrnn.RNNCell)}
+# (B, I, H): B <= 4 multiplies by dot products, B >= 12 by packed_gemm, between by ATen; odd
+# sizes, H = 1
+SIZES = [(1, 1, 1), (1, 32, 32), (1, 7, 100), (3, 5, 7), (4, 33, 17), (5, 16, 7), (12, 3, 5),
+         (17, 9, 40), (33, 64, 20)]
+
+
+def make_cell(name: str, input_size: int, hidden: int, bias: bool = True):
+    """A float64 torch.nn cell and a float32 fastrnn copy of it."""
+    torch_class, fast_class = CELLS[name]
+    kwargs = {"nonlinearity": name[4:]} if name.startswith("rnn") else {}
+    reference = torch_class(input_size, hidden, bias=bias, dtype=torch.float64, **kwargs)
+    return reference, fast_class.from_torch(reference).float()
+
+
+def run_cell(module, x, state):
+    """(outputs of one step as a tuple, the state for the next)."""
+    out = module(x, state)
+    return (out if isinstance(out, tuple) else (out,)), out
+
+
+def random(generator, *shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+class StepCounter:
+    """Counts the calls of the native step ops made through ops.direct_step."""
+
+    def __init__(self, monkeypatch):
+        assert ops._CELL_STEP_FORWARD is not None or ops._load_step_ops()
+        self.forward = self.backward = 0
+        forward, backward = ops._CELL_STEP_FORWARD, ops._CELL_STEP_BACKWARD
+
+        def counted_forward(*args):
+            self.forward += 1
+            return forward(*args)
+
+        def counted_backward(*args):
+            self.backward += 1
+            return backward(*args)
+
+        monkeypatch.setattr(ops, "_CELL_STEP_FORWARD", counted_forward)
+        monkeypatch.setattr(ops, "_CELL_STEP_BACKWARD", counted_backward)
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    return StepCounter(monkeypatch)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("name", CELLS)
+def test_cell_step_matches_torch_in_float64(name, size, steps, poisoned_empty):
+    """A loop of 3 steps with backward at the end: outputs and every gradient within 2x torch's
+    own float32 error against float64, plus a few float32 ulps of the O(1) inputs (a result
+    whose values cancel down to 1e-3 has float32 errors of 1e-7 either way)."""
+    batch, input_size, hidden = size
+    generator = torch.Generator().manual_seed(SIZES.index(size) + 100 * list(CELLS).index(name))
+    reference, fast = make_cell(name, input_size, hidden)
+    torch32 = copy.deepcopy(reference).float()
+    xs = random(generator, 3, batch, input_size).requires_grad_()
+    h0 = random(generator, batch, hidden).requires_grad_()
+    c0 = random(generator, batch, hidden).requires_grad_()
+
+    def loop(module, dtype):
+        x, h, c = (t.detach().to(dtype).requires_grad_() for t in (xs, h0, c0))
+        state = (h, c) if name == "lstm" else h
+        outputs = []
+        for step in range(xs.shape[0]):
+            out, state = run_cell(module, x[step], state)
+            outputs += out
+        grads = [random(torch.Generator().manual_seed(index), *o.shape, dtype=dtype)
+                 for index, o in enumerate(outputs)]
+        inputs = [x, h] + ([c] if name == "lstm" else []) + list(module.parameters())
+        return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
+
+    want = loop(reference, torch.float64)
+    theirs = loop(torch32, torch.float32)
+    ours = loop(fast, torch.float32)
+    assert steps.forward == 3 and steps.backward == 3
+    for index, (w, t, o) in enumerate(zip(want, theirs, ours)):
+        scale = max(w.abs().max().item(), 1.0)
+        torch_error = (t.double() - w).abs().max().item() / scale
+        error = (o.double() - w).abs().max().item() / scale
+        assert error <= 2 * torch_error + 2e-6, f"result {index}: {error:.3g} vs torch {torch_error:.3g}"
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_cell_step_without_bias_and_unbatched(name, steps):
+    reference, fast = make_cell(name, 6, 9, bias=False)
+    reference = reference.float()
+    x = torch.randn(6)
+    for state in (None, (torch.randn(9), torch.randn(9)) if name == "lstm" else torch.randn(9)):
+        want, got = reference(x, state), fast(x, state)
+        for w, g in zip(want if name == "lstm" else (want,), got if name == "lstm" else (got,)):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert steps.forward == 2
+
+
+def test_inputs_are_not_modified(steps):
+    reference, fast = make_cell("lstm", 5, 8)
+    x = torch.randn(2, 5, requires_grad=True)
+    h, c = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    grads = torch.randn(2, 8), torch.randn(2, 8)
+    before = [t.detach().clone() for t in (x, h, c, *grads, *fast.parameters())]
+    h_new, c_new = fast(x, (h, c))
+    torch.autograd.backward((h_new, c_new), grads)
+    after = [t.detach() for t in (x, h, c, *grads, *fast.parameters())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert steps.forward == 1 and steps.backward == 1
+
+
+def _update_in_place(how: str, torch_cell: nn.Module, fast_cell: nn.Module) -> None:
+    """Change the weights of both cells in the same way (the fastrnn cell already ran)."""
+    generator = torch.Generator().manual_seed(7)
+    if how == "optimizer.step":
+        x = torch.randn(3, torch_cell.input_size, generator=generator)
+        for cell in (torch_cell, fast_cell):
+            optimizer = torch.optim.SGD(cell.parameters(), lr=0.5)
+            out = cell(x)
+            (out[0] if isinstance(out, tuple) else out).square().sum().backward()
+            optimizer.step()
+    elif how == "load_state_dict":
+        state = {name: torch.randn(p.shape, generator=generator)
+                 for name, p in torch_cell.named_parameters()}
+        torch_cell.load_state_dict(state)
+        fast_cell.load_state_dict(state)
+    elif how == "data.copy_":
+        new = torch.randn(torch_cell.weight_hh.shape, generator=generator)
+        torch_cell.weight_hh.data.copy_(new)
+        version = fast_cell.weight_hh._version
+        fast_cell.weight_hh.data.copy_(new)
+        # the case a cache keyed on the version counter would miss
+        assert fast_cell.weight_hh._version == version
+    elif how == "no_grad in-place":
+        with torch.no_grad():
+            for cell in (torch_cell, fast_cell):
+                cell.weight_ih.mul_(-1.5)
+                cell.bias_hh.add_(0.25)
+    elif how == "parameter replaced":
+        new = torch.randn(torch_cell.weight_hh.shape, generator=generator)
+        torch_cell.weight_hh = nn.Parameter(new.clone())
+        fast_cell.weight_hh = nn.Parameter(new.clone())
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+@pytest.mark.parametrize("how", ["optimizer.step", "load_state_dict", "data.copy_",
+                                 "no_grad in-place", "parameter replaced"])
+def test_weights_changed_between_calls_are_used(how, batch, steps):
+    """Never a stale weight: after each kind of update the next step equals torch.nn's."""
+    torch.manual_seed(0)
+    torch_cell = nn.LSTMCell(12, 20)
+    fast_cell = fastrnn.LSTMCell.from_torch(torch_cell)
+    x = torch.randn(batch, 12)
+    state = (torch.randn(batch, 20), torch.randn(batch, 20))
+    with torch.no_grad():
+        first = fast_cell(x, state)[0]
+        torch.testing.assert_close(first, torch_cell(x, state)[0], rtol=1e-5, atol=1e-6)
+    _update_in_place(how, torch_cell, fast_cell)
+    with torch.no_grad():
+        for _ in range(2):  # the call right after the update, and the one after it
+            got, want = fast_cell(x, state)[0], torch_cell(x, state)[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, first)  # the update changed the result
+    assert steps.forward == 3 + (how == "optimizer.step")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_one_step_layer_calls_match_torch(mode, batch, steps):
+    """T = 1 per call, state carried (and reset), 2 layers, then one backward: outputs, states
+    and gradients equal torch.nn's, one native step per layer and call."""
+    torch.manual_seed(1)
+    torch_layer = getattr(nn, mode)(10, 16, num_layers=2)
+    fast_layer = getattr(fastrnn, mode).from_torch(torch_layer)
+    xs = torch.randn(4, 1, batch, 10)
+
+    def loop(module):
+        x = xs.clone().requires_grad_()
+        state, outputs = None, []
+        for step in range(xs.shape[0]):
+            if step == 2:  # an episode ends: the state starts again from zeros
+                state = None
+            output, state = module(x[step], state)
+            outputs.append(output)
+        outputs += list(state) if mode == "LSTM" else [state]
+        grads = torch.autograd.grad(outputs, [x, *module.parameters()],
+                                    [torch.ones_like(o) for o in outputs])
+        return [o.detach() for o in outputs] + list(grads)
+
+    for got, want in zip(loop(fast_layer), loop(torch_layer)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert steps.forward == 8 and steps.backward == 8
+
+
+def test_one_step_layer_output_and_h_n_are_separate(steps):
+    layer = fastrnn.GRU(4, 6)
+    with torch.no_grad():
+        output, h_n = layer(torch.randn(1, 2, 4))
+    kept = h_n.clone()
+    output.add_(1.0)
+    assert torch.equal(h_n, kept)
+    assert steps.forward == 1
+
+
+def test_double_backward_through_a_step(steps):
+    """create_graph=True: the backward recomputes in differentiable ops; second derivatives
+    match torch.nn's."""
+    torch.manual_seed(2)
+    torch_cell = nn.GRUCell(3, 4)
+    fast_cell = fastrnn.GRUCell.from_torch(torch_cell)
+    x = torch.randn(2, 3)
+
+    def second(cell):
+        h = torch.randn(2, 4, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        (grad_h,) = torch.autograd.grad(cell(x, h).square().sum(), h, create_graph=True)
+        return torch.autograd.grad(grad_h.sum(), [h, *cell.parameters()])
+
+    for got, want in zip(second(fast_cell), second(torch_cell)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # one native backward: the second derivative through the first one's grad_output (2 h')
+    assert steps.forward == 1 and steps.backward == 1
+
+
+def test_threads_split_the_units_without_changing_a_bit(steps):
+    """Above the work threshold a step splits its hidden units over threads; every unit's sums
+    are the same on any number of threads (B <= 4 and B >= 12, weights below 1 MiB: fastrnn's
+    own products)."""
+    if cpu_backend.kernel_isa() == "generic":
+        pytest.skip("without AVX2 a step runs the layer kernel, on products split by ATen")
+    torch.manual_seed(4)
+    cell = fastrnn.LSTMCell(100, 150)  # 150 K multiply-adds per row, 600 KB of weights
+    for batch in (1, 17):
+        x, h, c = torch.randn(batch, 100), torch.randn(batch, 150), torch.randn(batch, 150)
+        threads = torch.get_num_threads()
+        results = []
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                with torch.no_grad():
+                    results.append(cell(x, (h, c)))
+        finally:
+            torch.set_num_threads(threads)
+        for result in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+
+
+@pytest.mark.parametrize("where", ["reference backend", "float64", "empty batch", "jit.trace",
+                                   "torch.func.vmap", "torch.compile"])
+def test_paths_that_keep_the_layer_ops(where, steps, monkeypatch):
+    """Where the direct step must not run, the layer ops do, with torch.nn's results."""
+    torch.manual_seed(5)
+    torch_cell = nn.LSTMCell(3, 5)
+    fast_cell = fastrnn.LSTMCell.from_torch(torch_cell)
+    x = torch.randn(2, 3)
+    if where == "reference backend":
+        monkeypatch.setenv("FASTRNN_BACKEND", "reference")
+    if where == "float64":
+        torch_cell, fast_cell, x = torch_cell.double(), fast_cell.double(), x.double()
+    if where == "empty batch":
+        x = x[:0]
+    run = fast_cell
+    if where == "jit.trace":
+        run = torch.jit.trace(fast_cell, (x,), check_trace=False)
+    if where == "torch.func.vmap":
+        def run(inputs):
+            return torch.func.vmap(fast_cell)(inputs)
+        x = x.unsqueeze(1)
+    if where == "torch.compile":
+        run = torch.compile(fast_cell, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got = run(x)
+        if where == "torch.func.vmap":  # torch.nn's cell has no batching rule: sample by sample
+            want = [torch.stack(parts) for parts in zip(*(torch_cell(sample) for sample in x))]
+        else:
+            want = torch_cell(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert steps.forward == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", CELLS)
+def test_torch_step_is_torch_nn_step(name, bias):
+    """ops.torch_step, the CUDA step path, wired to torch.nn's own step (checked on the CPU)."""
+    reference, _ = make_cell(name, 5, 6, bias=bias)
+    reference = reference.float()
+    x, h, c = torch.randn(3, 5), torch.randn(3, 6), torch.randn(3, 6)
+    cell = fastrnn.cells.CELLS[name]
+    got = ops.torch_step(cell, x, h, c if cell.has_cell_state else None, reference.weight_ih,
+                         reference.weight_hh, reference.bias_ih, reference.bias_hh)
+    want = reference(x, (h, c)) if cell.has_cell_state else (reference(x, h), None)
+    for g, w in zip(got, want):
+        assert (g is None and w is None) or torch.equal(g, w)
+
+
+# ---- GPU: CUDA-graph capture of a step loop, and the kernels of a step -------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_cuda_graph_capture_of_a_step_loop(name):
+    torch.manual_seed(6)
+    _, fast = make_cell(name, 16, 32)
+    cell = fast.cuda()
+    x = torch.randn(8, 4, 16, device="cuda")
+    h0 = torch.randn(4, 32, device="cuda")
+    state0 = (h0, torch.randn(4, 32, device="cuda")) if name == "lstm" else h0
+
+    def loop():
+        state = state0
+        for step in range(x.shape[0]):
+            state = cell(x[step], state)
+        return state
+
+    with torch.no_grad():
+        eager = loop()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (Triton compiles, allocator pools) off-graph
+            loop()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = loop()
+        graph.replay()
+        torch.cuda.synchronize()
+    for got, want in zip(captured if name == "lstm" else (captured,),
+                         eager if name == "lstm" else (eager,)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _kernels_per_step(module, x, state) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(3):
+            module(x, state)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                module(x, state)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) // 10
+
+
+@cuda
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_a_cuda_step_launches_no_more_kernels_than_torch(name):
+    reference, fast = make_cell(name, 64, 128)
+    torch_cell, fast_cell = reference.float().cuda(), fast.cuda()
+    x = torch.randn(8, 64, device="cuda")
+    h = torch.randn(8, 128, device="cuda")
+    state = (h, torch.randn(8, 128, device="cuda")) if name == "lstm" else h
+    ours, theirs = _kernels_per_step(fast_cell, x, state), _kernels_per_step(torch_cell, x, state)
+    print(f"{name} cell step on CUDA: fastrnn {ours} kernels, torch.nn {theirs}")
+    assert ours <= theirs
