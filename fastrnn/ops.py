@@ -28,7 +28,6 @@ In eager mode a cell step, or a layer call with T = 1, skips the ops: `direct_st
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
@@ -375,7 +374,7 @@ def torch_step(cell: CellSpec, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: 
 def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tensor]]) -> str:
     """Where `direct_step` may run these tensors for this backend name (None: the
     environment's): "cpu", "cuda", or "" where it may not. Cheap checks first."""
-    name = backend or os.environ.get("FASTRNN_BACKEND") or "auto"
+    name = backends.requested_backend(backend or None)
     x = tensors[0]
     if x.is_cpu:
         if name not in ("auto", "cpu") or _CELL_STEP_FORWARD is None and not _load_step_ops():

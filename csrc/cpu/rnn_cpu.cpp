@@ -1258,8 +1258,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 // them once, as they lie. At B <= kGemvBatch each gate row is a dot product (gemv_rows) with
 // each row of x and h; from kPackedBatch on (AVX-512) the weights are the a operand of
 // packed_gemm against the packed x^T and h^T ([K, B], a few KiB), giving gates^T [G*H, B],
-// transposed for the cell; otherwise ATen's GEMMs. Nothing of the weights is kept between calls (a weight changed
-// through .data leaves no trace in its version counter), so no weight can be stale. The units
+// transposed for the cell; otherwise ATen's GEMMs. Nothing of the weights is kept between calls
+// (a weight changed through .data leaves no trace in its version counter), so no weight can be
+// stale. The units
 // split over threads in blocks of 16; a block's gate rows of W_ih and W_hh, its cell pass and
 // its outputs are its thread's alone, so a step has no barrier.
 
