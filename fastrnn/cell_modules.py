@@ -53,11 +53,10 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         weight_ih, weight_hh = weight_ih.to(cast), weight_hh.to(cast)
         bias_ih = None if bias_ih is None else bias_ih.to(cast)
         bias_hh = None if bias_hh is None else bias_hh.to(cast)
-    wants_grad = needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
-    step = direct_step(cell, backend, wants_grad, input, h, c, weight_ih, weight_hh, bias_ih,
-                       bias_hh)
+    step = direct_step(cell, backend, input, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
     if step is not None:
         return step
+    wants_grad = needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
     x_gates = F.linear(input, weight_ih, bias_ih).unsqueeze(0)  # [1, B, G*H]
     _, h_n, c_n = layer(
         cell, x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0),

@@ -163,7 +163,7 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
     """
     if x.shape[0] == 1 and w_hh.shape[0] == 1 and w_hr is None and lengths is None:
         # squeeze, not [0]: its backward is a view, where select's fills a copy of w_hh
-        step = direct_step(cell, backend, keep_workspace, x.squeeze(0), h0.squeeze(0),
+        step = direct_step(cell, backend, x.squeeze(0), h0.squeeze(0),
                            None if c0 is None else c0.squeeze(0), w_ih, w_hh.squeeze(0), b_ih,
                            None if b_hh is None else b_hh.squeeze(0))
         if step is not None:  # output [1, B, H] and h_n [1, B, H] as separate tensors
@@ -333,19 +333,19 @@ class _EagerLayer(_EagerFunction):
                 None, None, None)
 
 
-def direct_step(cell: CellSpec, backend: Optional[str], wants_grad: bool, x: Tensor, h: Tensor,
+def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
                 c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                 b_hh: Optional[Tensor]) -> Optional[tuple[Tensor, Optional[Tensor]]]:
     """One step of a cell in eager mode with the fewest calls: x [B, I], h [B, H], c [B, H]
     (LSTM) -> (h' [B, H], c' [B, H] or None).
 
-    On the CPU one native call (the cpu backend's cell_step_forward: projection, recurrent
-    product and cell; `_EagerStep` for autograd). On CUDA, where a step is bound by its kernel
-    launches, torch.nn's own step (`torch._VF.*_cell`: two GEMMs and one fused cell kernel for
-    LSTM and GRU), which the layer kernels cannot undercut at T = 1. None where the step must
-    run through the layer ops instead: another backend asked for, another dtype or device, a
-    compiler, tracer, ONNX export, torch.func transform or forward-mode AD, a tensor subclass,
-    or an empty problem.
+    On the CPU one native call, the cpu backend's cell_step: projection, recurrent product and
+    cell, differentiated by a native autograd node (its backward is cell_step_backward). On
+    CUDA, where a step is bound by its kernel launches, torch.nn's own step (`torch._VF.*_cell`:
+    two GEMMs and one fused cell kernel for LSTM and GRU), which the layer kernels cannot
+    undercut at T = 1. None where the step must run through the layer ops instead: another
+    backend asked for, another dtype or device, a compiler, tracer, ONNX export, torch.func
+    transform or forward-mode AD, a tensor subclass, or an empty problem.
     """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
     where = _direct_step_device(backend, tensors)
@@ -353,10 +353,7 @@ def direct_step(cell: CellSpec, backend: Optional[str], wants_grad: bool, x: Ten
         return None
     if where == "cuda":
         return torch_step(cell, *tensors)
-    if wants_grad:
-        h_new, c_new, _ = _EagerStep.apply(*tensors, cell)
-    else:
-        h_new, c_new, _ = _CELL_STEP_FORWARD(cell.name, *tensors, False)
+    h_new, c_new, _ = _CELL_STEP(cell.name, *tensors)
     return h_new, (c_new if cell.has_cell_state else None)
 
 
@@ -377,7 +374,7 @@ def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tenso
     name = backends.requested_backend(backend or None)
     x = tensors[0]
     if x.is_cpu:
-        if name not in ("auto", "cpu") or _CELL_STEP_FORWARD is None and not _load_step_ops():
+        if name not in ("auto", "cpu") or _CELL_STEP is None and not _load_step_op():
             return ""
         for tensor in tensors:
             if tensor is not None and (tensor.dtype is not torch.float32 or not tensor.is_cpu):
@@ -398,58 +395,17 @@ def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tenso
     return where
 
 
-_CELL_STEP_FORWARD = _CELL_STEP_BACKWARD = None  # the native step ops, once loaded
+_CELL_STEP = None  # the native step op, once loaded
 
 
-def _load_step_ops() -> bool:
-    """Look the cpu backend's step ops up once; False where its kernels are not available."""
-    global _CELL_STEP_FORWARD, _CELL_STEP_BACKWARD
+def _load_step_op() -> bool:
+    """Look the cpu backend's step op up once; False where its kernels are not available."""
+    global _CELL_STEP
     cpu = backends._load("cpu")
     if cpu is None or not cpu.available()[0]:
         return False
-    _CELL_STEP_FORWARD = torch.ops.fastrnn_cpu.cell_step_forward.default
-    _CELL_STEP_BACKWARD = torch.ops.fastrnn_cpu.cell_step_backward.default
+    _CELL_STEP = torch.ops.fastrnn_cpu.cell_step.default
     return True
-
-
-class _EagerStep(_EagerFunction):
-    """One step of a cell as one autograd node (direct_step): its backward is the native
-    cell_step_backward, or where the backward must itself be differentiated or batched, the
-    step recomputed in the reference recurrence's differentiable ops."""
-
-    @staticmethod
-    def forward(x, h, c, w_ih, w_hh, b_ih, b_hh, cell):
-        return tuple(_CELL_STEP_FORWARD(cell.name, x, h, c, w_ih, w_hh, b_ih, b_hh, True))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        *tensors, cell = inputs
-        h_new, c_new, workspace = output
-        ctx.save_for_backward(*tensors, h_new, workspace)
-        ctx.cell = cell
-        ctx.mark_non_differentiable(workspace, *(() if cell.has_cell_state else (c_new,)))
-        ctx.set_materialize_grads(False)  # unused outputs get None
-
-    @staticmethod
-    def backward(ctx, grad_h, grad_c, _grad_workspace):
-        *tensors, h_new, workspace = ctx.saved_tensors
-        cell = ctx.cell
-        grad_c = grad_c if cell.has_cell_state else None
-        if _backward_needs_graph(grad_h, grad_c):
-            def forward(x, h, c, w_ih, w_hh, b_ih, b_hh):
-                _, h_n, c_n = differentiable_layer(
-                    cell, F.linear(x, w_ih, b_ih).unsqueeze(0), h.unsqueeze(0),
-                    None if c is None else c.unsqueeze(0), w_hh.unsqueeze(0),
-                    None if b_hh is None else b_hh.unsqueeze(0), None, None, False)[:3]
-                return h_n[0], (c_n[0] if c is not None else None)
-
-            return (*_vjp_by_recompute(forward, tensors, ctx.needs_input_grad[:7],
-                                       (grad_h, grad_c)), None)
-        mask = [wanted and tensor is not None
-                for wanted, tensor in zip(ctx.needs_input_grad, tensors)]
-        grads = _CELL_STEP_BACKWARD(cell.name, grad_h, grad_c, *tensors[:5], h_new, workspace,
-                                    mask)
-        return (*(grad if wanted else None for grad, wanted in zip(grads, mask)), None)
 
 
 @torch.library.custom_op("fastrnn::input_projection_backward", mutates_args=())

@@ -1,5 +1,6 @@
 """Step-by-step calls: cells and T = 1 layer calls in eager mode run as one native step
-(ops.direct_step, the cpu backend's cell_step_forward / cell_step_backward). Results against
+(ops.direct_step: the cpu backend's cell_step, whose native autograd node runs
+cell_step_forward and cell_step_backward). Results against
 torch.nn in float64, weights updated in place between calls, the paths that must keep the layer
 ops, and on a GPU, CUDA-graph capture and the kernel count of a step."""
 
@@ -45,28 +46,46 @@ def random(generator, *shape, dtype=torch.float64):
 
 
 class StepCounter:
-    """Counts the calls of the native step ops made through ops.direct_step."""
+    """Counts the native step ops run through ops.direct_step (the forward and backward inside
+    the cpu backend's cell_step), as the profiler records them."""
 
-    def __init__(self, monkeypatch):
-        assert ops._CELL_STEP_FORWARD is not None or ops._load_step_ops()
-        self.forward = self.backward = 0
-        forward, backward = ops._CELL_STEP_FORWARD, ops._CELL_STEP_BACKWARD
+    NAMES = {"fastrnn_cpu::cell_step_forward": "forward",
+             "fastrnn_cpu::cell_step_backward": "backward"}
 
-        def counted_forward(*args):
-            self.forward += 1
-            return forward(*args)
+    def __init__(self):
+        assert ops._CELL_STEP is not None or ops._load_step_op()
+        self.counts = {"forward": 0, "backward": 0}
+        self._start()
 
-        def counted_backward(*args):
-            self.backward += 1
-            return backward(*args)
+    def _start(self):
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profile.__enter__()
 
-        monkeypatch.setattr(ops, "_CELL_STEP_FORWARD", counted_forward)
-        monkeypatch.setattr(ops, "_CELL_STEP_BACKWARD", counted_backward)
+    def stop(self):
+        self._profile.__exit__(None, None, None)
+        for event in self._profile.events():
+            if event.name in self.NAMES:
+                self.counts[self.NAMES[event.name]] += 1
+
+    def _count(self, which: str) -> int:
+        self.stop()
+        self._start()
+        return self.counts[which]
+
+    @property
+    def forward(self) -> int:
+        return self._count("forward")
+
+    @property
+    def backward(self) -> int:
+        return self._count("backward")
 
 
 @pytest.fixture
-def steps(monkeypatch):
-    return StepCounter(monkeypatch)
+def steps():
+    counter = StepCounter()
+    yield counter
+    counter.stop()
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-I{}-H{}".format(*s))
@@ -227,23 +246,131 @@ def test_one_step_layer_output_and_h_n_are_separate(steps):
     assert steps.forward == 1
 
 
-def test_double_backward_through_a_step(steps):
-    """create_graph=True: the backward recomputes in differentiable ops; second derivatives
-    match torch.nn's."""
+def _fresh_state(name: str, batch: int, hidden: int, seed: int):
+    """(state for the cell, the tensors in it), leaves that require grad."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(batch, hidden, generator=generator).requires_grad_()
+             for _ in range(2 if name == "lstm" else 1)]
+    return (tuple(parts) if name == "lstm" else parts[0]), parts
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_double_backward_through_a_step(name, steps):
+    """create_graph=True: the backward recomputes in torch's differentiable cell ops; second
+    derivatives match torch.nn's."""
     torch.manual_seed(2)
-    torch_cell = nn.GRUCell(3, 4)
-    fast_cell = fastrnn.GRUCell.from_torch(torch_cell)
+    torch_cell, fast_cell = (c.float() for c in make_cell(name, 3, 4))
     x = torch.randn(2, 3)
 
     def second(cell):
-        h = torch.randn(2, 4, generator=torch.Generator().manual_seed(3)).requires_grad_()
-        (grad_h,) = torch.autograd.grad(cell(x, h).square().sum(), h, create_graph=True)
-        return torch.autograd.grad(grad_h.sum(), [h, *cell.parameters()])
+        state, parts = _fresh_state(name, 2, 4, 3)
+        (grad_h,) = torch.autograd.grad(_first(cell(x, state)).square().sum(), parts[0],
+                                        create_graph=True)
+        return torch.autograd.grad(grad_h.sum(), [*parts, *cell.parameters()],
+                                   allow_unused=True)
 
     for got, want in zip(second(fast_cell), second(torch_cell)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # one native backward: the second derivative through the first one's grad_output (2 h')
     assert steps.forward == 1 and steps.backward == 1
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_batched_gradients_through_a_step(name, steps):
+    """is_grads_batched=True (vmap over the backward): the step is recomputed in torch's cell
+    ops, which batch; every row equals torch.nn's gradient for that row's grad_output."""
+    torch.manual_seed(6)
+    torch_cell, fast_cell = (c.float() for c in make_cell(name, 5, 7))
+    x = torch.randn(3, 5, requires_grad=True)
+    grad_rows = torch.randn(4, 3, 7)
+
+    def batched(cell):
+        state, parts = _fresh_state(name, 3, 7, 8)
+        return torch.autograd.grad(_first(cell(x, state)), [x, *parts, *cell.parameters()],
+                                   grad_rows, is_grads_batched=True)
+
+    for got, want in zip(batched(fast_cell), batched(torch_cell)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert steps.forward == 1 and steps.backward == 0
+
+
+def test_a_step_uses_saved_tensor_hooks_and_checkpointing():
+    """The step's node saves through torch.autograd.graph's hooks: packed and unpacked by them,
+    and recomputed under non-reentrant checkpointing, with torch.nn's gradients."""
+    torch.manual_seed(9)
+    torch_cell, fast_cell = (c.float() for c in make_cell("lstm", 6, 5))
+    xs = torch.randn(4, 2, 6)
+
+    def loop(cell, step):
+        x = xs.clone().requires_grad_()
+        state, parts = _fresh_state("lstm", 2, 5, 10)
+        for t in range(xs.shape[0]):
+            state = step(cell, x[t], state)
+        loss = state[0].square().sum() + state[1].sum()
+        return torch.autograd.grad(loss, [x, *parts, *cell.parameters()])
+
+    def plain(cell, x, state):
+        return cell(x, state)
+
+    def checkpointed(cell, x, state):
+        return torch.utils.checkpoint.checkpoint(cell, x, state, use_reentrant=False)
+
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.shape)
+        return tensor.clone()
+
+    want = loop(torch_cell, plain)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        hooked = loop(fast_cell, plain)
+    assert torch.Size([2, 25]) in packed  # the step's workspace [B, 5 H] went through them
+    for got in (hooked, loop(fast_cell, checkpointed)):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_reports_misuse_as_torch_does():
+    """A saved input changed in place, and a second backward without retain_graph, raise
+    torch's errors; retain_graph=True allows the second backward."""
+    _, cell = make_cell("gru", 4, 3)
+    x, h = torch.randn(2, 4, requires_grad=True), torch.randn(2, 3)
+    out = cell(x, h)
+    with torch.no_grad():
+        x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    out = cell(x, h)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_a_step_in_inference_mode_and_with_one_output_used(name, steps):
+    """torch.inference_mode runs the step below autograd; an LSTM step whose c' is unused gets
+    no gradient for it (an undefined one, not zeros) and torch.nn's gradients."""
+    torch_cell, fast_cell = (c.float() for c in make_cell(name, 5, 6))
+    x = torch.randn(3, 5)
+    state, parts = _fresh_state(name, 3, 6, 11)
+    with torch.inference_mode():
+        for g, w in zip(fast_cell(x, state), torch_cell(x, state)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    got, want = (torch.autograd.grad(_first(cell(x, state)).sum(), [*parts, *cell.parameters()])
+                 for cell in (fast_cell, torch_cell))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert steps.forward == 2 and steps.backward == 1
 
 
 def test_threads_split_the_units_without_changing_a_bit(steps):
