@@ -380,9 +380,11 @@ def test_threads_split_the_units_without_changing_a_bit(steps):
     if cpu_backend.kernel_isa() == "generic":
         pytest.skip("without AVX2 a step runs the layer kernel, on products split by ATen")
     torch.manual_seed(4)
-    cell = fastrnn.LSTMCell(100, 150)  # 150 K multiply-adds per row, 600 KB of weights
-    for batch in (1, 17):
-        x, h, c = torch.randn(batch, 100), torch.randn(batch, 150), torch.randn(batch, 150)
+    # above the 4 M multiply-adds from which a step splits: B1 I768 H768 (4.7 M), and B33 I100
+    # H150 (4.9 M, 600 KB of weights)
+    for batch, input_size, hidden in ((1, 768, 768), (33, 100, 150)):
+        cell = fastrnn.LSTMCell(input_size, hidden)
+        x, h, c = (torch.randn(batch, size) for size in (input_size, hidden, hidden))
         threads = torch.get_num_threads()
         results = []
         try:
