@@ -375,7 +375,7 @@ def test_a_step_in_inference_mode_and_with_one_output_used(name, steps):
 
 def test_threads_split_the_units_without_changing_a_bit(steps):
     """Above the work threshold a step splits its hidden units over threads; every unit's sums
-    are the same on any number of threads (B <= 4 and B >= 12, weights below 1 MiB: fastrnn's
+    are the same on any number of threads (B <= 4 and B >= 12, weights below 5 MiB: fastrnn's
     own products)."""
     if cpu_backend.kernel_isa() == "generic":
         pytest.skip("without AVX2 a step runs the layer kernel, on products split by ATen")

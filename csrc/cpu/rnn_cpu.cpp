@@ -1274,11 +1274,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 constexpr int64_t kGemvBatch = 4;
 // Batch rows below which, above kGemvBatch, the products are ATen's GEMMs instead: packed_gemm's
 // tiles of 16 or 32 batch columns would multiply mostly padding. On AVX2 CPUs they are ATen's
-// too where the weights exceed kPackedAvx2Bytes: its 6-row, 16-column tiles read each weight
-// row once per 16 batch columns, from memory once the weights outgrow the L2 cache, and were
-// slower than MKL there (LSTM B32 H512); below it they were faster (RNN B16 H256).
+// too where the weights exceed kPackedAvx2Bytes per thread of the step: its 6-row, 16-column
+// tiles read each weight row once per 16 batch columns, from the L3 cache or memory once the
+// weights outgrow the L2 caches. Measured (LSTMCell, one thread, time / torch.nn's): 2 MiB
+// (B32 and B64 H256) 0.79 and 0.89 against ATen's 0.90 and 1.15, 4.7 MiB (B32 H384) 0.89
+// against 0.94, but 6.3 MiB (B32 H512) 1.18 against 0.97; on two threads 0.71 against 0.97.
 constexpr int64_t kPackedBatch = 12;
-constexpr int64_t kPackedAvx2Bytes = int64_t(1) << 20;
+constexpr int64_t kPackedAvx2Bytes = int64_t(5) << 20;
 // Multiply-adds of a step below which it stays on one thread. A fork costs a few us in a tight
 // loop, but a step loop leaves the OpenMP workers idle between calls (the caller's own work),
 // long enough for them to sleep: waking them cost ~60 us (2-core Zen 4 VM, libgomp's default
@@ -1332,9 +1334,10 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   float* scratch = h_next + B * H;
   Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, x.options());
   PackedMatrix x_t, h_t;  // [I, B], [H, B]
-  const bool large = int64_t(sizeof(float)) * GH * (I + H) > kPackedAvx2Bytes;
-  const bool aten = !gemv && (B < kPackedBatch || (large && !avx512_kernels()));
   const bool split = B * GH * (I + H) >= kStepParallelWork;
+  const int64_t threads = split ? at::get_num_threads() : 1;
+  const bool large = int64_t(sizeof(float)) * GH * (I + H) > kPackedAvx2Bytes * threads;
+  const bool aten = !gemv && (B < kPackedBatch || (large && !avx512_kernels()));
   if (aten) {  // x_gates = x W_ih^T + b_ih, h_gates = h W_hh^T
     Tensor x_gates_t = buffer.narrow(0, 0, B * GH).view({B, GH});
     Tensor h_gates_t = buffer.narrow(0, B * GH, B * GH).view({B, GH});
