@@ -337,7 +337,7 @@ def test_a_step_uses_saved_tensor_hooks_and_checkpointing():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_a_step_reports_misuse_as_torch_does():
+def test_a_step_reports_misuse_as_torch_does(steps):
     """A saved input changed in place, and a second backward without retain_graph, raise
     torch's errors; retain_graph=True allows the second backward."""
     _, cell = make_cell("gru", 4, 3)
@@ -354,6 +354,7 @@ def test_a_step_reports_misuse_as_torch_does():
     torch.testing.assert_close(x.grad, 2 * first)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         out.sum().backward()
+    assert steps.forward == 2 and steps.backward == 2
 
 
 @pytest.mark.parametrize("name", CELLS)
