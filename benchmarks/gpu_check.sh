@@ -94,6 +94,8 @@ if [ "$DRY_RUN" -eq 0 ]; then
     step cuda-smoke 20 60 "5 layers, no compile" "$PY" benchmarks/persistent_smoke.py --backend cuda
     step cuda-tests 30 60 "GPU cuda parity tests" \
         "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_cuda_launcher.py
+    step step-tests 10 30 "4 CUDA step tests: graph capture, kernel count; torch's own kernels" \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_step_calls.py -k cuda
     step benchmarks 50 90 "2 configs x 3 dtypes, --quick: 12 groups of 3 s budget" \
         "$PY" -m pytest benchmarks/ -q -p no:cacheprovider --quick --backends triton,cuda \
         -k "fastrnns or latency" --results-dir "$WORK/results"
