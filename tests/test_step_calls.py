@@ -208,6 +208,41 @@ def test_weights_changed_between_calls_are_used(how, batch, steps):
     assert steps.forward == 3 + (how == "optimizer.step")
 
 
+class _Negated(nn.Module):
+    def forward(self, weight):
+        return -weight
+
+
+@pytest.mark.parametrize("how", ["functional_call", "parametrize", "weight_norm"])
+def test_weights_that_are_not_plain_parameters_are_used(how, steps):
+    """A step reads its weights from the cell's registered parameters, or where one is not
+    registered there, as the attribute torch.nn's cell would read: the weights given to
+    functional_call, a parametrization's value, weight_norm's recomputed weight."""
+    torch.manual_seed(12)
+    torch_cell = nn.GRUCell(5, 6)
+    fast_cell = fastrnn.GRUCell.from_torch(torch_cell)
+    x, h = torch.randn(3, 5), torch.randn(3, 6)
+    with torch.no_grad():
+        before = fast_cell(x, h)
+        if how == "functional_call":
+            weights = {name: torch.randn(p.shape) for name, p in torch_cell.named_parameters()}
+            got, want = (torch.func.functional_call(cell, weights, (x, h))
+                         for cell in (fast_cell, torch_cell))
+        else:
+            name = "weight_hh" if how == "parametrize" else "weight_ih"
+            for cell in (torch_cell, fast_cell):
+                if how == "parametrize":
+                    torch.nn.utils.parametrize.register_parametrization(cell, name, _Negated())
+                else:
+                    torch.nn.utils.parametrizations.weight_norm(cell, name)
+                    cell.parametrizations.weight_ih.original0.mul_(1.5)
+            assert name not in fast_cell._parameters  # read as an attribute
+            got, want = fast_cell(x, h), torch_cell(x, h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, before)  # the weights used are not the plain parameters
+    assert steps.forward == 2
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch", [1, 32])
 def test_one_step_layer_calls_match_torch(mode, batch, steps):

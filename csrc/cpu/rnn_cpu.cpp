@@ -1282,10 +1282,10 @@ constexpr int64_t kGemvBatch = 4;
 constexpr int64_t kPackedBatch = 12;
 constexpr int64_t kPackedAvx2Bytes = int64_t(5) << 20;
 // Multiply-adds of a step below which it stays on one thread. A fork costs a few us in a tight
-// loop, but a step loop leaves the OpenMP workers idle between calls (the caller's own work),
-// long enough for them to sleep: waking them cost ~60 us (2-core Zen 4 VM, libgomp's default
-// wait policy), so that an RNN step at B16 H256 (2.1 M, ~55 us alone) took 104 us on two
-// threads. From 4 M (~120-250 us alone) the split halves what it costs.
+// loop, but between the calls of a step loop the OpenMP workers idle, and on the project's
+// 2-core VM waking them cost ~60 us for minutes at a time: an RNNCell step at B16 H256 (2.1 M)
+// took 99-104 us on two threads then, 55 us otherwise, and 72 us on one thread. From 4 M
+// (~120-250 us alone) the split pays for that wake-up too.
 constexpr int64_t kStepParallelWork = int64_t(1) << 22;
 
 // out[:, columns first .. first+count) of [B, ldo] = w[first .. first+count) [count, K] (rows K
