@@ -1664,7 +1664,7 @@ class CellStep : public torch::autograd::Function<CellStep> {
         step_forward_op().call(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, true);
     ctx->save_for_backward({x, h, value_or_undefined(c), w_ih, w_hh, value_or_undefined(b_ih),
                             value_or_undefined(b_hh), h_new, workspace});
-    ctx->saved_data["cell"] = static_cast<int64_t>(cell_info(cell).cell);
+    ctx->saved_data["cell"] = std::string(cell);
     if (cell_info(cell).cell == Cell::kLstm) {
       ctx->mark_non_differentiable({workspace});
     } else {
@@ -1677,7 +1677,8 @@ class CellStep : public torch::autograd::Function<CellStep> {
   // one gradient per argument of forward: none for the cell's name
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const Cell cell = static_cast<Cell>(ctx->saved_data["cell"].toInt());
+    const std::string& name = ctx->saved_data["cell"].toStringRef();
+    const Cell cell = cell_info(name).cell;
     const Tensor& grad_h = grad_outputs[0];
     const Tensor grad_c = cell == Cell::kLstm ? grad_outputs[1] : Tensor();
     std::array<bool, 7> mask{};  // x, h, c, w_ih, w_hh, b_ih, b_hh; absent ones have no edge
@@ -1691,11 +1692,10 @@ class CellStep : public torch::autograd::Function<CellStep> {
         !plain_gradient(grad_c)) {
       grads = step_vjp_by_recompute(cell, saved, grad_h, grad_c, mask);
     } else {
-      static constexpr std::string_view kNames[] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto found = step_backward_op().call(
-          kNames[static_cast<int>(cell)], optional_of(grad_h), optional_of(grad_c), saved[0],
-          saved[1], optional_of(saved[2]), saved[3], saved[4], saved[7], saved[8], mask);
+      auto found = step_backward_op().call(name, optional_of(grad_h), optional_of(grad_c),
+                                           saved[0], saved[1], optional_of(saved[2]), saved[3],
+                                           saved[4], saved[7], saved[8], mask);
       grads = {std::get<0>(found), std::get<1>(found), std::get<2>(found), std::get<3>(found),
                std::get<4>(found), std::get<5>(found), std::get<6>(found)};
     }
