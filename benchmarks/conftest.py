@@ -51,8 +51,10 @@ def pytest_addoption(parser):
 
 
 def _requested_backends(config) -> tuple[list[str], bool]:
-    """The fastrnn backends to time and whether the user named them."""
+    """The fastrnn backends to time and whether the user named them. Not fastrnn's `torch`
+    backend: it runs torch.nn's own kernels, which the `torch` column times."""
     available = fastrnn.available_backends()
+    available.pop("torch", None)
     names = [name for name in config.getoption("--backends").split(",") if name]
     for name in names:
         if name not in available:

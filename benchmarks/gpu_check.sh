@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one-shot check on a lent H100/H200, sized for the device tool: one command under its 600 s
-# limit (a deadline of GPU_CHECK_DEADLINE seconds, default 450, over all steps), at most 8 files
+# limit (a deadline of GPU_CHECK_DEADLINE seconds, default 480, over all steps), at most 8 files
 # back, python3, and no step that stops the ones after it.
 #
 #     bash benchmarks/gpu_check.sh            # on the GPU machine (OUT=... to choose the folder)
@@ -19,7 +19,7 @@ DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 OUT=${OUT:-benchmarks/gpu_check}
 PY=${PYTHON:-python3}
-DEADLINE=${GPU_CHECK_DEADLINE:-450}
+DEADLINE=${GPU_CHECK_DEADLINE:-480}
 [ "$DRY_RUN" -eq 1 ] && DEADLINE=${GPU_CHECK_DEADLINE:-1500}  # compiling here, on 2 cores, cold
 ONLY=${GPU_CHECK_STEPS:-}  # a rerun: only these steps (names, space-separated)
 mkdir -p "$OUT"
@@ -87,6 +87,8 @@ if [ "$DRY_RUN" -eq 0 ]; then
         "$PY" -m fastrnn.gpu_report --target sm_90 --configs smoke
     step triton-smoke 80 150 "planning 1.4 s (table), 10 kernel compiles 3-12 s each here" \
         "$PY" benchmarks/persistent_smoke.py
+    step admission 30 90 "the smoke shapes through auto: kernels cached by triton-smoke, one check each" \
+        env FASTRNN_CACHE_DIR="$WORK/admission" "$PY" benchmarks/persistent_smoke.py --admission
     step triton-tests 90 150 "58 small kernel compiles at launch (0.4-1.7 s each here)" \
         "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_triton_plan.py
     step cuda-build 60 150 "3 files in parallel: binding.cpp ~60 s, the two .cu 45 s here" \

@@ -2,9 +2,13 @@
 and backward against torch.nn (cuDNN), twice on a side stream, and must agree bitwise with itself
 and within tolerance with torch.nn. Prints one line per shape with the plans chosen and the
 forward time per step. Run under a watchdog (benchmarks/gpu_check.sh): a hang is a failure.
-`--shapes tiny` runs small layers without timing them (for compute-sanitizer).
+`--shapes tiny` runs small layers without timing them (for compute-sanitizer). `--admission`
+instead runs each shape as a user would (backend auto), inference and training, until admission
+(fastrnn.admission) has a verdict, and prints the verdict table: a line "ok" per admitted
+configuration, "FAIL" per rejected one.
 
     python benchmarks/persistent_smoke.py [--backend triton|cuda] [--shapes stress|tiny]
+                                          [--admission]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import triton.testing
 
 import fastrnn
+from fastrnn import admission
 from fastrnn.backends import cuda as cuda_backend
 from fastrnn.backends import triton as triton_backend
 from fastrnn.backends.base import LayerConfig
@@ -76,14 +81,52 @@ def check(backend, timed, mode, batch, seq_len, hidden, bidirectional, dtype) ->
     return ok
 
 
+def admit(mode, batch, seq_len, hidden, bidirectional, dtype) -> None:
+    """Run one shape through auto, inference then training, until each has a verdict (the first
+    call starts the compiles in the background, a call after them runs the check)."""
+    torch.manual_seed(0)
+    module = getattr(fastrnn, mode)(hidden, hidden, batch_first=True,
+                                    bidirectional=bidirectional).cuda().to(dtype)
+    x = torch.randn(batch, seq_len, hidden, device="cuda", dtype=dtype)
+    for _ in range(2):
+        with torch.no_grad():
+            module(x)
+        module(x.requires_grad_())[0].float().sum().backward()
+        admission.PREPARER.wait()
+    torch.cuda.synchronize()
+
+
+def admission_table(shapes) -> int:
+    """Admission of each shape; the verdict table; the number of rejected configurations."""
+    for shape in shapes:
+        admit(*shape)
+    entries = admission.STORE.entries(seen_only=True)
+    for entry in entries:
+        verdict = {True: "ok  ", False: "FAIL"}.get(entry.get("admitted"), "FAIL")
+        times = entry.get("times_ms") or ["?", "?"]
+        print(f"{verdict} admission {admission.describe(entry['fields'])}: "
+              f"{entry['fields']['backend']} {entry.get('plan') or ''}; fused {times[0]} ms, "
+              f"torch {times[1]} ms{'; ' + entry['reason'] if entry.get('reason') else ''}",
+              flush=True)
+    print(admission.report())
+    return sum(entry.get("admitted") is not True for entry in entries)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="triton", choices=["triton", "cuda"])
     parser.add_argument("--shapes", default="stress", choices=["stress", "tiny"])
+    parser.add_argument("--admission", action="store_true",
+                        help="run the shapes through auto and print the admission verdicts")
     args = parser.parse_args()
     shapes = [(*shape[:-1], DTYPES[shape[-1]])
               for shape in (SMOKE_SHAPES if args.shapes == "stress" else SMOKE_TINY_SHAPES)]
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    if args.admission:
+        rejected = admission_table(shapes)
+        print(f"admission: {len(shapes) * 2 - rejected}/{len(shapes) * 2} configurations "
+              "admitted")
+        return 1 if rejected else 0
     failures = sum(not check(args.backend, args.shapes == "stress", *shape) for shape in shapes)
     print(f"persistent smoke ({args.backend}): {len(shapes) - failures}/{len(shapes)} shapes ok")
     return 1 if failures else 0

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from fastrnn import backends
+from fastrnn import admission
 from fastrnn.backends import cpu
 from fastrnn.backends.base import LayerConfig
 from fastrnn.cells import CELLS_BY_MODE
@@ -88,19 +88,27 @@ def _median_ms(fn, device: torch.device, repeat: int) -> float:
     return statistics.median(times)
 
 
+def _served_by(backend: str | None, module, x: torch.Tensor, training: bool) -> str:
+    """The backend that served the module's (first) layer for input x."""
+    config = LayerConfig(CELLS_BY_MODE[module.mode], x.device.type, x.dtype, x.shape[1],
+                         x.shape[0], module.hidden_size, 0, 1, False)
+    chosen = admission.serving_backend(backend, config, input_size=module.input_size,
+                                       has_bias=module.bias, training=training, device=x.device)
+    return chosen.name if chosen is not None else "?"
+
+
 def speed(device: torch.device, backend: str | None, repeat: int) -> None:
-    """Median forward and forward+backward times of torch.nn and fastrnn, side by side."""
+    """Median forward and forward+backward times of torch.nn and fastrnn, side by side; each
+    fastrnn layer is called once first, and the compiles that starts are waited for, so that
+    the times are those of the backend admission lets serve (fastrnn.admission)."""
     print(f"\nspeed on {device.type} (median of {repeat}, ms; ratio < 1 means fastrnn is faster):")
-    print(f"  {'config':30s} {'backend':9s} {'torch fwd':>9s} {'fastrnn':>9s} {'ratio':>6s}"
+    print(f"  {'config':30s} {'backend f/fb':13s} {'torch fwd':>9s} {'fastrnn':>9s} {'ratio':>6s}"
           f" {'torch f+b':>9s} {'fastrnn':>9s} {'ratio':>6s}")
     for name, batch, seq, hidden, dtype in SPEED[device.type]:
         torch.manual_seed(0)
         reference = PAIRS[name][0](hidden, hidden, device=device, dtype=dtype)
         module = PAIRS[name][1].from_torch(reference, backend=backend)
         x = torch.randn(seq, batch, hidden, device=device, dtype=dtype)
-        config = LayerConfig(CELLS_BY_MODE[reference.mode], device.type, dtype, batch, seq, hidden,
-                             0, 1, False)
-        chosen = backends.resolve(backend, config).name
         row = []
         for m in (reference, module):
             def forward():
@@ -109,17 +117,21 @@ def speed(device: torch.device, backend: str | None, repeat: int) -> None:
 
             def forward_backward():
                 m(x.requires_grad_())[0].sum().backward()
+            forward()
+            forward_backward()
+            admission.PREPARER.wait()
             row.append((_median_ms(forward, device, repeat), _median_ms(forward_backward, device, repeat)))
         (t_f, t_fb), (f_f, f_fb) = row
         label = f"{name} B{batch} T{seq} H{hidden} {str(dtype)[6:]}"
-        print(f"  {label:30s} {chosen:9s} {t_f:9.2f} {f_f:9.2f} {f_f / t_f:6.2f} {t_fb:9.2f}"
+        chosen = f"{_served_by(backend, module, x, False)}/{_served_by(backend, module, x, True)}"
+        print(f"  {label:30s} {chosen:13s} {t_f:9.2f} {f_f:9.2f} {f_f / t_f:6.2f} {t_fb:9.2f}"
               f" {f_fb:9.2f} {f_fb / t_fb:6.2f}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastrnn", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default=None, choices=backends.BACKEND_NAMES)
+    parser.add_argument("--backend", default=None, choices=fastrnn.backends.BACKEND_NAMES)
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions per measurement")
     parser.add_argument("--no-speed", action="store_true", help="only run the self-check")
     args = parser.parse_args(argv)
@@ -133,6 +145,9 @@ def main(argv=None) -> int:
     ok = self_check(device, args.backend)
     if not args.no_speed:
         speed(device, args.backend, args.repeat)
+        if device.type == "cuda":
+            print("\nadmission of the fused GPU plans (fastrnn.admission):")
+            print(admission.report())
     print("\nself-check " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import rnn as torch_rnn  # torch's classes, even if torch.nn's are rebound
 
@@ -57,10 +56,9 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
     if step is not None:
         return step
     wants_grad = needs_backward(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
-    x_gates = F.linear(input, weight_ih, bias_ih).unsqueeze(0)  # [1, B, G*H]
     _, h_n, c_n = layer(
-        cell, x_gates, h.unsqueeze(0), None if c is None else c.unsqueeze(0),
-        weight_hh.unsqueeze(0),
+        cell, input.unsqueeze(0), weight_ih, bias_ih, h.unsqueeze(0),
+        None if c is None else c.unsqueeze(0), weight_hh.unsqueeze(0),
         None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
         check_backend_name(backend) or "", wants_grad)
     return h_n[0], (c_n[0] if c is not None else None)

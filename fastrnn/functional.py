@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import admission, backends, onnx_export
 from .backends import check_backend_name
+from .backends.base import LayerConfig
+from .backends.native import TorchBackend
 from .cells import CELLS, CellSpec
-from .ops import run_layer
+from .ops import needs_plain_ops, run_layer
 
 
 def check_batch_sizes(batch_sizes: Tensor, batch: int, total: int) -> None:
@@ -126,11 +129,11 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
             raise RuntimeError(f"Expected {name} dtype {input.dtype} to match the input dtype, "
                                f"got {state.dtype}")
 
-    lengths = rows = None
+    lengths = rows = host_lengths = None
     if batch_sizes is not None:
         check_batch_sizes(batch_sizes, h0.shape[1], input.shape[0])
-        lengths, rows, slots = (t.to(input.device) for t in packed_layout(
-            batch_sizes, h0.shape[1], input.shape[0]))
+        host_lengths, rows, slots = packed_layout(batch_sizes, h0.shape[1], input.shape[0])
+        lengths, rows, slots = (t.to(input.device) for t in (host_lengths, rows, slots))
         padded = torch.cat([input, input.new_zeros(1, input.shape[1])])  # row N: padding
         x = padded[slots]  # [T, B, I]
     else:
@@ -139,13 +142,19 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
     keep_workspace = needs_backward(input, h0, c0, *weights)
+    if _served_whole_by_torch(cell, x, h0, weights, num_layers, num_directions, lengths,
+                              backend, keep_workspace):
+        return backends.torch_backend().stack(
+            cell, input, batch_sizes, h0, c0, weights, num_layers=num_layers, dropout=dropout,
+            training=training, train=training or keep_workspace, bidirectional=bidirectional,
+            batch_first=batch_first)
     h_n, c_n = [], []
     for layer in range(num_layers):
         w_ih, b_ih, w_hh, b_hh, w_hr = _layer_weights(weights, layer, num_layers, num_directions)
         states = slice(layer * num_directions, (layer + 1) * num_directions)
         x, h_last, c_last = run_layer(cell, x, w_ih, b_ih, h0[states],
                                       None if c0 is None else c0[states], w_hh, b_hh, w_hr,
-                                      lengths, backend, keep_workspace)
+                                      lengths, backend, keep_workspace, host_lengths)
         h_n.append(h_last)
         c_n.append(c_last)
         if dropout > 0 and training and layer < num_layers - 1:
@@ -160,6 +169,35 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         return states[0] if num_layers == 1 else torch.cat(states)
 
     return output, join(h_n), join(c_n) if c0 is not None else None
+
+
+def _served_whole_by_torch(cell: CellSpec, x: Tensor, h0: Tensor, weights: Sequence[Tensor],
+                           num_layers: int, num_directions: int, lengths: Tensor | None,
+                           backend: str, training: bool) -> bool:
+    """Whether, in eager mode, the torch backend is settled to serve every layer of this call
+    (asked for, or chosen by auto without a check to run), so that the whole stack is one call
+    of torch's kernels, as torch.nn makes it. x [T, B, I] (padded), h0 [L*D, B, P]."""
+    seq_len, batch, input_size = x.shape
+    if seq_len == 1 and num_layers == num_directions == 1 and lengths is None:
+        return False  # a step: ops.direct_step runs torch's own step where torch serves
+    if (type(x) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or onnx_export.exporting() or needs_plain_ops(x, h0, *weights)):
+        return False
+    per = len(weights) // (num_layers * num_directions)
+    gate_rows, out_size = weights[1].shape
+    hidden = gate_rows // cell.gates
+    if batch == 0 or hidden == 0:
+        return False
+    config = LayerConfig(cell, x.device.type, x.dtype, batch, seq_len, hidden,
+                         out_size if per in (3, 5) else 0, num_directions, lengths is not None)
+    for layer in range(num_layers):
+        chosen = admission.serving_backend(
+            backend or None, config, input_size=input_size if layer == 0 else weights[
+                layer * num_directions * per].shape[1], has_bias=per >= 4, training=training,
+            device=x.device)
+        if not isinstance(chosen, TorchBackend):
+            return False
+    return True
 
 
 def lstm(input: Tensor, hx: tuple[Tensor, Tensor], weights: Sequence[Tensor], *,

@@ -2,6 +2,11 @@
 
     python -m fastrnn.gpu_report --target sm_90 [--backend triton|cuda]
                                  [--configs benchmarks|small|smoke|check|all] [--save-table]
+    python -m fastrnn.gpu_report --device
+
+--device prints the admission verdicts recorded on this machine (fastrnn.admission): each layer
+configuration seen, the backend and plan checked, admitted or rejected, the errors against
+float64 (fused / torch / allowed) and both times.
 
 No GPU is needed. For the triton backend, each GPU benchmark config (fastrnn.benchmark_configs) x
 dtype x pass is planned as on the target device (triton_plan.choose compiles the candidates for
@@ -141,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["benchmarks", "small", "smoke", "check", "all"])
     parser.add_argument("--save-table", action="store_true",
                         help="write the compiled resources used into the shipped table")
+    parser.add_argument("--device", action="store_true",
+                        help="print the admission verdicts recorded on this machine")
     args = parser.parse_args(argv)
+    if args.device:
+        from . import admission
+        print(admission.report(seen_only=False))
+        return 0
     if args.backend == "cuda":
         return cuda_report(args.target, args.configs)
     status = triton_report(args.target, args.configs)

@@ -1,29 +1,30 @@
-"""One `torch.library` custom op per cell for a whole layer, with a fake twin and autograd.
+"""One `torch.library` custom op per cell for a whole layer from its input, with a fake twin and
+autograd.
 
-    torch.ops.fastrnn.{cell}_layer(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend,
+    torch.ops.fastrnn.{cell}_layer(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, backend,
                                    keep_workspace=True)
         -> (output, h_n, c_n, workspace)
-    torch.ops.fastrnn.{cell}_layer_backward(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr,
-                                             lengths, output, workspace, backend)
-        -> (grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr)
+    torch.ops.fastrnn.{cell}_layer_backward(grad_output, grad_h_n, grad_c_n, x, w_ih, b_ih, h0,
+                                             c0, w_hh, b_hh, w_hr, lengths, output, workspace,
+                                             backend, wanted)
+        -> (grad_x, grad_w_ih, grad_b_ih, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr)
 
-for cell in lstm, gru, rnn_tanh, rnn_relu, and for the input projection of a layer on the CPU
-
-    torch.ops.fastrnn.input_projection(x, w_ih, b_ih, backend) -> x_gates
-    torch.ops.fastrnn.input_projection_backward(grad, x, w_ih, output_mask, backend)
-        -> (grad_x, grad_w_ih, grad_b_ih)
-
-Shapes and meaning: backends/base.py. `backend` is a
-name from backends.BACKEND_NAMES, or "" for FASTRNN_BACKEND / "auto"; it is resolved when the op
-runs, so `torch.compile` sees each op as one opaque node. With keep_workspace=False (nothing will
-be differentiated) the workspace comes back empty ([0, B, D, W]) and backends may skip saving it.
+for cell in lstm, gru, rnn_tanh, rnn_relu. Shapes and meaning: backends/base.py (forward_from_input
+and backward_from_input); `wanted` says which of the eight gradients to compute, and an empty
+tensor ([0]) stands where one is not wanted or its input is absent. `backend` is a name from
+backends.BACKEND_NAMES, or "" for FASTRNN_BACKEND / "auto"; it is resolved when the op runs
+(fastrnn.admission under auto), so `torch.compile` sees each op as one opaque node. With
+keep_workspace=False (nothing will be differentiated) the workspace comes back empty
+([0, B, D, W]) and backends may skip saving it.
 
 The fused backward kernels give first derivatives. A backward that must itself be differentiated
 (create_graph=True) or batched (vmap over it) instead runs the layer again in the reference
 recurrence's differentiable torch ops and differentiates those; under torch.func transforms and
 forward-mode AD the layers run as those ops from the start. Every op has a per-sample vmap rule.
 
-In eager mode a cell step, or a layer call with T = 1, skips the ops: `direct_step`.
+In eager mode a layer skips the ops (`run_layer`): the chosen backend runs with an autograd.Function
+of its own, or, for the torch backend, with torch's own autograd; a cell step, or a layer call with
+T = 1, is one call (`direct_step`).
 """
 
 from __future__ import annotations
@@ -37,20 +38,56 @@ import torch.nn.functional as F
 from torch import Tensor, _VF
 from torch.autograd import forward_ad
 
-from . import backends, onnx_export
+from . import admission, backends, onnx_export
 from .backends.base import LayerConfig, workspace_dtype
+from .backends.native import TorchBackend
 from .backends.reference import layer_forward as differentiable_layer
 from .cells import CELLS, CellSpec
 
-
-def _backend_for(cell: CellSpec, name: str, x_gates, h0, w_hh, w_hr, lengths):
-    config = LayerConfig.of(cell, x_gates, h0, w_hh, w_hr, lengths)
+def _backend_for(cell: CellSpec, name: str, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                 training: bool, op_path: bool):
+    """The backend that runs this layer call (fastrnn.admission for `auto`)."""
+    config = LayerConfig.of(cell, x, h0, w_hh, w_hr, lengths)
     if config.batch_size == 0 or config.hidden_size == 0:
         # nothing to compute: the reference backend's plain ops give the empty results (the
         # kernels divide work by B and H); the requested name is still checked
         backends.requested_backend(name or None)
         return backends.reference_backend()
-    return backends.resolve(name or None, config)
+    return admission.serving_backend(
+        name or None, config, input_size=x.shape[-1],
+        has_bias=b_ih is not None or b_hh is not None, training=training, device=x.device,
+        call=lambda: admission.LayerCall(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths),
+        op_path=op_path)
+
+
+def _gradients(cell: CellSpec, backward: Callable, saved: Sequence[Optional[Tensor]],
+               grads: Sequence[Optional[Tensor]], needs_input_grad: Sequence[bool],
+               compiled: bool) -> tuple:
+    """The gradients of a layer's eight tensor inputs (None where absent or not needed), for the
+    gradients of its outputs (None where unused): `backward(*grads, *inputs, lengths, output,
+    workspace, wanted)` runs the backend's fused backward; a backward that must itself be
+    differentiated or batched recomputes the layer in differentiable ops instead."""
+    *inputs, lengths, output, workspace = saved
+    grad_output, grad_h_n, grad_c_n = grads
+    if not cell.has_cell_state:
+        grad_c_n = None
+    wanted = [bool(need) and t is not None for need, t in zip(needs_input_grad, inputs)]
+    if _backward_needs_graph(grad_output, grad_h_n, grad_c_n):
+        if compiled:
+            raise RuntimeError("fastrnn: double backward through a compiled layer is not "
+                               "supported (torch.compile supports none); run it eagerly")
+
+        def forward(x, w_ih, b_ih, *layer_inputs):
+            return differentiable_layer(cell, F.linear(x, w_ih, b_ih), *layer_inputs, lengths,
+                                        False)[:3]
+
+        return tuple(_vjp_by_recompute(forward, inputs, wanted,
+                                       (grad_output, grad_h_n, grad_c_n)))
+    if workspace.shape[0] == 0 and output.shape[0] != 0:
+        raise RuntimeError("fastrnn: this layer ran with keep_workspace=False, so it has no "
+                           "saved activations to differentiate through")
+    found = backward(grad_output, grad_h_n, grad_c_n, *inputs, lengths, output, workspace, wanted)
+    return tuple(grad if want else None for grad, want in zip(found, wanted))
 
 
 def _define(cell: CellSpec):
@@ -58,86 +95,67 @@ def _define(cell: CellSpec):
 
     @torch.library.custom_op(f"fastrnn::{cell.name}_layer_backward", mutates_args=())
     def layer_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor],
-                       grad_c_n: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-                       w_hr: Optional[Tensor], lengths: Optional[Tensor], output: Tensor,
-                       workspace: Tensor, backend: str
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        seq_len, batch, _ = output.shape
-        x_gates_like = output.new_empty(seq_len, batch, 0)  # only its device, dtype and T, B matter
-        impl = _backend_for(cell, backend, x_gates_like, h0, w_hh, w_hr, lengths)
-        return impl.backward(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
-                             output, workspace)
+                       grad_c_n: Optional[Tensor], x: Tensor, w_ih: Tensor,
+                       b_ih: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                       b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
+                       output: Tensor, workspace: Tensor, backend: str, wanted: list[bool]
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        impl = _backend_for(cell, backend, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                            training=True, op_path=True)
+        grads = impl.backward_from_input(cell, grad_output, grad_h_n, grad_c_n, x, w_ih, b_ih,
+                                         h0, c0, w_hh, b_hh, w_hr, lengths, output, workspace,
+                                         wanted)
+        return tuple(x.new_empty(0) if grad is None or not want else grad
+                     for grad, want in zip(grads, wanted))
 
     @layer_backward.register_fake
-    def _(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, output, workspace, backend):
-        seq_len, batch, _ = output.shape
-        num_directions, gate_rows, out_size = w_hh.shape
-        return (output.new_empty(seq_len, batch, num_directions * gate_rows),
-                output.new_empty(num_directions, batch, out_size),
-                output.new_empty(c0.shape if cell.has_cell_state else (0,)),
-                output.new_empty(w_hh.shape),
-                output.new_empty(num_directions, gate_rows),
-                output.new_empty((0,) if w_hr is None else w_hr.shape))
+    def _(grad_output, grad_h_n, grad_c_n, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+          output, workspace, backend, wanted):
+        inputs = (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)
+        return tuple(x.new_empty(t.shape if want and t is not None else (0,))
+                     for t, want in zip(inputs, wanted))
 
     @torch.library.custom_op(f"fastrnn::{cell.name}_layer", mutates_args=())
-    def layer(x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-              b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
-              backend: str, keep_workspace: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        impl = _backend_for(cell, backend, x_gates, h0, w_hh, w_hr, lengths)
-        output, h_n, c_n, workspace = impl.forward(cell, x_gates, h0, c0, w_hh, b_hh, w_hr,
-                                                   lengths, keep_workspace=keep_workspace)
+    def layer(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+              w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
+              lengths: Optional[Tensor], backend: str, keep_workspace: bool = True
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        impl = _backend_for(cell, backend, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                            training=keep_workspace, op_path=True)
+        output, h_n, c_n, workspace = impl.forward_from_input(
+            cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace=keep_workspace)
         if not keep_workspace and workspace.shape[0] != 0:
             workspace = workspace.new_empty((0, *workspace.shape[1:]))
         return output, h_n, c_n, workspace
 
     @layer.register_fake
-    def _(x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace=True):
-        seq_len, batch, _ = x_gates.shape
+    def _(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace=True):
+        seq_len, batch, _ = x.shape
         num_directions, gate_rows, out_size = w_hh.shape
         hidden = gate_rows // cell.gates
-        return (x_gates.new_empty(seq_len, batch, num_directions * out_size),
-                x_gates.new_empty(num_directions, batch, out_size),
-                x_gates.new_empty(num_directions, batch, hidden) if cell.has_cell_state
-                else x_gates.new_empty(0),
-                x_gates.new_empty(seq_len if keep_workspace else 0, batch, num_directions,
-                                  cell.workspace_gates * hidden,
-                                  dtype=workspace_dtype(x_gates.dtype)))
+        return (x.new_empty(seq_len, batch, num_directions * out_size),
+                x.new_empty(num_directions, batch, out_size),
+                x.new_empty(num_directions, batch, hidden) if cell.has_cell_state
+                else x.new_empty(0),
+                x.new_empty(seq_len if keep_workspace else 0, batch, num_directions,
+                            cell.workspace_gates * hidden, dtype=workspace_dtype(x.dtype)))
 
     def setup_context(ctx, inputs, output):
-        x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace = inputs
+        *tensors, lengths, backend, keep_workspace = inputs
         out, _, _, workspace = output
-        ctx.keep_workspace = keep_workspace
-        # x_gates and b_hh only serve a double backward, which torch.compile does not support
-        ctx.has_inputs = not torch.compiler.is_compiling()
-        kept = (x_gates, b_hh) if ctx.has_inputs else (None, None)
-        ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace, *kept)
-        ctx.has_bias = b_hh is not None
+        ctx.save_for_backward(*tensors, lengths, out, workspace)
         ctx.backend = backend
+        ctx.compiled = torch.compiler.is_compiling()
         ctx.mark_non_differentiable(workspace)
         ctx.set_materialize_grads(False)  # unused outputs get None, not zeros the size of them
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-        h0, c0, w_hh, w_hr, lengths, out, workspace, x_gates, b_hh = ctx.saved_tensors
-        if not cell.has_cell_state:
-            grad_c_n = None
-        if _backward_needs_graph(grad_output, grad_h_n, grad_c_n):
-            if not ctx.has_inputs:
-                raise RuntimeError("fastrnn: double backward through a compiled layer is not "
-                                   "supported (torch.compile supports none); run it eagerly")
-            grads = _vjp_by_recompute(
-                lambda *inputs: differentiable_layer(cell, *inputs, lengths, False)[:3],
-                (x_gates, h0, c0, w_hh, b_hh, w_hr), ctx.needs_input_grad[:6],
-                (grad_output, grad_h_n, grad_c_n))
-            return (*grads, None, None, None)
-        if not ctx.keep_workspace:
-            raise RuntimeError("fastrnn: this layer ran with keep_workspace=False, so it has no "
-                               "saved activations to differentiate through")
-        grad_x, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = layer_backward(
-            grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, out, workspace,
-            ctx.backend)
-        return (grad_x, grad_h0, grad_c0 if cell.has_cell_state else None, grad_w_hh,
-                grad_b_hh if ctx.has_bias else None, grad_w_hr if w_hr is not None else None,
-                None, None, None)
+        def fused(*arguments):
+            return layer_backward(*arguments[:-1], ctx.backend, arguments[-1])
+
+        grads = _gradients(cell, fused, ctx.saved_tensors, (grad_output, grad_h_n, grad_c_n),
+                           ctx.needs_input_grad[:8], ctx.compiled)
+        return (*grads, None, None, None)
 
     layer.register_autograd(backward, setup_context=setup_context)
     return layer
@@ -148,18 +166,19 @@ LAYER_OPS = {name: _define(cell) for name, cell in CELLS.items()}
 
 def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h0: Tensor,
               c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
-              lengths: Optional[Tensor], backend: str, keep_workspace: bool
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer from its input x [T, B, I]: (output, h_n, c_n).
+              lengths: Optional[Tensor], backend: str, keep_workspace: bool,
+              host_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer from its input x [T, B, I]: (output, h_n, c_n); host_lengths: `lengths` on the
+    CPU where the caller has them.
 
-    Under a compiler or torch.jit.trace, or for tensor subclasses, through the ops
-    (input_projection on CPU tensors, else F.linear; then the layer op), which torch.compile sees
-    as opaque nodes. Under torch.func transforms and forward-mode AD, as plain differentiable ops. In eager mode the
-    backend the layer op would pick runs projection and layer as one call (`forward_from_input`,
-    with `_EagerLayer` for autograd): the same kernels and results without the ops' dispatch, and
-    the cpu backend then computes the input projection step by step inside its time loop. A
-    single step of one direction (T = 1, no projection or lengths) is one cell step
-    (`direct_step`) where that can run.
+    In eager mode the backend the layer op would pick runs the layer as one call: the torch
+    backend under torch's own autograd, any other with `_EagerLayer` for autograd (the same
+    kernels and results as the op, without its dispatch; the cpu backend then computes the
+    input projection step by step inside its time loop). A single step of one direction (T = 1,
+    no projection or lengths) is one cell step (`direct_step`) where that can run. Under a
+    compiler or torch.jit.trace, or for tensor subclasses, through the layer op (`layer`), which
+    torch.compile sees as an opaque node; under ONNX export as ONNX's recurrence operator; under
+    torch.func transforms and forward-mode AD as plain differentiable ops.
     """
     if x.shape[0] == 1 and w_hh.shape[0] == 1 and w_hr is None and lengths is None:
         # squeeze, not [0]: its backward is a view, where select's fills a copy of w_hh
@@ -171,36 +190,37 @@ def run_layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h
             return h_n.clone(), h_n, None if step[1] is None else step[1].unsqueeze(0)
     if onnx_export.exporting():
         return onnx_export.layer(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths)
-    if _needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
+    if (type(x) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)):
+        return layer(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, backend,
+                     keep_workspace)
+    impl = _backend_for(cell, backend, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                        training=keep_workspace, op_path=False)
+    if isinstance(impl, TorchBackend):
+        return impl.layer(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                          train=keep_workspace, host_lengths=host_lengths)
+    if keep_workspace:
+        return _EagerLayer.apply(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell,
+                                 impl)[:3]
+    return impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                   keep_workspace=False)[:3]
+
+
+def layer(cell: CellSpec, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], h0: Tensor,
+          c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
+          lengths: Optional[Tensor], backend: str, keep_workspace: bool
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer from its input x [T, B, I]: (output, h_n, c_n), through the layer op, or under
+    ONNX export (a cell's step: ONNX records its plain torch ops), torch.func transforms and
+    forward-mode AD through plain differentiable torch ops."""
+    if onnx_export.exporting():
+        return differentiable_layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr,
+                                    lengths, False)[:3]
+    if needs_plain_ops(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr):
         return _plain_layer(cell, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths)
-    if type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-        impl = _backend_for(cell, backend, x, h0, w_hh, w_hr, lengths)
-        if keep_workspace:
-            return _EagerLayer.apply(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell,
-                                     impl)[:3]
-        return impl.forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
-                                       keep_workspace=False)[:3]
-    if x.device.type == "cpu":
-        x_gates = input_projection(x, w_ih, b_ih, backend)
-    else:
-        x_gates = F.linear(x, w_ih, b_ih)
-    return layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, backend, keep_workspace)
-
-
-def layer(cell: CellSpec, x_gates: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-          b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor], backend: str,
-          keep_workspace: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer from its input projection x_gates [T, B, D*G*H]: (output, h_n, c_n), through the
-    layer op, or under torch.func transforms and forward-mode AD through plain differentiable torch
-    ops."""
-    if onnx_export.exporting():  # a cell's step: ONNX records its plain torch ops
-        return differentiable_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, False)[:3]
-    if _needs_plain_ops(x_gates, h0, c0, w_hh, b_hh, w_hr):
-        return _plain_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths)
-    output, h_n, c_n, _ = LAYER_OPS[cell.name](x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
+    output, h_n, c_n, _ = LAYER_OPS[cell.name](x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
                                                backend, keep_workspace)
     return output, h_n, c_n
-
 
 def _plain_layer(cell: CellSpec, x_gates: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths
                  ) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,7 +234,7 @@ def _transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-def _needs_plain_ops(*tensors: Optional[Tensor]) -> bool:
+def needs_plain_ops(*tensors: Optional[Tensor]) -> bool:
     """Whether a layer must run as plain differentiable torch ops: under a torch.func transform,
     or with forward-mode AD tangents (torch.autograd.forward_ad) on any of `tensors`; the fused
     kernels have neither vmap nor jvp rules."""
@@ -284,8 +304,7 @@ class _EagerFunction(torch.autograd.Function):
 
 class _EagerLayer(_EagerFunction):
     """Input projection and layer as one autograd node, run by one backend in eager mode; the
-    gradients are those of input_projection and the layer op (by recomputation in differentiable
-    ops where the backward must itself be differentiated or batched)."""
+    same gradients as the layer op's (`_gradients`)."""
 
     @staticmethod
     def forward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl):
@@ -294,43 +313,21 @@ class _EagerLayer(_EagerFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell, impl = inputs
+        *tensors, lengths, cell, impl = inputs
         out, _, _, workspace = output
-        ctx.save_for_backward(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, out, workspace)
+        ctx.save_for_backward(*tensors, lengths, out, workspace)
         ctx.cell, ctx.impl = cell, impl
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.mark_non_differentiable(workspace)
         ctx.set_materialize_grads(False)  # unused outputs get None, not zeros the size of them
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-        x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, out, workspace = ctx.saved_tensors
-        cell = ctx.cell
-        if _backward_needs_graph(grad_output, grad_h_n, grad_c_n):
-            def forward(x, w_ih, b_ih, *layer_inputs):
-                return differentiable_layer(cell, F.linear(x, w_ih, b_ih), *layer_inputs,
-                                            lengths, False)[:3]
+        def fused(*arguments):
+            return ctx.impl.backward_from_input(ctx.cell, *arguments)
 
-            grads = _vjp_by_recompute(forward, (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr),
-                                      ctx.needs_input_grad[:8],
-                                      (grad_output, grad_h_n,
-                                       grad_c_n if cell.has_cell_state else None))
-            return (*grads, None, None, None)
-        grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = ctx.impl.backward(
-            cell, grad_output, grad_h_n, grad_c_n if cell.has_cell_state else None, h0, c0, w_hh,
-            w_hr, lengths, out, workspace)
-        wants_b_ih = ctx.has_bias[0] and ctx.needs_input_grad[2]
-        shared = wants_b_ih and cell.biases_share_gradient  # grad b_ih = grad b_hh, summed once
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], wants_b_ih and not shared]
-        grad_x, grad_w_ih, grad_b_ih = ctx.impl.input_projection_backward(grad_x_gates, x, w_ih,
-                                                                         mask)
-        if shared:  # [D*G*H], a copy: autograd may keep it as another parameter's .grad
-            grad_b_ih = grad_b_hh.flatten().clone()
-        return (grad_x if mask[0] else None, grad_w_ih if mask[1] else None,
-                grad_b_ih if wants_b_ih else None, grad_h0,
-                grad_c0 if cell.has_cell_state else None, grad_w_hh,
-                grad_b_hh if ctx.has_bias[1] else None, grad_w_hr if w_hr is not None else None,
-                None, None, None)
+        grads = _gradients(ctx.cell, fused, ctx.saved_tensors, (grad_output, grad_h_n, grad_c_n),
+                           ctx.needs_input_grad[:8], compiled=False)
+        return (*grads, None, None, None)
 
 
 def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
@@ -343,15 +340,16 @@ def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
     cell, differentiated by a native autograd node (its backward is cell_step_backward). On
     CUDA, where a step is bound by its kernel launches, torch.nn's own step (`torch._VF.*_cell`:
     two GEMMs and one fused cell kernel for LSTM and GRU), which the layer kernels cannot
-    undercut at T = 1. None where the step must run through the layer ops instead: another
-    backend asked for, another dtype or device, a compiler, tracer, ONNX export, torch.func
-    transform or forward-mode AD, a tensor subclass, or an empty problem.
+    undercut at T = 1; so too where the torch backend is asked for, or auto finds no cpu
+    kernels. None where the step must run through the layer ops instead: another backend asked
+    for, another dtype or device, a compiler, tracer, ONNX export, torch.func transform or
+    forward-mode AD, a tensor subclass, or an empty problem.
     """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
     where = _direct_step_device(backend, tensors)
     if not where or 0 in (x.shape[0], x.shape[1], h.shape[1]):
         return None
-    if where == "cuda":
+    if where == "torch":
         return torch_step(cell, *tensors)
     h_new, c_new, _ = _CELL_STEP(cell.name, *tensors)
     return h_new, (c_new if cell.has_cell_state else None)
@@ -369,28 +367,27 @@ def torch_step(cell: CellSpec, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: 
 
 
 def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tensor]]) -> str:
-    """Where `direct_step` may run these tensors for this backend name (None: the
-    environment's): "cpu", "cuda", or "" where it may not. Cheap checks first."""
+    """How `direct_step` may run these tensors for this backend name (None: the environment's):
+    "cpu" (the native step op), "torch" (torch's own step), or "" where it may not. Cheap checks
+    first."""
     name = backends.requested_backend(backend or None)
     x = tensors[0]
-    if x.is_cpu:
-        if name not in ("auto", "cpu") or _CELL_STEP is None and not _load_step_op():
-            return ""
+    if x.is_cpu and name in ("auto", "cpu") and (_CELL_STEP is not None or _load_step_op()):
         for tensor in tensors:
             if tensor is not None and (tensor.dtype is not torch.float32 or not tensor.is_cpu):
                 return ""
         where = "cpu"
-    elif x.is_cuda and name == "auto":
+    elif name == "torch" or name == "auto" and (x.is_cuda or x.is_cpu and not _load_step_op()):
         for tensor in tensors:
             if tensor is not None and (tensor.dtype is not x.dtype
                                        or tensor.device != x.device):
                 return ""
-        where = "cuda"
+        where = "torch"
     else:
         return ""
     # an ONNX export traces (torch.jit) or compiles (dynamo=True): both are excluded
     if (torch._C._has_torch_function(tensors) or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or _needs_plain_ops(*tensors)):
+            or torch.jit.is_tracing() or needs_plain_ops(*tensors)):
         return ""
     return where
 
@@ -408,59 +405,19 @@ def _load_step_op() -> bool:
     return True
 
 
-@torch.library.custom_op("fastrnn::input_projection_backward", mutates_args=())
-def input_projection_backward(grad: Tensor, x: Tensor, w_ih: Tensor, output_mask: list[bool],
-                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = backends.projection_backend(backend or None, x.device.type)
-    return tuple(impl.input_projection_backward(grad, x, w_ih, output_mask))
-
-
-@input_projection_backward.register_fake
-def _(grad, x, w_ih, output_mask, backend):
-    return (x.new_empty(x.shape if output_mask[0] else (0,)),
-            x.new_empty(w_ih.shape if output_mask[1] else (0,)),
-            x.new_empty(w_ih.shape[:1] if output_mask[2] else (0,)))
-
-
-@torch.library.custom_op("fastrnn::input_projection", mutates_args=())
-def input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], backend: str) -> Tensor:
-    return backends.projection_backend(backend or None, x.device.type).input_projection(
-        x, w_ih, b_ih)
-
-
-@input_projection.register_fake
-def _(x, w_ih, b_ih, backend):
-    return x.new_empty(*x.shape[:-1], w_ih.shape[0])
-
-
-def _projection_setup_context(ctx, inputs, output):
-    x, w_ih, b_ih, backend = inputs
-    ctx.save_for_backward(x, w_ih)
-    ctx.has_bias = b_ih is not None
-    ctx.backend = backend
-
-
-def _projection_backward(ctx, grad):
-    x, w_ih = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_x, grad_w, grad_b = input_projection_backward(grad, x, w_ih, mask, ctx.backend)
-    return (grad_x if mask[0] else None, grad_w if mask[1] else None,
-            grad_b if mask[2] else None, None)
-
-
-input_projection.register_autograd(_projection_backward, setup_context=_projection_setup_context)
-
-
 def _register_per_sample_vmap(op) -> None:
     """Give `op` a vmap rule that runs it once per sample and stacks the results (the kernels
     take one problem per call; batching over stacked weights is a different problem anyway)."""
 
+    def select(arg, dim, index):  # a list argument (of flags) has a list of in_dims
+        if isinstance(dim, (list, tuple)):
+            return [select(item, item_dim, index) for item, item_dim in zip(arg, dim)]
+        return arg if dim is None else arg.select(dim, index)
+
     def rule(info, in_dims, *args, **kwargs):
         results = []
         for index in range(info.batch_size):
-            sample = [arg if dim is None else arg.select(dim, index)
-                      for arg, dim in zip(args, in_dims)]
+            sample = [select(arg, dim, index) for arg, dim in zip(args, in_dims)]
             results.append(op(*sample, **kwargs))
         if isinstance(results[0], Tensor):
             return torch.stack(results), 0
@@ -469,6 +426,6 @@ def _register_per_sample_vmap(op) -> None:
     torch.library.register_vmap(op, rule)
 
 
-for _op in (*LAYER_OPS.values(), input_projection, input_projection_backward,
+for _op in (*LAYER_OPS.values(),
             *(getattr(torch.ops.fastrnn, f"{name}_layer_backward").default for name in CELLS)):
     _register_per_sample_vmap(_op)

@@ -16,9 +16,10 @@ FAST_CLASSES = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU, "rnn_tanh": fastrnn.RN
 
 
 def cpu_backends() -> list[str]:
-    """Backends that run CPU tensors in this build (reference always; cpu once built)."""
+    """Backends that run CPU tensors in this build (reference and torch always; cpu once
+    built)."""
     available = fastrnn.available_backends()
-    return [name for name in ("reference", "cpu") if available.get(name) == ""]
+    return [name for name in ("reference", "torch", "cpu") if available.get(name) == ""]
 
 
 def every_backend_here() -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastrnn
-from fastrnn import backends
+from fastrnn import admission, backends
 from fastrnn.backends.base import Backend, LayerConfig
 from fastrnn.cells import CELLS
 
@@ -53,7 +53,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
         model(torch.randn(2, 1, 3))
         model(torch.randn(2, 1, 3))
     messages = [str(w.message) for w in caught if "fastrnn" in str(w.message)]
-    assert messages == ["fastrnn: using backend 'reference' because 'cpu': the extension was not built"]
+    assert messages == ["fastrnn: using backend 'torch' because 'cpu': the extension was not built"]
 
 
 def test_backend_not_in_this_build_is_named(monkeypatch):
@@ -66,3 +66,39 @@ def test_reference_is_always_available():
     assert fastrnn.available_backends()["reference"] == ""
     assert backends.resolve("reference", _config()).name == "reference"
     assert backends.why_not("reference", _config(dtype=torch.int32)) != ""
+
+
+def test_auto_takes_torch_kernels_for_float64_on_a_gpu():
+    """No fused backend runs float64: auto on CUDA takes torch's kernels (the check needs no
+    GPU: the fused backends refuse the dtype before anything touches a device)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the pass-over warning
+        chosen = admission.serving_backend(None, _config("cuda", torch.float64), input_size=3,
+                                           has_bias=True, training=True,
+                                           device=torch.device("cuda"))
+    assert chosen.name == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_auto_never_picks_the_reference_backend_on_a_gpu(dtype):
+    assert "reference" not in backends.AUTO_ORDER["cuda"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert backends.resolve("auto", _config("cuda", dtype)).name != "reference"
+
+
+def test_auto_on_float64_cuda_names_why_the_fused_backends_pass(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.resolve("auto", _config("cuda", torch.float64)).name == "torch"
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("fastrnn: using backend 'torch' because 'triton': dtype "
+                              "torch.float64 is not float32, float16 or bfloat16")
+
+
+def test_the_torch_backend_runs_every_floating_dtype_anywhere():
+    for device_type in ("cpu", "cuda", "mps"):
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            assert backends.why_not("torch", _config(device_type, dtype)) == ""
+    assert backends.why_not("torch", _config(dtype=torch.int64)) != ""

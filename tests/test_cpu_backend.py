@@ -339,8 +339,11 @@ def test_opcheck(cell, variable):
     x_gates, h0, c0, w_hh, b_hh, w_hr, lengths = cast(
         layer_inputs(cell, 2, 2 if cell == "lstm" else 0, variable, True, T=3, B=3, H=4),
         torch.float32)
+    x = torch.randn(x_gates.shape[0], x_gates.shape[1], 5)  # the op projects x [T, B, I]
+    w_ih = torch.randn(x_gates.shape[2], 5)
+    b_ih = torch.randn(x_gates.shape[2])
     args = [t.requires_grad_() if t is not None and t.is_floating_point() else t
-            for t in (x_gates, h0, c0, w_hh, b_hh, w_hr)]
+            for t in (x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr)]
     torch.library.opcheck(LAYER_OPS[cell], (*args, lengths, "cpu"))
 
 

@@ -1,6 +1,6 @@
 """The input projection of a layer on the CPU: the packed AVX-512 GEMM of csrc/cpu/linear_cpu.cpp
-(`torch.ops.fastrnn_cpu.linear` and `linear_backward`) and the op `torch.ops.fastrnn.input_projection`
-that the layers call, against float64 oracles.
+(`torch.ops.fastrnn_cpu.linear` and `linear_backward`) and the projection inside the layer ops and
+the eager path, against float64 oracles.
 
 Errors are judged against torch's own float32 error on the same inputs. Uninitialised memory is
 poisoned (NaN) so that anything the kernel forgets to write shows.
@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastrnn import backends, ops
+from fastrnn import ops
 from fastrnn.backends import cpu, reference
 from fastrnn.cells import CELLS
-from fastrnn.ops import input_projection, input_projection_backward
 
 CPU = cpu.BACKEND
 
@@ -91,35 +90,22 @@ def test_other_dtypes_fall_back_to_torch():
                                rtol=0, atol=0)
 
 
-def test_projection_runs_on_the_backend_asked_for():
-    assert backends.projection_backend("cpu", "cpu") is CPU
-    assert backends.projection_backend("auto", "cpu") is CPU
-    assert backends.projection_backend("reference", "cpu") is reference.BACKEND
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_projection_op_opcheck(dtype, backend):
-    x = torch.randn(3, 2, 5, dtype=dtype, requires_grad=True)
-    w = torch.randn(12, 5, dtype=dtype, requires_grad=True)
-    b = torch.randn(12, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(input_projection, (x, w, b, backend))
-    torch.library.opcheck(input_projection, (x.detach(), w, None, backend))
-    grad = torch.randn(3, 2, 12, dtype=dtype)
-    torch.library.opcheck(input_projection_backward, (grad, x.detach(), w.detach(),
-                                                      [True, False, True], backend))
-
-
-def test_projection_op_gradients():
-    x = torch.randn(4, 3, 9, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(20, 9, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda *a: input_projection(*a, "cpu"), (x, w, b))
-    # float32 through the C++ backward, only the gradients autograd asks for
-    x32, w32 = x.detach().float(), w.detach().float().requires_grad_()
-    (grad_w,) = torch.autograd.grad(input_projection(x32, w32, None, "cpu").sum(), [w32])
-    expected = torch.ones(4 * 3, 20, dtype=torch.float64).t() @ x.detach().flatten(0, 1)
-    torch.testing.assert_close(grad_w.double(), expected, rtol=1e-5, atol=1e-5)
+def test_projection_gradients_through_the_layer_op():
+    """float32 through the C++ linear backward, only the gradient autograd asks for (w_ih),
+    against float64."""
+    T, B, I, H = 4, 3, 9, 5
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    w_ih = torch.randn(4 * H, I, dtype=torch.float64)
+    h0, c0 = torch.zeros(1, B, H, dtype=torch.float64), torch.zeros(1, B, H, dtype=torch.float64)
+    w_hh = torch.randn(1, 4 * H, H, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        weight = w_ih.to(dtype).requires_grad_()
+        output = ops.LAYER_OPS["lstm"](x.to(dtype), weight, None, h0.to(dtype), c0.to(dtype),
+                                       w_hh.to(dtype), None, None, None, "cpu", True)[0]
+        (grad,) = torch.autograd.grad(output.sum(), [weight])
+        grads.append(grad.double())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 
 
 FUSED_CASES = [
@@ -287,8 +273,7 @@ def test_eager_gradients_are_bitwise_those_of_the_ops(cell):
 
     eager = gradients(ops.run_layer(spec, x, w_ih, b_ih, h0, c0, w_hh, b_hh, None, lengths,
                                     "cpu", True))
-    x_gates = ops.input_projection(x, w_ih, b_ih, "cpu")
-    through_ops = gradients(ops.LAYER_OPS[cell](x_gates, h0, c0, w_hh, b_hh, None, lengths,
+    through_ops = gradients(ops.LAYER_OPS[cell](x, w_ih, b_ih, h0, c0, w_hh, b_hh, None, lengths,
                                                 "cpu", True)[:3])
     for got, expected in zip(eager, through_ops):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -224,24 +224,28 @@ def test_layer_ops_vmap_per_sample(name):
     """torch.vmap straight over the layer op and its backward op: one call per sample."""
     torch.manual_seed(0)
     gates, directions = (4 if name == "lstm" else 3), 2
-    x_gates = torch.randn(5, T, B, directions * gates * H)  # vmapped over dim 0
+    x = torch.randn(5, T, B, I)  # vmapped over dim 0
+    w_ih, b_ih = torch.randn(directions * gates * H, I), torch.randn(directions * gates * H)
     h0 = torch.randn(directions, B, H)
     c0 = torch.randn(directions, B, H) if name == "lstm" else None
     w_hh, b_hh = torch.randn(directions, gates * H, H), torch.randn(directions, gates * H)
     op = getattr(torch.ops.fastrnn, f"{name}_layer")
-    got = vmap(lambda xg: op(xg, h0, c0, w_hh, b_hh, None, None, "", True))(x_gates)
-    for index in range(x_gates.shape[0]):
-        expected = op(x_gates[index], h0, c0, w_hh, b_hh, None, None, "", True)
+    weights = (w_ih, b_ih, h0, c0, w_hh, b_hh, None, None)
+    got = vmap(lambda sample: op(sample, *weights, "", True))(x)
+    for index in range(x.shape[0]):
+        expected = op(x[index], *weights, "", True)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g[index], e)
     output, workspace = got[0], got[3]
     grad_output = torch.randn_like(output)
     backward = getattr(torch.ops.fastrnn, f"{name}_layer_backward")
-    grads = vmap(lambda go, out, ws: backward(go, None, None, h0, c0, w_hh, None, None, out, ws,
-                                              ""))(grad_output, output, workspace)
-    for index in range(x_gates.shape[0]):
-        expected = backward(grad_output[index], None, None, h0, c0, w_hh, None, None,
-                            output[index], workspace[index], "")
+    wanted = [True, True, True, True, name == "lstm", True, True, False]
+    grads = vmap(lambda go, sample, out, ws: backward(go, None, None, sample, *weights, out, ws,
+                                                      "", wanted))(grad_output, x, output,
+                                                                   workspace)
+    for index in range(x.shape[0]):
+        expected = backward(grad_output[index], None, None, x[index], *weights, output[index],
+                            workspace[index], "", wanted)
         for g, e in zip(grads, expected):
             torch.testing.assert_close(g[index], e)
 

@@ -1,9 +1,12 @@
-"""The one place that decides which backend runs a layer.
+"""The one place that decides which backend can run a layer.
 
-`backend="auto"|"triton"|"cuda"|"cpu"|"reference"`, per module (constructor keyword) or through the
-environment variable FASTRNN_BACKEND. "auto" takes the first backend of `AUTO_ORDER` for the
-tensors' device that is available and supports the layer, and warns once (with the reason) when it
-had to pass over a better one. An explicitly requested backend that cannot run the layer raises.
+`backend="auto"|"triton"|"cuda"|"cpu"|"torch"|"reference"`, per module (constructor keyword) or
+through the environment variable FASTRNN_BACKEND. "auto" takes the first backend of `AUTO_ORDER`
+for the tensors' device that is available and supports the layer, and warns once (with the reason)
+when it had to pass over a better one; fastrnn.admission then lets a fused GPU plan serve only once
+it is admitted on the user's device (else the torch backend serves). An explicitly requested
+backend that cannot run the layer raises. `reference` (the oracle of the tests) runs only when
+asked for, and for empty problems.
 """
 
 from __future__ import annotations
@@ -12,19 +15,21 @@ import importlib
 import os
 import warnings
 
+from . import native  # noqa: F401  (its warning filters belong to import time, see there)
 from .base import Backend, LayerConfig
 
-BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "reference")
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "torch", "reference")
 
-# Best first, per device type; the reference backend runs anywhere.
+# Best first, per device type; torch's own kernels run every layer torch.nn runs, on any device.
 AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "reference"),
-    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
 }
 
 # Modules that define `BACKEND`; a backend whose module is absent is not part of this build.
 _BACKEND_MODULES = {
     "reference": "fastrnn.backends.reference",
+    "torch": "fastrnn.backends.native",
     "cpu": "fastrnn.backends.cpu",
     "triton": "fastrnn.backends.triton",
     "cuda": "fastrnn.backends.cuda",
@@ -84,7 +89,7 @@ def resolve(name: str | None, config: LayerConfig) -> Backend:
             raise RuntimeError(f"fastrnn backend {name!r} cannot run this {config.cell.mode} layer: {reason}")
         return _registry[name]
     skipped = []
-    for candidate in AUTO_ORDER.get(config.device_type, ("reference",)):
+    for candidate in AUTO_ORDER.get(config.device_type, ("torch",)):
         reason = why_not(candidate, config)
         if not reason:
             if skipped:
@@ -100,17 +105,9 @@ def reference_backend() -> Backend:
     return _load("reference")
 
 
-def projection_backend(name: str | None, device_type: str) -> Backend:
-    """The backend that runs a layer's input projection: the requested one (or auto's first
-    available choice for the device) when it is available, else the reference backend. A backend
-    that cannot run the layer itself is reported by `resolve` when the layer runs."""
-    name = requested_backend(name)
-    candidates = AUTO_ORDER.get(device_type, ()) if name == "auto" else (name,)
-    for candidate in candidates:
-        backend = _load(candidate)
-        if backend is not None and backend.available()[0]:
-            return backend
-    return _load("reference")
+def torch_backend() -> Backend:
+    """The torch backend (torch's own kernels), which every build has."""
+    return _load("torch")
 
 
 def _warn_fallback(chosen: str, skipped: list[str]) -> None:
@@ -132,5 +129,5 @@ def available_backends() -> dict[str, str]:
 
 
 __all__ = ["AUTO_ORDER", "BACKEND_NAMES", "Backend", "LayerConfig", "available_backends",
-           "check_backend_name", "projection_backend", "reference_backend", "requested_backend",
-           "resolve", "why_not"]
+           "check_backend_name", "reference_backend", "requested_backend", "resolve",
+           "torch_backend", "why_not"]

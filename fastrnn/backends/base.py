@@ -29,10 +29,20 @@ Backward, for one layer: the gradients of the forward's inputs, given the gradie
            grad_w_hh [D, G*H, P], grad_b_hh [D, G*H], grad_w_hr [D, P, H] or empty)
 Gradients take the dtype of the forward inputs; accumulate in float32 for float16/bfloat16.
 
-Input projection, for one layer (CPU tensors; on other devices it is a plain F.linear): a backend
-may run x_gates = x @ W_ih^T + b_ih (x [T, B, I], w_ih [D*G*H, I], b_ih [D*G*H] or None) and its
-backward itself; the base class uses torch's own GEMMs. In eager mode a backend may also run
-projection and recurrence as one call (`forward_from_input`).
+From the input, for one layer: what the layer ops run. x [T, B, I], w_ih [D*G*H, I] (directions
+concatenated), b_ih [D*G*H] or None, the rest as above:
+    forward_from_input   -> (output, h_n, c_n, workspace), the results of x_gates = x @ W_ih^T + b_ih
+                            followed by forward; a backend may fuse the projection into its
+                            recurrence
+    backward_from_input  -> (grad_x, grad_w_ih, grad_b_ih, grad_h0, grad_c0, grad_w_hh, grad_b_hh,
+                            grad_w_hr), None where an input is absent or not wanted
+The base class builds both from forward / backward and input_projection (torch's own GEMMs, which
+a backend may replace). A backend whose kernels take the input itself (the torch backend)
+implements these two instead of forward / backward.
+
+Backends whose plans have not been run on the user's GPU by anyone here (`needs_admission`) are
+admitted per layer configuration by fastrnn.admission before `auto` lets them serve; `prepare`
+compiles what a configuration needs (in the background), `prepared` says whether that is done.
 """
 
 from __future__ import annotations
@@ -84,9 +94,10 @@ class LayerConfig:
 
 
 class Backend:
-    """One way of running a recurrent layer. Subclasses fill in the four methods below."""
+    """One way of running a recurrent layer. Subclasses fill in supports, forward and backward."""
 
     name: str = ""
+    needs_admission: bool = False  # auto serves it only once admitted (fastrnn.admission)
 
     def available(self) -> tuple[bool, str]:
         """Whether this backend can run at all here (built, importable); reason when not."""
@@ -113,6 +124,54 @@ class Backend:
         forward. Returns (output, h_n, c_n, workspace)."""
         return self.forward(cell, self.input_projection(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr,
                             lengths, keep_workspace=keep_workspace)
+
+    def backward_from_input(self, cell: CellSpec, grad_output, grad_h_n, grad_c_n, x, w_ih, b_ih,
+                            h0, c0, w_hh, b_hh, w_hr, lengths, output, workspace,
+                            wanted: list[bool]):
+        """The gradients of forward_from_input's eight tensor inputs (x, w_ih, b_ih, h0, c0, w_hh,
+        b_hh, w_hr) for those of its outputs (None where an output was unused), given what it
+        returned; None where an input is absent or `wanted` (eight flags) says it is not needed."""
+        grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = self.backward(
+            cell, grad_output, grad_h_n, grad_c_n if cell.has_cell_state else None, h0, c0, w_hh,
+            w_hr, lengths, output, workspace)
+        wants_b_ih = b_ih is not None and wanted[2]
+        shared = wants_b_ih and cell.biases_share_gradient  # grad b_ih = grad b_hh, summed once
+        mask = [wanted[0], wanted[1], wants_b_ih and not shared]
+        grad_x, grad_w_ih, grad_b_ih = self.input_projection_backward(grad_x_gates, x, w_ih, mask)
+        if shared:  # [D*G*H], a copy: autograd may keep it as another parameter's .grad
+            grad_b_ih = grad_b_hh.flatten().clone()
+
+        def kept(grad, want, present=True):
+            return grad if want and present else None
+
+        return (kept(grad_x, mask[0]), kept(grad_w_ih, mask[1]), kept(grad_b_ih, wants_b_ih),
+                kept(grad_h0, wanted[3]), kept(grad_c0, wanted[4], cell.has_cell_state),
+                kept(grad_w_hh, wanted[5]), kept(grad_b_hh, wanted[6], b_hh is not None),
+                kept(grad_w_hr, wanted[7], w_hr is not None))
+
+    def prepared(self, config: LayerConfig, training: bool, device: torch.device) -> bool:
+        """Whether everything a call of `config` on `device` runs is compiled (training: forward
+        and backward), so that the call does not wait for a compiler."""
+        return True
+
+    def prepare(self, config: LayerConfig, training: bool, device: torch.device) -> None:
+        """Compile what a call of `config` on `device` runs (may take minutes; run off the
+        caller's thread by fastrnn.admission). Raises where it cannot be compiled."""
+
+    def plan_description(self, config: LayerConfig, training: bool,
+                         device: torch.device) -> str:
+        """The plan a prepared call of `config` runs, as admission records it ("" if none)."""
+        return ""
+
+    def build_id(self) -> str:
+        """What identifies this backend's kernels (compiler and source versions), so that a
+        verdict on them is never reused for other kernels."""
+        return ""
+
+    def run_time_failure(self, config: LayerConfig) -> str:
+        """Why a launch of `config` failed on the device after it was admitted (e.g. a grid
+        barrier that timed out), or ""."""
+        return ""
 
     def input_projection(self, x, w_ih, b_ih):
         """x [T, B, I] @ w_ih [D*G*H, I]^T + b_ih [D*G*H] (or None) -> [T, B, D*G*H]."""

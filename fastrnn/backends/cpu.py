@@ -68,6 +68,12 @@ def _float32_on_cpu(*tensors) -> bool:
     return _on_cpu_in((torch.float32,), *tensors)
 
 
+def _packed_projection(x, w_ih, dtypes) -> bool:
+    """Whether the packed GEMMs run this input projection: CPU tensors of `dtypes` and an input
+    of at least one feature (torch's GEMMs take I = 0)."""
+    return x.shape[-1] > 0 and _on_cpu_in(dtypes, x, w_ih)
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -98,20 +104,21 @@ class CpuBackend(Backend):
 
     def forward_from_input(self, cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths,
                            keep_workspace=True):
-        if not _on_cpu_in((torch.float32, torch.bfloat16), x, w_ih, b_ih, h0, c0, w_hh, b_hh,
-                          w_hr):
+        if not (_packed_projection(x, w_ih, (torch.float32, torch.bfloat16))
+                and _on_cpu_in((torch.float32, torch.bfloat16), x, w_ih, b_ih, h0, c0, w_hh,
+                               b_hh, w_hr)):
             return super().forward_from_input(cell, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr,
                                               lengths, keep_workspace)
         return tuple(torch.ops.fastrnn_cpu.layer_forward_from_input(
             cell.name, x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace))
 
     def input_projection(self, x, w_ih, b_ih):
-        if not _float32_on_cpu(x, w_ih, b_ih):
+        if not (_packed_projection(x, w_ih, (torch.float32,)) and _float32_on_cpu(b_ih, x)):
             return super().input_projection(x, w_ih, b_ih)
         return torch.ops.fastrnn_cpu.linear(x, w_ih, b_ih)
 
     def input_projection_backward(self, grad, x, w_ih, output_mask):
-        if not _float32_on_cpu(grad, x, w_ih):
+        if not (_packed_projection(x, w_ih, (torch.float32,)) and _float32_on_cpu(grad, x)):
             return super().input_projection_backward(grad, x, w_ih, output_mask)
         return tuple(torch.ops.fastrnn_cpu.linear_backward(grad, x, w_ih, output_mask))
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import importlib.util
 import os
 import pathlib
 import warnings
@@ -93,30 +95,66 @@ def _load_extension():
                 extra_include_paths=[str(_SOURCE_DIR)], extra_cuda_cflags=["-O3"], verbose=False)
 
 
+def _source_hash() -> str:
+    """What identifies the kernels: a hash of csrc/cuda, else of the prebuilt extension."""
+    digest = hashlib.sha256()
+    files = [_SOURCE_DIR / name for name in (*_SOURCES, "recurrence.cuh", "fastrnn_cuda.h")]
+    if not all(path.exists() for path in files):
+        spec = importlib.util.find_spec("fastrnn._C_cuda")
+        files = [pathlib.Path(spec.origin)] if spec is not None and spec.origin else []
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 class CudaBackend(Backend):
+    """Persistent cooperative CUDA kernels; the extension is loaded (or built) by `prepare`, on a
+    background thread under auto, else at the first launch."""
+
     name = "cuda"
+    needs_admission = True
 
     def __init__(self):
         self._module = None
-        self._status: tuple[bool, str] | None = None
+        self._load_error = ""
         # "forward" / "backward" -> (plan, path that ran) of the last call
         self.runs: dict[str, tuple[cuda_plan.Plan, str]] = {}
 
     def available(self) -> tuple[bool, str]:
-        if self._status is None:
-            self._status = self._check()
-        return self._status
-
-    def _check(self) -> tuple[bool, str]:
         if torch.version.cuda is None:
             return False, "this torch build has no CUDA"
         if not torch.cuda.is_available():
             return False, "no CUDA device is available"
-        try:
-            self._module = _load_extension()
-        except Exception as error:  # a failed build is a reason, not a crash
-            return False, f"the CUDA extension could not be loaded or built: {error}"
+        if self._load_error:
+            return False, self._load_error
         return True, ""
+
+    def _loaded(self):
+        """The extension module, loaded or built now if it is not yet (a clear error where that
+        fails, and `available` says so from then on)."""
+        if self._module is None:
+            try:
+                self._module = _load_extension()
+            except Exception as error:  # a failed build is a reason, not a crash
+                self._load_error = f"the CUDA extension could not be loaded or built: {error}"
+                raise RuntimeError(f"fastrnn backend 'cuda': {self._load_error}") from error
+        return self._module
+
+    def prepared(self, config, training, device):
+        return self._module is not None
+
+    def prepare(self, config, training, device):
+        self._loaded()
+
+    def plan_description(self, config, training, device):
+        passes = (False, True) if training else (False,)
+        return "; ".join(
+            f"{'bwd' if backward else 'fwd'} "
+            f"{plan_pass(config, device, backward).describe(config.num_directions, cuda_device(device.index or 0))}"
+            for backward in passes)
+
+    def build_id(self) -> str:
+        return f"cuda kernels {_source_hash()}"
 
     def supports(self, config: LayerConfig) -> tuple[bool, str]:
         if config.device_type != "cuda":
@@ -162,7 +200,7 @@ class CudaBackend(Backend):
         c_state = c0.to(f32).contiguous().clone() if cell.has_cell_state else _empty(x_gates)
         u_state = (x_gates.new_zeros(num_directions, batch, hidden_padded, dtype=f32) if w_hr is not None
                    else _empty(x_gates))
-        path = self._module.forward(
+        path = self._loaded().forward(
             _CELL_CODES[cell.name], x_gates, _lengths(lengths, x_gates), _padded(w_hh.to(dtype), out_padded),
             _empty(x_gates, dtype) if b_hh is None else b_hh.to(dtype).contiguous(),
             _empty(x_gates, dtype) if w_hr is None else _padded(w_hr.to(dtype), hidden_padded),
@@ -201,7 +239,7 @@ class CudaBackend(Backend):
         h0_f = h0.to(f32).contiguous()
         c0_f = c0.to(f32).contiguous() if cell.has_cell_state else _empty(output)
         workspace = workspace.to(f32).contiguous()
-        path = self._module.backward(
+        path = self._loaded().backward(
             _CELL_CODES[cell.name], _empty(output, dtype) if grad_output is None else grad_output.to(dtype),
             lengths_arg, _padded(w_hh.to(dtype).transpose(1, 2), gates_padded),
             _padded(w_hr.to(dtype).transpose(1, 2), out_padded) if projected else _empty(output, dtype),

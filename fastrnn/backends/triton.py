@@ -20,7 +20,8 @@ import torch
 from ..cells import CellSpec
 from .base import Backend, LayerConfig, workspace_dtype
 from .triton_plan import (Choice, Device, Plan, backward_constexprs, choose, cuda_device,
-                          forward_constexprs, interpreter_plan, interpreting, state_dtype)
+                          describe, forward_constexprs, interpreter_plan, interpreting,
+                          state_dtype)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31
@@ -86,66 +87,81 @@ def _no_lengths(device: torch.device) -> torch.Tensor:
 
 
 def _launch_phases(kernel, plan: Plan, hidden: int, batch: int, num_directions: int,
-                   num_phases: int, device: torch.device, **arguments) -> None:
+                   num_phases: int, device: torch.device, label: tuple,
+                   warm_on: torch.device | None = None, **arguments) -> None:
     """Run phases 0 .. num_phases of `kernel`: in one cooperative launch when the plan is
     persistent (so the driver refuses, rather than deadlocks, a grid that cannot be resident),
-    else one launch per phase. Raises when a barrier timed out."""
+    else one launch per phase. Raises when a barrier timed out; `label` (config, pass) names the
+    launch to `timed_out`. warm_on: only compile the kernel for that CUDA device (the arguments
+    are meta tensors), as a launch there would."""
     per_launch = num_phases if plan.persistent else 1
     num_programs = plan.num_programs(hidden)
     groups = plan.num_groups(batch)
     counter = torch.zeros(num_directions, groups, dtype=torch.int32, device=device)
     grid = (num_programs * groups, num_directions)
-    on_gpu = device.type == "cuda"
+    on_gpu = (warm_on or device).type == "cuda"
     options = _cooperative_launch_option() if on_gpu and plan.persistent else {}
     spin_limit = _SPIN_LIMIT if on_gpu else _INTERPRETER_SPIN_LIMIT
     for begin in range(0, num_phases, per_launch):
-        kernel[grid](phase_begin=begin, phase_end=min(begin + per_launch, num_phases),
-                     num_programs=num_programs, group_rows=plan.group_rows(batch),
-                     spin_limit=spin_limit, num_warps=plan.num_warps, num_stages=1,
-                     counter_ptr=counter, **options, **arguments)
-    _barrier_watch.check(counter)
+        launch = kernel.warmup if warm_on is not None else kernel[grid]
+        launch(phase_begin=begin, phase_end=min(begin + per_launch, num_phases),
+               num_programs=num_programs, group_rows=plan.group_rows(batch),
+               spin_limit=spin_limit, num_warps=plan.num_warps, num_stages=1,
+               counter_ptr=counter, **options, **arguments,
+               **({"grid": grid} if warm_on is not None else {}))
+        if warm_on is not None:
+            return  # every launch of a step-wise plan runs the same compiled kernel
+    _barrier_watch.check(counter, label)
 
 
 class _BarrierWatch:
     """Reports barriers that timed out without waiting for the GPU: each launch's counters are
     copied to pinned memory behind an event, and read once the event has passed (at a later
-    launch); on the CPU (interpreter) they are read at once."""
+    launch); on the CPU (interpreter) they are read at once. The labels of launches that timed
+    out are kept in `timed_out` (admission rejects their configurations)."""
 
     def __init__(self):
         self._pending: list = []
+        self.timed_out: set[tuple] = set()
 
-    def check(self, counter: torch.Tensor) -> None:
+    def check(self, counter: torch.Tensor, label: tuple) -> None:
         if counter.device.type != "cuda":
-            self._raise_if_timed_out(counter)
+            self._raise_if_timed_out(counter, label)
             return
         if not torch.cuda.is_current_stream_capturing():
             host = torch.empty(counter.shape, dtype=counter.dtype, pin_memory=True)
             host.copy_(counter, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append((event, host))
-        done = [event.query() for event, _ in self._pending]
-        ready = [host for (_, host), passed in zip(self._pending, done) if passed]
+            self._pending.append((event, host, label))
+        done = [event.query() for event, _, _ in self._pending]
+        ready = [(host, label) for (_, host, label), passed in zip(self._pending, done) if passed]
         self._pending = [entry for entry, passed in zip(self._pending, done) if not passed]
-        for host in ready:
-            self._raise_if_timed_out(host)
+        for host, label in ready:
+            self._raise_if_timed_out(host, label)
 
-    @staticmethod
-    def _raise_if_timed_out(counter: torch.Tensor) -> None:
+    def _raise_if_timed_out(self, counter: torch.Tensor, label: tuple) -> None:
         timed_out = int(_kernels().TIMED_OUT.value)
         if bool(((counter & timed_out) != 0).any()):
+            self.timed_out.add(label)
             raise RuntimeError(
                 "fastrnn: a persistent triton launch timed out at its grid barrier: its programs "
                 "were not all resident at once (another kernel or process holding SMs, MPS or a "
                 "partitioned GPU). Its results are invalid; run with FASTRNN_BACKEND=cuda or "
-                "reference, or free the GPU.")
+                "torch, or free the GPU.")
 
 
 _barrier_watch = _BarrierWatch()
 
 
-def forward_layer(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, plan: Plan):
-    """The forward of base.py with a given plan. Returns (output, h_n, c_n, workspace)."""
+def _label(config: LayerConfig, backward: bool) -> tuple:
+    return dataclasses.replace(config, seq_len=0), backward
+
+
+def forward_layer(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, plan: Plan,
+                  warm_on: torch.device | None = None):
+    """The forward of base.py with a given plan. Returns (output, h_n, c_n, workspace).
+    warm_on: the tensors are meta tensors, and the kernel is only compiled for that device."""
     seq_len, batch, _ = x_gates.shape
     num_directions, gate_rows, out_size = w_hh.shape
     hidden = gate_rows // cell.gates
@@ -164,7 +180,7 @@ def forward_layer(cell: CellSpec, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, pl
     phases_per_step = 2 if w_hr is not None else 1
     _launch_phases(
         _kernels()._recurrence_fwd_kernel, plan, hidden, batch, num_directions,
-        phases_per_step * seq_len, x_gates.device,
+        phases_per_step * seq_len, x_gates.device, _label(config, False), warm_on,
         x_ptr=x_gates, stride_xt=x_gates.stride(0), stride_xb=x_gates.stride(1),
         h0_ptr=h0.contiguous(), w_hh_ptr=w_hh.contiguous(),
         b_hh_ptr=b_hh.contiguous() if b_hh is not None else h_state,
@@ -201,8 +217,9 @@ def _previous_states(h0, output, lengths):
 
 
 def backward_layer(cell: CellSpec, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths,
-                   output, workspace, plan: Plan):
-    """The backward of base.py with a given plan. Returns the six gradients."""
+                   output, workspace, plan: Plan, warm_on: torch.device | None = None):
+    """The backward of base.py with a given plan. Returns the six gradients. warm_on: as in
+    forward_layer."""
     seq_len, batch, _ = output.shape
     num_directions, gate_rows, out_size = w_hh.shape
     hidden = gate_rows // cell.gates
@@ -223,7 +240,7 @@ def backward_layer(cell: CellSpec, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh
     config = LayerConfig.of(cell, output.new_empty(seq_len, batch, 0), h0, w_hh, w_hr, lengths)
     _launch_phases(
         _kernels()._recurrence_bwd_kernel, plan, hidden, batch, num_directions, 2 * seq_len,
-        output.device,
+        output.device, _label(config, True), warm_on,
         grad_output_ptr=grad_output.contiguous() if grad_output is not None else output,
         h0_ptr=h0.contiguous(), c0_ptr=c0.contiguous() if cell.has_cell_state else h0,
         w_hh_ptr=w_hh.contiguous(), w_hr_ptr=w_hr.contiguous() if w_hr is not None else w_hh,
@@ -248,10 +265,81 @@ def backward_layer(cell: CellSpec, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh
     return grad_x_gates, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr
 
 
+def _warm(config: LayerConfig, training: bool, device: torch.device) -> None:
+    """Compile, without launching, the kernels a call of `config` on `device` launches (as if
+    with biases and a gradient of the output), so that the call finds them in Triton's cache."""
+    cell, batch, hidden = config.cell, config.batch_size, config.hidden_size
+    out_size, num_directions = config.proj_size or hidden, config.num_directions
+    meta = dict(device="meta", dtype=config.dtype)
+    gate_rows = cell.gates * hidden
+    x_gates = torch.empty(1, batch, num_directions * gate_rows, **meta)
+    h0 = torch.empty(num_directions, batch, out_size, **meta)
+    c0 = torch.empty(num_directions, batch, hidden, **meta) if cell.has_cell_state else None
+    w_hh = torch.empty(num_directions, gate_rows, out_size, **meta)
+    b_hh = torch.empty(num_directions, gate_rows, **meta)
+    w_hr = torch.empty(num_directions, out_size, hidden, **meta) if config.proj_size else None
+    lengths = (torch.empty(batch, device="meta", dtype=torch.int64) if config.variable_lengths
+               else None)
+    output, _, _, workspace = forward_layer(cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                            plan_layer(config, device), warm_on=device)
+    if training:
+        grad_c_n = torch.empty_like(c0) if c0 is not None else None
+        backward_layer(cell, torch.empty_like(output), torch.empty_like(h0), grad_c_n, h0, c0,
+                       w_hh, w_hr, lengths, output, workspace,
+                       plan_layer(config, device, backward=True), warm_on=device)
+
+
 class TritonBackend(Backend):
     """Persistent Triton kernels; step-wise launches only when no persistent plan fits."""
 
     name = "triton"
+    needs_admission = True
+
+    def __init__(self) -> None:
+        self._prepared: set[tuple] = set()
+
+    @staticmethod
+    def _prepared_key(config: LayerConfig, training: bool, device: torch.device) -> tuple:
+        return (dataclasses.replace(config, seq_len=0), training, device.index,
+                torch.backends.cuda.matmul.allow_tf32)
+
+    def prepared(self, config, training, device):
+        if device.type != "cuda":  # the interpreter compiles nothing
+            return True
+        return self._prepared_key(config, training, device) in self._prepared
+
+    def prepare(self, config, training, device):
+        """Plan both passes (compiling the candidates whose resources are not known), then
+        compile the kernels the plans launch; a failure of that last, best-effort step only
+        leaves the compile to the first launch."""
+        if device.type != "cuda":
+            return
+        with torch.cuda.device(device):
+            plan_layer(config, device)
+            if training:
+                plan_layer(config, device, backward=True)
+            try:
+                _warm(config, training, device)
+            except Exception as error:  # noqa: BLE001 - the launch compiles it then
+                warnings.warn(f"fastrnn: compiling the triton kernels ahead of their first "
+                              f"launch failed ({type(error).__name__}: {error}); they compile "
+                              "at that launch instead", stacklevel=2)
+        self._prepared.add(self._prepared_key(config, training, device))
+
+    def plan_description(self, config, training, device):
+        passes = ((False, True) if training else (False,))
+        return "; ".join(f"{'bwd' if backward else 'fwd'} "
+                         f"{describe(plan_layer(config, device, backward))}"
+                         for backward in passes)
+
+    def build_id(self) -> str:
+        from . import triton_resources
+        return f"triton {triton_resources.triton_version()} kernels {triton_resources.source_hash()[:12]}"
+
+    def run_time_failure(self, config: LayerConfig) -> str:
+        if any(_label(config, backward) in _barrier_watch.timed_out for backward in (False, True)):
+            return "a persistent launch timed out at its grid barrier"
+        return ""
 
     def available(self) -> tuple[bool, str]:
         error = _triton_import_error()

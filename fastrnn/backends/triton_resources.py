@@ -29,6 +29,8 @@ import tempfile
 import threading
 from typing import Callable, Iterator
 
+from .. import machine_cache
+
 READ_WITH = "cubin+cuobjdump"  # part of every key: answers read another way never mix
 SHIPPED_TABLE = os.path.join(os.path.dirname(__file__), "triton_resources.json")
 
@@ -72,9 +74,7 @@ Variant = tuple  # (kernel_name, signature items, constexpr items, num_warps, ar
 
 
 def _cache_path() -> str:
-    folder = os.environ.get("FASTRNN_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fastrnn")
-    return os.path.join(folder, "triton_resources.json")
+    return machine_cache.path("triton_resources.json")
 
 
 @functools.cache
@@ -98,20 +98,12 @@ def variant_key(variant: Variant) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as file:
-            return json.load(file)
-    except (OSError, ValueError):
-        return {}
-
-
 @functools.cache
 def shipped_table() -> dict:
     """{triton version: {"source": kernel source hash, "resources": {key: [4 ints]}}}, from
     FASTRNN_RESOURCE_TABLE if set (empty: no table), else from the package's own."""
     path = os.environ.get("FASTRNN_RESOURCE_TABLE", SHIPPED_TABLE)
-    return _read_json(path) if path else {}
+    return machine_cache.read_json(path) if path else {}
 
 
 class _Store:
@@ -125,7 +117,7 @@ class _Store:
     def lookup(self, key: str) -> Resources | None:
         with self._lock:
             if key not in self._memory:
-                found = _read_json(_cache_path()).get(key)
+                found = machine_cache.read_json(_cache_path()).get(key)
                 if found is None:
                     for table in shipped_table().values():
                         found = table.get("resources", {}).get(key) or found
@@ -139,17 +131,7 @@ class _Store:
     def record(self, key: str, resources: Resources) -> None:
         with self._lock:
             self._memory[key] = self.used[key] = resources
-            path = _cache_path()
-            known = _read_json(path)
-            known[key] = dataclasses.astuple(resources)
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                temporary = f"{path}.{os.getpid()}.{threading.get_ident()}"
-                with open(temporary, "w") as file:
-                    json.dump(known, file)
-                os.replace(temporary, path)
-            except OSError:
-                pass  # a read-only home: compile again next time
+            machine_cache.update_json(_cache_path(), {key: dataclasses.astuple(resources)})
 
 
 STORE = _Store()
@@ -238,7 +220,7 @@ def save_table(path: str = SHIPPED_TABLE) -> None:
     """Add the answers given in this process to the shipped table, as this Triton version's
     entries (its earlier entries are dropped if they were made from other kernel source; other
     versions' entries are kept)."""
-    table = _read_json(path)
+    table = machine_cache.read_json(path)
     mine = table.get(triton_version(), {})
     entries = mine.get("resources", {}) if mine.get("source") == source_hash() else {}
     entries.update({key: list(dataclasses.astuple(value)) for key, value in STORE.used.items()})
