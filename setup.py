@@ -45,8 +45,7 @@ def extension_setup() -> dict:
         return {}
     extensions = [CppExtension(
         "fastrnn._C_cpu",
-        ["csrc/cpu/rnn_cpu.cpp", "csrc/cpu/linear_cpu.cpp", "csrc/cpu/matmul.cpp",
-         "csrc/cpu/packed_gemm.cpp", "csrc/cpu/block_cache.cpp"],
+        sorted(glob.glob("csrc/cpu/*.cpp")),
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )]

@@ -15,7 +15,7 @@ from torch.nn.modules import rnn as torch_rnn  # torch's classes, even if torch.
 from .backends import check_backend_name
 from .cells import CELLS, CellSpec
 from .modules import _converted, not_scriptable
-from .functional import autocast_dtype, needs_backward
+from .functional import autocast_dtype, dtype_name, needs_backward
 from .ops import direct_step, layer
 
 
@@ -33,19 +33,23 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
                            f"expected {weight_ih.shape[1]}")
     hidden = weight_hh.shape[1]
     for index, state in enumerate((h, c) if c is not None else (h,)):
-        state_batch, state_size = state.shape
-        if batch != state_batch:
+        # torch's checks and messages (sizes 0 and 1 of the state, whatever its dims), then one
+        # of fastrnn's own where torch's pass a state of other dims (torch.nn crashes there)
+        if batch != state.size(0):
             raise RuntimeError(f"Input batch size {batch} doesn't match hidden{index} "
-                               f"batch size {state_batch}")
-        if state_size != hidden:
-            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state_size}, "
-                               f"expected {hidden}")
+                               f"batch size {state.size(0)}")
+        if state.size(1) != hidden:
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
+                               f"{state.size(1)}, expected {hidden}")
+        if state.dim() != 2:
+            raise RuntimeError(f"hidden{index} must have 2 dimensions [batch, hidden_size] for "
+                               f"a batched input, got {state.dim()}")
     cast = autocast_dtype(input.device.type)
     if cast is None:  # dtypes must agree, checked in torch's order: input @ W_ih, h @ W_hh
         for operand, weight in ((input, weight_ih), (h, weight_hh), (c, weight_hh)):
             if operand is not None and operand.dtype != weight.dtype:
                 raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
-                                   f"{_dtype_name(operand.dtype)} and {_dtype_name(weight.dtype)}")
+                                   f"{dtype_name(operand.dtype)} and {dtype_name(weight.dtype)}")
     else:
         input, h = input.to(cast), h.to(cast)
         c = None if c is None else c.to(cast)
@@ -62,11 +66,6 @@ def cell_step(cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None, weight
         None if bias_hh is None else bias_hh.unsqueeze(0), None, None,
         check_backend_name(backend) or "", wants_grad)
     return h_n[0], (c_n[0] if c is not None else None)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
-            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
 
 
 _WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

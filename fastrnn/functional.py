@@ -91,6 +91,29 @@ def _layer_weights(weights: Sequence[Tensor], layer: int, num_layers: int, num_d
     return w_ih, b_ih, w_hh, b_hh, w_hr
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as torch's C++ errors name it ("Float", "Double", ...)."""
+    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+
+
+def check_dtypes(input: Tensor, h0: Tensor, c0: Tensor | None, weights: Sequence[Tensor]
+                 ) -> None:
+    """Raise where a weight or state has another dtype than the input, with torch's messages
+    (its GEMMs' on the CPU). A cell state of another dtype gets an error of fastrnn's own: torch.nn
+    promotes it in some dtypes and fails inside oneDNN in others."""
+    for weight in weights:
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"self and mat2 must have the same dtype, but got "
+                               f"{dtype_name(input.dtype)} and {dtype_name(weight.dtype)}")
+    if h0.dtype != input.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
+                           f"{dtype_name(h0.dtype)} and {dtype_name(input.dtype)}")
+    if c0 is not None and c0.dtype != input.dtype:
+        raise RuntimeError(f"Expected cx dtype {input.dtype} to match the input dtype, got "
+                           f"{c0.dtype}")
+
+
 def needs_backward(*tensors: Tensor | None) -> bool:
     """Whether autograd will differentiate through a layer taking these tensors. While
     torch.jit.trace records, grad mode is left out: its check traces again under no_grad, and the
@@ -124,10 +147,7 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         input, h0 = input.to(cast), h0.to(cast)
         c0 = None if c0 is None else c0.to(cast)
         weights = [w.to(cast) for w in weights]
-    for name, state in (("hx", h0), ("cx", c0)):
-        if state is not None and state.dtype != input.dtype:
-            raise RuntimeError(f"Expected {name} dtype {input.dtype} to match the input dtype, "
-                               f"got {state.dtype}")
+    check_dtypes(input, h0, c0, weights)
 
     lengths = rows = host_lengths = None
     if batch_sizes is not None:
@@ -158,7 +178,11 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         h_n.append(h_last)
         c_n.append(c_last)
         if dropout > 0 and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+            if rows is None:
+                x = F.dropout(x, dropout, training=True)
+            else:  # on the packed rows [N, D*P], as torch.nn: the same random mask
+                kept = F.dropout(x.flatten(0, 1).index_select(0, rows), dropout, training=True)
+                x = torch.cat([kept, kept.new_zeros(1, kept.shape[1])])[slots]  # [T, B, D*P]
 
     if batch_sizes is not None:
         output = x.flatten(0, 1).index_select(0, rows)

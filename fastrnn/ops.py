@@ -72,6 +72,8 @@ def _gradients(cell: CellSpec, backward: Callable, saved: Sequence[Optional[Tens
     if not cell.has_cell_state:
         grad_c_n = None
     wanted = [bool(need) and t is not None for need, t in zip(needs_input_grad, inputs)]
+    if grad_output is None and grad_h_n is None and output.shape[0] == 1:
+        wanted[7] = False  # c_n of one step does not depend on the projection W_hr (None)
     if _backward_needs_graph(grad_output, grad_h_n, grad_c_n):
         if compiled:
             raise RuntimeError("fastrnn: double backward through a compiled layer is not "

@@ -11,10 +11,17 @@
 // and a join); prepare and step must not throw there. One block, or one thread: the steps run on
 // the calling thread (where nested at::parallel_for calls may still split work). Otherwise each
 // step is one at::parallel_for.
+//
+// Worker threads do not start in their caller's thread-local modes: every share of work here (and
+// in fastrnn_cpu::parallel_for) runs in the caller's inference mode, so that ATen ops on a
+// worker may write into the caller's inference tensors, and with grad mode off (the kernels never
+// differentiate).
 
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <atomic>
@@ -37,6 +44,31 @@ inline void wait_for_count(const std::atomic<int64_t>& count, int64_t target) {
   }
 }
 
+// What a worker thread takes of its caller's modes.
+struct CallerModes {
+  bool inference = c10::InferenceMode::is_enabled();
+};
+
+// On a worker thread, for one share of work: the caller's inference mode, grad mode off.
+class InCallerModes {
+ public:
+  explicit InCallerModes(const CallerModes& caller) : inference_(caller.inference) {}
+
+ private:
+  c10::InferenceMode inference_;
+  at::NoGradGuard no_grad_;
+};
+
+// at::parallel_for, each share of work in the caller's modes.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const CallerModes caller;
+  at::parallel_for(begin, end, grain, [&](int64_t first, int64_t last) {
+    const InCallerModes modes(caller);
+    f(first, last);
+  });
+}
+
 template <typename Prepare, typename Step>
 void parallel_steps(int64_t steps, int64_t blocks, bool persistent, const Prepare& prepare,
                     const Step& step) {
@@ -44,8 +76,10 @@ void parallel_steps(int64_t steps, int64_t blocks, bool persistent, const Prepar
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
   if (persistent && threads > 1 && !at::in_parallel_region()) {
     std::atomic<int64_t> arrivals{0};  // one per thread and step done
+    const CallerModes caller;
 #pragma omp parallel num_threads(threads)
     {
+      const InCallerModes modes(caller);
       const int64_t team = omp_get_num_threads(), rank = omp_get_thread_num();
       const int64_t share = (blocks + team - 1) / team;
       const int64_t begin = std::min(blocks, rank * share), end = std::min(blocks, begin + share);
@@ -60,6 +94,7 @@ void parallel_steps(int64_t steps, int64_t blocks, bool persistent, const Prepar
   }
 #endif
   if (blocks == 1 || at::get_num_threads() == 1) {  // on this thread, free to go parallel inside
+    const at::NoGradGuard no_grad;
     for (int64_t s = 0; s < steps; ++s) {
       prepare(s, 0, blocks);
       step(s, 0, blocks);
@@ -67,7 +102,7 @@ void parallel_steps(int64_t steps, int64_t blocks, bool persistent, const Prepar
     return;
   }
   for (int64_t s = 0; s < steps; ++s) {
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       prepare(s, begin, end);
       step(s, begin, end);
     });

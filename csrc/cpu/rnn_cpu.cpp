@@ -46,6 +46,7 @@
 #include <immintrin.h>
 #endif
 
+#include "activations.h"
 #include "linear_cpu.h"
 #include "matmul.h"
 #include "packed_gemm.h"
@@ -80,48 +81,9 @@ CellInfo cell_info(std::string_view name) {
   TORCH_CHECK(false, "fastrnn cpu: unknown cell ", name);
 }
 
-// exp for float: Cody-Waite range reduction and a degree-6 polynomial, branch-free so that loops
-// over it vectorise; relative error about 2 ulp. Double precision uses the C library.
-FASTRNN_INLINE float exp_fast(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-FASTRNN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
-// tanh for float: Eigen's rational approximation (odd degree 13 over even degree 6) on
-// [-7.9, 7.9], tanh(x) = x below 4e-4; error below 7 ulp, also relative for small |x|.
-FASTRNN_INLINE float tanh_(float x) {
-  constexpr float kLimit = 7.90531110763549805f;
-  const float xc = x < -kLimit ? -kLimit : (x > kLimit ? kLimit : x);
-  const float x2 = xc * xc;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  const float result = p * xc / q;
-  return std::fabs(x) < 4e-4f ? x : result;
-}
-FASTRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-FASTRNN_INLINE double tanh_(double x) { return std::tanh(x); }
+// Units per chunk of a cell pass: a chunk's gates stay in L1 between the sums, the activations
+// (activations.h: torch's own sigmoid and tanh) and the state update.
+constexpr int64_t kChunk = 256;
 
 // What the cell pass of one forward step reads and writes; rows are batch entries. The recurrent
 // term comes per block of hidden units: [B, G, units] for units first_unit .. first_unit+units-1.
@@ -179,66 +141,87 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
   const int64_t X = s.x_gates_gate;
   const T* __restrict hg = s.h_gates + b * G * U + (j0 - s.first_unit);
   const T* __restrict bias = s.bias + j0;
-  switch (cell) {
-    case Cell::kLstm: {
-      T* __restrict c = s.c_state + b * H + j0;
-      T* __restrict hu = projects ? s.h_unprojected + b * H + j0 : h_next;
-      #pragma GCC ivdep
-      for (int64_t j = 0; j < n; ++j) {
-        const T i = sigmoid(xg[j] + hg[j] + bias[j]);
-        const T f = sigmoid(xg[X + j] + hg[U + j] + bias[H + j]);
-        const T g = tanh_(xg[2 * X + j] + hg[2 * U + j] + bias[2 * H + j]);
-        const T o = sigmoid(xg[3 * X + j] + hg[3 * U + j] + bias[3 * H + j]);
-        const T c_new = f * c[j] + i * g;
-        const T h_new = o * tanh_(c_new);
-        if constexpr (kSaveGates) {
-          ws[j] = i;
-          ws[H + j] = f;
-          ws[2 * H + j] = g;
-          ws[3 * H + j] = o;
-          ws[4 * H + j] = c_new;
-        }
-        c[j] = c_new;
-        hu[j] = h_new;
-      }
-      if (!projects) std::copy(h_next, h_next + n, out);
-      break;
+  if (cell == Cell::kRnnRelu) {
+    #pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) {
+      const T pre = xg[j] + hg[j] + bias[j];
+      const T h_new = pre < T(0) ? T(0) : pre;  // NaN stays NaN, as in torch.relu
+      h_next[j] = h_new;
+      out[j] = h_new;
     }
-    case Cell::kGru:
+    return;
+  }
+  for (int64_t first = 0; first < n; first += kChunk) {
+    const int64_t m = std::min(kChunk, n - first);
+    alignas(64) T a[5 * kChunk];  // per gate: its pre-activations, then the gate; then LSTM tanh(c)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* __restrict x_g = xg + g * X + first;
+      const T* __restrict h_g = hg + g * U + first;
+      const T* __restrict b_g = bias + g * H + first;
+      T* __restrict a_g = a + g * kChunk;
       #pragma GCC ivdep
-      for (int64_t j = 0; j < n; ++j) {
-        const T r = sigmoid(xg[j] + hg[j] + bias[j]);
-        const T z = sigmoid(xg[X + j] + hg[U + j] + bias[H + j]);
-        const T hn = hg[2 * U + j] + bias[2 * H + j];
-        const T n_gate = tanh_(xg[2 * X + j] + r * hn);
-        const T h_new = n_gate + z * (h[j] - n_gate);
-        if constexpr (kSaveGates) {
-          ws[j] = r;
-          ws[H + j] = z;
-          ws[2 * H + j] = n_gate;
-          ws[3 * H + j] = hn;
+      for (int64_t j = 0; j < m; ++j) a_g[j] = x_g[j] + h_g[j] + b_g[j];
+    }
+    const int64_t o0 = first;  // this chunk's offset within the segment
+    switch (cell) {
+      case Cell::kLstm: {
+        T* __restrict c = s.c_state + b * H + j0 + o0;
+        T* __restrict hu = (projects ? s.h_unprojected + b * H + j0 : h_next) + o0;
+        T* __restrict i = a, * __restrict f = a + kChunk, * __restrict g = a + 2 * kChunk;
+        T* __restrict o = a + 3 * kChunk, * __restrict tc = a + 4 * kChunk;
+        sigmoid_inplace(i, m);
+        sigmoid_inplace(f, m);
+        tanh_inplace(g, m);
+        sigmoid_inplace(o, m);
+        #pragma GCC ivdep
+        for (int64_t j = 0; j < m; ++j) {
+          const T c_new = f[j] * c[j] + i[j] * g[j];
+          c[j] = c_new;
+          tc[j] = c_new;
         }
-        h_next[j] = h_new;
-        out[j] = h_new;
+        if constexpr (kSaveGates) {
+          for (int64_t k = 0; k < 4; ++k) std::copy(a + k * kChunk, a + k * kChunk + m, ws + k * H + o0);
+          std::copy(c, c + m, ws + 4 * H + o0);
+        }
+        tanh_inplace(tc, m);
+        #pragma GCC ivdep
+        for (int64_t j = 0; j < m; ++j) hu[j] = o[j] * tc[j];
+        if (!projects) std::copy(hu, hu + m, out + o0);
+        break;
       }
-      break;
-    case Cell::kRnnTanh:
-      #pragma GCC ivdep
-      for (int64_t j = 0; j < n; ++j) {
-        const T h_new = tanh_(xg[j] + hg[j] + bias[j]);
-        h_next[j] = h_new;
-        out[j] = h_new;
+      case Cell::kGru: {
+        T* __restrict r = a, * __restrict z = a + kChunk, * __restrict n_gate = a + 2 * kChunk;
+        T* __restrict hn = a + 3 * kChunk;
+        sigmoid_inplace(r, m);
+        sigmoid_inplace(z, m);
+        const T* __restrict x_n = xg + 2 * X + o0;
+        const T* __restrict h_n = hg + 2 * U + o0;
+        const T* __restrict b_n = bias + 2 * H + o0;
+        #pragma GCC ivdep
+        for (int64_t j = 0; j < m; ++j) {
+          hn[j] = h_n[j] + b_n[j];
+          n_gate[j] = x_n[j] + r[j] * hn[j];
+        }
+        tanh_inplace(n_gate, m);
+        if constexpr (kSaveGates) {
+          for (int64_t k = 0; k < 4; ++k) std::copy(a + k * kChunk, a + k * kChunk + m, ws + k * H + o0);
+        }
+        const T* __restrict h_old = h + o0;
+        #pragma GCC ivdep
+        for (int64_t j = 0; j < m; ++j) {
+          const T h_new = n_gate[j] + z[j] * (h_old[j] - n_gate[j]);
+          h_next[o0 + j] = h_new;
+          out[o0 + j] = h_new;
+        }
+        break;
       }
-      break;
-    case Cell::kRnnRelu:
-      #pragma GCC ivdep
-      for (int64_t j = 0; j < n; ++j) {
-        const T pre = xg[j] + hg[j] + bias[j];
-        const T h_new = pre < T(0) ? T(0) : pre;  // NaN stays NaN, as in torch.relu
-        h_next[j] = h_new;
-        out[j] = h_new;
-      }
-      break;
+      case Cell::kRnnTanh:
+      case Cell::kRnnRelu:
+        tanh_inplace(a, m);
+        std::copy(a, a + m, h_next + o0);
+        std::copy(a, a + m, out + o0);
+        break;
+    }
   }
 }
 
@@ -307,22 +290,31 @@ FASTRNN_INLINE void backward_segment(Cell cell, const BackwardStep<T>& s, int64_
       const T* __restrict c_prev = prev_is_initial
           ? s.c_initial + b * H
           : s.workspace + prev_t * s.workspace_step + b * s.workspace_row + 4 * H;
-      #pragma GCC ivdep
-      for (int64_t j = j0; j < j1; ++j) {
-        const T dh = go == nullptr ? gh_in[j] : gh_in[j] + go[j];
-        const T i = ws[j], f = ws[H + j], g = ws[2 * H + j], o = ws[3 * H + j], c = ws[4 * H + j];
-        const T tc = tanh_(c);
-        const T dcv = dc[j] + dh * o * (T(1) - tc * tc);
-        gx[j] = dcv * g * i * (T(1) - i);
-        gx[H + j] = dcv * c_prev[j] * f * (T(1) - f);
-        gx[2 * H + j] = dcv * i * (T(1) - g * g);
-        gx[3 * H + j] = dh * tc * o * (T(1) - o);
-        dc[j] = dcv * f;
-      }
-      if (s.h_unprojected != nullptr) {
-        T* __restrict hu = s.h_unprojected + b * H;
+      T* __restrict hu = s.h_unprojected == nullptr ? nullptr : s.h_unprojected + b * H;
+      for (int64_t first = j0; first < j1; first += kChunk) {
+        const int64_t m = std::min(kChunk, j1 - first);
+        alignas(64) T tanh_c[kChunk];  // tanh(c) of this chunk
+        std::copy(ws + 4 * H + first, ws + 4 * H + first + m, tanh_c);
+        tanh_inplace(tanh_c, m);
         #pragma GCC ivdep
-        for (int64_t j = j0; j < j1; ++j) hu[j] = ws[3 * H + j] * tanh_(ws[4 * H + j]);
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t j = first + k;
+          const T dh = go == nullptr ? gh_in[j] : gh_in[j] + go[j];
+          const T i = ws[j], f = ws[H + j], g = ws[2 * H + j], o = ws[3 * H + j];
+          const T tc = tanh_c[k];
+          const T dcv = dc[j] + dh * o * (T(1) - tc * tc);
+          gx[j] = dcv * g * i * (T(1) - i);
+          gx[H + j] = dcv * c_prev[j] * f * (T(1) - f);
+          gx[2 * H + j] = dcv * i * (T(1) - g * g);
+          gx[3 * H + j] = dh * tc * o * (T(1) - o);
+          dc[j] = dcv * f;
+        }
+        if (hu != nullptr) {
+          #pragma GCC ivdep
+          for (int64_t k = 0; k < m; ++k) hu[first + k] = ws[3 * H + first + k] * tanh_c[k];
+        }
+      }
+      if (hu != nullptr) {
         if (j0 == 0) std::fill(gh_next, gh_next + s.out_size, T(0));
       } else {
         std::fill(gh_next + j0, gh_next + j1, T(0));
@@ -392,121 +384,7 @@ void backward_segment_f64(Cell cell, const BackwardStep<double>& s, int64_t b, i
   backward_segment(cell, s, b, j0, j1);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTRNN_AVX512_CELL 1
-// GCC 12 warns about the _mm512_undefined operands inside its own intrinsics headers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define FASTRNN_AVX512 __attribute__((target("avx512f"), always_inline)) inline
-
-// exp_fast, sigmoid and tanh_ on 16 floats, divisions by a reciprocal estimate and one
-// Newton-Raphson step (relative error ~2^-28 before rounding).
-FASTRNN_AVX512 __m512 reciprocal16(__m512 d) {
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-}
-
-FASTRNN_AVX512 __m512 exp16(__m512 x) {
-  // min/max return their second operand when either is NaN: x goes second, so NaN stays NaN
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  const __m512 shift = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift),
-                                 shift);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
-
-FASTRNN_AVX512 __m512 sigmoid16(__m512 x) {
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-  return reciprocal16(_mm512_add_ps(e, _mm512_set1_ps(1.0f)));
-}
-
-FASTRNN_AVX512 __m512 tanh16(__m512 x) {
-  const __m512 limit = _mm512_set1_ps(7.90531110763549805f);
-  const __m512 xc = _mm512_min_ps(limit,  // x second: NaN stays NaN (see exp16)
-                                  _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), limit), x));
-  const __m512 x2 = _mm512_mul_ps(xc, xc);
-  __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-8.60467152213735e-11f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(5.12229709037114e-08f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.48572235717979e-05f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(6.37261928875436e-04f));
-  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(4.89352455891786e-03f));
-  __m512 q = _mm512_set1_ps(1.19825839466702e-06f);
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.18534705686654e-04f));
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.26843463243900e-03f));
-  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(4.89352518554385e-03f));
-  const __m512 result = _mm512_mul_ps(_mm512_mul_ps(p, xc), reciprocal16(q));
-  const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(4e-4f), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(tiny, result, x);
-}
-
-// x_gates + h_gates + bias of one gate for the units kept by mask.
-FASTRNN_AVX512 __m512 gate_input16(__mmask16 mask, const float* x_gates, const float* h_gates,
-                                   const float* bias) {
-  return _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(mask, x_gates),
-                                     _mm512_maskz_loadu_ps(mask, h_gates)),
-                       _mm512_maskz_loadu_ps(mask, bias));
-}
-
-// The LSTM case of forward_segment for float32 on AVX-512 CPUs, 16 units at a time.
-__attribute__((target("avx512f"))) void lstm_segment_avx512(const ForwardStep<float>& s,
-                                                            int64_t b, int64_t j0, int64_t j1) {
-  if (s.lengths != nullptr && s.t >= s.lengths[b]) {  // past the sequence's end
-    forward_segment_f32(Cell::kLstm, s, b, j0, j1);
-    return;
-  }
-  const int64_t H = s.hidden, U = s.units, X = s.x_gates_gate;
-  const bool projects = s.h_unprojected != nullptr;
-  float* ws = s.workspace == nullptr ? nullptr : s.workspace + b * s.workspace_row;
-  const float* xg = s.x_gates + b * s.x_gates_row - s.x_gates_first;
-  const float* hg = s.h_gates + b * 4 * U - s.first_unit;
-  float* c = s.c_state + b * H;
-  float* hu = projects ? s.h_unprojected + b * H : s.h_next + b * H;
-  float* out = projects ? nullptr : s.output + b * s.output_row;
-  for (int64_t j = j0; j < j1; j += 16) {
-    const __mmask16 m = j1 - j >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                     : static_cast<__mmask16>((1u << (j1 - j)) - 1);
-    const __m512 i = sigmoid16(gate_input16(m, xg + j, hg + j, s.bias + j));
-    const __m512 f = sigmoid16(gate_input16(m, xg + X + j, hg + U + j, s.bias + H + j));
-    const __m512 g = tanh16(gate_input16(m, xg + 2 * X + j, hg + 2 * U + j, s.bias + 2 * H + j));
-    const __m512 o = sigmoid16(gate_input16(m, xg + 3 * X + j, hg + 3 * U + j, s.bias + 3 * H + j));
-    const __m512 c_new = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, c + j), _mm512_mul_ps(i, g));
-    const __m512 h_new = _mm512_mul_ps(o, tanh16(c_new));
-    if (ws != nullptr) {
-      _mm512_mask_storeu_ps(ws + j, m, i);
-      _mm512_mask_storeu_ps(ws + H + j, m, f);
-      _mm512_mask_storeu_ps(ws + 2 * H + j, m, g);
-      _mm512_mask_storeu_ps(ws + 3 * H + j, m, o);
-      _mm512_mask_storeu_ps(ws + 4 * H + j, m, c_new);
-    }
-    _mm512_mask_storeu_ps(c + j, m, c_new);
-    _mm512_mask_storeu_ps(hu + j, m, h_new);
-    if (!projects) _mm512_mask_storeu_ps(out + j, m, h_new);
-  }
-}
-#pragma GCC diagnostic pop
-#endif
-
 void run_segment(Cell cell, const ForwardStep<float>& s, int64_t b, int64_t j0, int64_t j1) {
-#ifdef FASTRNN_AVX512_CELL
-  static const bool avx512 = avx512_kernels();
-  if (cell == Cell::kLstm && avx512) {
-    lstm_segment_avx512(s, b, j0, j1);
-    return;
-  }
-#endif
   forward_segment_f32(cell, s, b, j0, j1);
 }
 void run_segment(Cell cell, const ForwardStep<double>& s, int64_t b, int64_t j0, int64_t j1) {
@@ -539,7 +417,7 @@ void prefetch_gate_inputs(const ForwardStep<T>& s, int64_t first_row, int64_t la
 // One backward cell pass over every (row, hidden unit), split over threads in row segments.
 template <typename Step>
 void cell_pass(Cell cell, const Step& step, int64_t batch, int64_t hidden) {
-  at::parallel_for(0, batch * hidden, kCellGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, batch * hidden, kCellGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin / hidden; b * hidden < end; ++b) {
       const int64_t j0 = std::max(begin - b * hidden, int64_t(0));
       const int64_t j1 = std::min(end - b * hidden, hidden);
@@ -606,10 +484,10 @@ void pack_blocks(int64_t blocks, bool split_by_rows, const Reset& reset, const P
                  const Panels& panels) {
   if (split_by_rows) {
     reset(0);
-    at::parallel_for(0, panels(0), 1, [&](int64_t begin, int64_t end) { pack(0, begin, end); });
+    parallel_for(0, panels(0), 1, [&](int64_t begin, int64_t end) { pack(0, begin, end); });
     return;
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       reset(k);
       pack(k, 0, panels(k));
@@ -621,7 +499,7 @@ void pack_blocks(int64_t blocks, bool split_by_rows, const Reset& reset, const P
 // group.
 template <typename Rows>
 void for_each_row_group(int64_t batch, int64_t groups, const Rows& rows) {
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
       rows(group * batch / groups, (group + 1) * batch / groups);
     }
@@ -830,7 +708,6 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
       for (int64_t k = begin; k < end; ++k) prepare_rows(steps[k], k, s, 0, B);
     };
     const auto step_blocks = [&](int64_t s, int64_t begin, int64_t end) {
-      const at::NoGradGuard no_grad;  // worker threads start with grad mode on
       for (int64_t k = begin; k < end; ++k) step_rows(steps[k], k, s, 0, B);
     };
     if (projects) {  // one block; h = W_hr (o * tanh(c)) where the sequence runs, else it stays
@@ -1016,8 +893,7 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
       }
     };
     const auto add_recurrent_gradients = [&](int64_t s) {
-      at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
-        const at::NoGradGuard no_grad;  // worker threads start with grad mode on
+      parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k, 0, B);
       });
     };
@@ -1060,7 +936,6 @@ void backward_impl(const CellInfo& info, const Tensor& grad_output, const Tensor
       const auto run_phase = [&](int64_t phase, int64_t begin, int64_t end) {
         const int64_t s = phase / 2;
         if (phase % 2 == 1) {
-          const at::NoGradGuard no_grad;  // worker threads start with grad mode on
           for (int64_t k = begin; k < end; ++k) add_recurrent_gradient(s, k, 0, B);
           return;
         }
@@ -1376,7 +1251,7 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   const int64_t unit_blocks = (H + 15) / 16;
   // split when the blocks include the products; the cell pass alone is too short to split
   const int64_t grain = split && !aten ? 1 : unit_blocks;
-  at::parallel_for(0, unit_blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, unit_blocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t j0 = begin * 16, j1 = std::min(H, end * 16);
     for (int64_t g = 0; g < G && !aten; ++g) {  // gate rows g*H + [j0, j1) of both products
       const int64_t first = g * H + j0;

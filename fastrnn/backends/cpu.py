@@ -25,9 +25,7 @@ import torch
 from .base import Backend, LayerConfig
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_SOURCES = [pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu" / name
-            for name in ("rnn_cpu.cpp", "linear_cpu.cpp", "matmul.cpp", "packed_gemm.cpp",
-                         "block_cache.cpp")]
+_SOURCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 
 
 def _load_kernels() -> str:
@@ -43,13 +41,13 @@ def _load_kernels() -> str:
             built_error = f"the built extension {spec.origin} does not load ({error})"
     else:
         built_error = "the extension fastrnn._C_cpu is not built"
-    missing = [str(source) for source in _SOURCES if not source.exists()]
-    if missing:
-        return f"{built_error} and its sources {missing} are not there to compile"
+    sources = sorted(str(source) for source in _SOURCE_DIR.glob("*.cpp"))
+    if not sources:
+        return f"{built_error} and its sources in {_SOURCE_DIR} are not there to compile"
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="fastrnn_cpu_jit", sources=[str(source) for source in _SOURCES],
+        cpp_extension.load(name="fastrnn_cpu_jit", sources=sources,
                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False)
     except Exception as error:  # a compiler error of any kind means: not available here
