@@ -262,16 +262,16 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
 
 }  // namespace
 
-// One layer forward for x_gates [T, B, D*G*H], or, with a projection, for its x [T, B, I].
+// One layer forward for x_gates [T, B, D*G*H], or, with a projection, for its x [T, B, I]; dtype:
+// the layer's (x_gates of a bfloat16 layer may come in float32).
 namespace {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> run_forward(
     const CellInfo& info, const Tensor& x_gates, const InputProjection* projection,
     const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths, bool keep_workspace) {
+    const std::optional<Tensor>& lengths, bool keep_workspace, at::ScalarType dtype) {
   const Tensor& rows = projection != nullptr ? projection->x : x_gates;  // [T, B, ...]
-  const auto dtype = rows.scalar_type();
   const auto compute = compute_type(dtype);
   TORCH_CHECK(compute == at::kFloat || compute == at::kDouble,
               "fastrnn cpu: unsupported dtype ", dtype);
@@ -313,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& w_hh, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, bool keep_workspace) {
   return run_forward(cell_info(cell), x_gates, nullptr, h0, c0, w_hh, b_hh, w_hr, lengths,
-                     keep_workspace);
+                     keep_workspace, x_gates.scalar_type());
 }
 
 // Bytes of W_ih per direction above which a float32 layer's input projection runs as one GEMM
@@ -321,12 +321,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 // step streams W_ih through the caches again (measured on a 2-core Zen 4: at 1 MiB, B16 H256,
 // step by step is faster; at 4 MiB, B64 H512, one GEMM is).
 constexpr int64_t kFusedProjectionMaxBytes = int64_t(2) << 20;
+// Batch rows below which the input projection runs before the recurrence, one GEMM over all
+// steps: a step of a few rows is bound by reading its weights, and reading W_ih at every step
+// too would double that, where one GEMM over T * B rows reads W_ih once, at full speed.
+constexpr int64_t kFusedProjectionMinBatch = 8;
 
-// One layer forward from its input x [T, B, I]: the input projection runs step by step inside the
-// recurrence (x_gates are never stored whole) for float32 where packed_gemm runs and W_ih is not
-// large, each x_gates entry is computed as linear() computes it, so the results are those of
-// linear() then layer_forward(); and for bfloat16 on AVX512_BF16 CPUs, with x_gates kept in
-// float32 where linear() rounds them to bfloat16. Otherwise linear() runs before the recurrence.
+// One layer forward from its input x [T, B, I]. The input projection runs step by step inside the
+// recurrence (x_gates are never stored whole) for float32 where packed_gemm runs, W_ih is not
+// large and the batch has kFusedProjectionMinBatch rows or more, each x_gates entry computed as
+// linear() computes it, so the results are those of linear() then layer_forward(); and so for
+// bfloat16 on AVX512_BF16 CPUs, with x_gates kept in float32 (linear_bf16 before the recurrence
+// at fewer rows). Otherwise linear() runs before the recurrence.
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
     std::string_view cell, const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
     const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
@@ -341,12 +346,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
            (!b_ih.has_value() || b_ih->scalar_type() == dtype) && x.numel() > 0 &&
            w_ih.size(1) > 0;
   };
-  // float32: fused unless W_ih is large, where one GEMM over all steps reads it once instead of
-  // once per step; bfloat16: always fused (its x_gates then stay in float32).
   const bool large_w_ih =
       w_ih.numel() * int64_t(sizeof(float)) > kFusedProjectionMaxBytes * w_hh.size(0);
-  const bool packed = all_of(at::kFloat) && use_packed_gemm<float>() && !large_w_ih;
+  const bool few_rows = x.size(1) < kFusedProjectionMinBatch;
+  const bool packed = all_of(at::kFloat) && use_packed_gemm<float>() && !large_w_ih && !few_rows;
   const bool bf16 = all_of(at::kBFloat16) && packed_gemm_bf16_supported();
+  const auto dtype = x.scalar_type();
+  if (bf16 && few_rows) {
+    return run_forward(info, linear_bf16(x, w_ih, b_ih), nullptr, h0, c0, w_hh, b_hh, w_hr,
+                       lengths, keep_workspace, dtype);
+  }
   if (packed || bf16) {
     const int64_t I = x.size(2);
     Tensor rows = x.stride(2) == 1 ? x : x.contiguous();
@@ -358,10 +367,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
                                b_ih.has_value() ? b_ih->to(at::kFloat).contiguous() : Tensor(),
                                bf16};
     return run_forward(info, Tensor(), &projection, h0, c0, w_hh, b_hh, w_hr, lengths,
-                       keep_workspace);
+                       keep_workspace, dtype);
   }
   return run_forward(info, fastrnn_cpu::linear(x, w_ih, b_ih), nullptr, h0, c0, w_hh, b_hh, w_hr,
-                     lengths, keep_workspace);
+                     lengths, keep_workspace, dtype);
 }
 
 }  // namespace fastrnn_cpu

@@ -152,6 +152,50 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   });
 }
 
+// One step forward of a bfloat16 cell at B <= kGemvBatch (AVX512_BF16): x [B, I], h [B, H],
+// w_ih [G*H, I], w_hh [G*H, H] bfloat16, contiguous; b_ih, b_hh [G*H] float32 or undefined;
+// c [B, H] float32 (LSTM). The products are bfloat16 dot products over the weights as they lie
+// (gemv_rows_bf16), summed in float32; the cell runs in float32. Writes h_new, c_new [B, H]
+// float32 and, when defined, workspace [B, W].
+void step_forward_bf16(const CellInfo& info, const Tensor& x, const Tensor& h, const Tensor& c,
+                       const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
+                       const Tensor& b_hh, Tensor& h_new, Tensor& c_new, Tensor& workspace) {
+  const int64_t B = x.size(0), I = x.size(1), H = h.size(1), GH = info.gates * H;
+  const bool lstm = info.cell == Cell::kLstm;
+  Tensor buffer = at::empty({2 * B * GH + B * H + B * H}, x.options().dtype(at::kFloat));
+  float* x_gates = buffer.data_ptr<float>();
+  float* h_gates = x_gates + B * GH;
+  float* h_next = h_gates + B * GH;
+  float* h_prev = h_next + B * H;  // h in float32, for the cell
+  const auto bits = [](const Tensor& t) {
+    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+  };
+  const float* bias_ih = b_ih.defined() ? b_ih.data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    gemv_rows_bf16(GH, I, bits(w_ih), I, bits(x) + b * I, x_gates + b * GH, bias_ih);
+    gemv_rows_bf16(GH, H, bits(w_hh), H, bits(h) + b * H, h_gates + b * GH, nullptr);
+  }
+  buffer.narrow(0, 2 * B * GH + B * H, B * H).copy_(h.reshape({-1}));
+  if (lstm) c_new.copy_(c);
+  Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, buffer.options());
+  ForwardStep<float> step{};
+  step.hidden = H;
+  step.x_gates = x_gates;
+  step.x_gates_row = GH;
+  step.x_gates_gate = H;
+  step.h_gates = h_gates;
+  step.units = H;
+  step.bias = b_hh.defined() ? b_hh.data_ptr<float>() : zero_bias.data_ptr<float>();
+  step.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
+  step.workspace_row = info.workspace_gates * H;
+  step.h_prev = h_prev;
+  step.h_next = h_next;
+  step.c_state = lstm ? c_new.data_ptr<float>() : nullptr;
+  step.output = h_new.data_ptr<float>();
+  step.output_row = H;
+  for (int64_t b = 0; b < B; ++b) run_segment(info.cell, step, b, 0, H);
+}
+
 // result [N, K] = g^T a for g [B, N], a [B, K] (float32, contiguous, B <= kGemvBatch): a weight
 // gradient of one step, as B rank-one updates written row by row.
 FASTRNN_CLONES void outer_sum_rows(int64_t batch, int64_t rows, int64_t depth, const float* g,
@@ -196,13 +240,30 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
                   w_hh.size(0) == GH && w_hh.size(1) == H && (!lstm || c.has_value()),
               "fastrnn cpu: cell step shapes do not match");
   const auto options = x.options();
+  const auto dtype = x.scalar_type();
   const int64_t W = info.workspace_gates * H;
   Tensor h_new = at::empty({B, H}, options);
   Tensor c_new = lstm ? at::empty({B, H}, options) : at::empty({0}, options);
-  Tensor workspace = keep_workspace ? at::empty({B, W}, options) : at::empty({0, W}, options);
-  const bool direct = x.scalar_type() == at::kFloat && use_packed_gemm<float>() &&
-                      h.scalar_type() == at::kFloat && w_ih.scalar_type() == at::kFloat &&
-                      w_hh.scalar_type() == at::kFloat && B > 0 && H > 0 && x.size(1) > 0;
+  // the workspace in the compute dtype (float32 for the half types), as a layer's
+  const auto ws_options = options.dtype(compute_type(dtype));
+  Tensor workspace = keep_workspace ? at::empty({B, W}, ws_options) : at::empty({0, W}, ws_options);
+  const auto all_of = [&](at::ScalarType type) {
+    return dtype == type && h.scalar_type() == type && w_ih.scalar_type() == type &&
+           w_hh.scalar_type() == type && B > 0 && H > 0 && x.size(1) > 0;
+  };
+  if (all_of(at::kBFloat16) && packed_gemm_bf16_supported() && B <= kGemvBatch) {
+    Tensor ws = keep_workspace ? workspace : Tensor();
+    Tensor h_float = at::empty({B, H}, ws_options);
+    Tensor c_float = lstm ? at::empty({B, H}, ws_options) : Tensor();
+    step_forward_bf16(info, x.contiguous(), h.contiguous(), lstm ? c->to(at::kFloat) : Tensor(),
+                      w_ih.contiguous(), w_hh.contiguous(),
+                      to_compute(value_or_undefined(b_ih), at::kFloat),
+                      to_compute(value_or_undefined(b_hh), at::kFloat), h_float, c_float, ws);
+    h_new.copy_(h_float);
+    if (lstm) c_new.copy_(c_float);
+    return {h_new, c_new, workspace};
+  }
+  const bool direct = all_of(at::kFloat) && use_packed_gemm<float>();
   if (direct) {
     Tensor ws = keep_workspace ? workspace : Tensor();
     step_forward_f32(info, x.contiguous(), h.contiguous(),
