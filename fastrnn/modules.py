@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import functional
 from .backends import check_backend_name
 from .cells import CELLS_BY_MODE
+from .ops import direct_step
 
 class RNNBase(torch_rnn.RNNBase):
     """The common part of LSTM, GRU and RNN: an nn.RNNBase (for isinstance) that runs its own
@@ -234,7 +235,63 @@ class RNNBase(torch_rnn.RNNBase):
             raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
                                f"{hx.dim()}-D tensor")
 
+    def _one_step(self, input: Tensor, hx):
+        """A call that is one step of one cell (one layer and direction, no projection, a batched
+        3-D input with T = 1, hx None or of the expected shapes and dtypes, no autocast) as one
+        native step: (output, hidden) as the general path gives them, with none of its per-layer
+        work (~30 us of Python at B1). None for any other call, valid or not: the general path
+        then runs it, or raises torch.nn's error."""
+        if (self.num_layers != 1 or self.bidirectional or self.proj_size or input.dim() != 3
+                or torch.is_autocast_enabled(input.device.type)):
+            return None
+        time_dim = 1 if self.batch_first else 0
+        batch, steps, features = (input.shape[0], input.shape[1], input.shape[2]) \
+            if self.batch_first else (input.shape[1], input.shape[0], input.shape[2])
+        if steps != 1 or features != self.input_size:
+            return None
+        parameters = self._parameters
+        try:  # a parametrized weight is not there: the general path reads it as an attribute
+            weights = [parameters[name] for name in self._flat_weights_names]
+        except KeyError:
+            return None
+        if len(weights) == 4:
+            w_ih, w_hh, b_ih, b_hh = weights
+        elif len(weights) == 2:
+            (w_ih, w_hh), b_ih, b_hh = weights, None, None
+        else:
+            return None
+        if w_ih is None or w_hh is None or input.dtype is not w_ih.dtype:
+            return None
+        is_lstm = self.mode == "LSTM"
+        state_shape = (1, batch, self.hidden_size)
+        if hx is None:
+            h = c = input.new_zeros(batch, self.hidden_size)
+        elif is_lstm:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h, c = hx
+            if (type(h) is not Tensor or type(c) is not Tensor or h.shape != state_shape
+                    or c.shape != state_shape):
+                return None
+            h, c = h.squeeze(0), c.squeeze(0)
+        else:
+            if type(hx) is not Tensor or hx.shape != state_shape:
+                return None
+            h, c = hx.squeeze(0), None
+        step = direct_step(CELLS_BY_MODE[self.mode], self.backend, input.squeeze(time_dim), h,
+                           c if is_lstm else None, w_ih, w_hh, b_ih, b_hh)
+        if step is None:
+            return None
+        h_new, c_new = step  # [B, H]; the output is a tensor of its own, as torch.nn's
+        h_n = h_new.unsqueeze(0)
+        output = h_new.clone().unsqueeze(time_dim)
+        return output, ((h_n, c_new.unsqueeze(0)) if is_lstm else h_n)
+
     def forward(self, input, hx=None):
+        if type(input) is Tensor:
+            one_step = self._one_step(input, hx)
+            if one_step is not None:
+                return one_step
         is_packed = isinstance(input, PackedSequence)
         is_lstm = self.mode == "LSTM"
         if is_packed:

@@ -209,10 +209,10 @@ void forward_impl(const CellInfo& info, const Tensor& x_gates, const InputProjec
           uint16_t* h_k = h_bf16[k].data() + r0 * P_even;
           to_bfloat16_rows(step.h_prev + r0 * P, r1 - r0, P, P, h_k, P_even);
           packed_gemm_bf16(r1 - r0, h_k, P_even, w_block_bf16[k], h_gates_k, row, nullptr,
-                           false);
+                           false, s % 2 == 1);  // odd steps from the panel read last
         } else {
           packed_gemm(r1 - r0, step.h_prev + r0 * P, P, w_block_packed[k], h_gates_k, row,
-                      nullptr, false);
+                      nullptr, false, s % 2 == 1);  // odd steps from the panel read last
         }
       }
       for (int64_t b = r0; b < r1; ++b) {
@@ -363,7 +363,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
       rows = at::zeros({x.size(0), x.size(1), I + 1}, x.options());
       rows.narrow(2, 0, I).copy_(x);
     }
-    InputProjection projection{rows, w_ih.to(at::kFloat).contiguous(),
+    InputProjection projection{rows, to_compute(w_ih, at::kFloat),
                                b_ih.has_value() ? b_ih->to(at::kFloat).contiguous() : Tensor(),
                                bf16};
     return run_forward(info, Tensor(), &projection, h0, c0, w_hh, b_hh, w_hr, lengths,

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "matmul.h"
 #include "packed_gemm.h"
 
 namespace fastrnn_cpu {
@@ -48,7 +49,11 @@ at::ScalarType compute_type(at::ScalarType dtype) {
 }
 
 Tensor to_compute(const Tensor& t, at::ScalarType compute) {
-  return t.defined() ? t.to(compute).contiguous() : t;
+  if (!t.defined() || t.scalar_type() == compute) return t.defined() ? t.contiguous() : t;
+  // a converted weight is a fresh buffer of up to MiBs at every call: from the block cache
+  Tensor result = empty_large(t.sizes(), t.options().dtype(compute));
+  result.copy_(t);
+  return result;
 }
 
 }  // namespace fastrnn_cpu

@@ -74,7 +74,8 @@ void for_each_row_group(int64_t batch, int64_t groups, const Rows& rows) {
 // The dtype the kernels compute a dtype in: float32 for the half types, else the dtype itself.
 at::ScalarType compute_type(at::ScalarType dtype);
 
-// t in the compute dtype, contiguous (undefined stays undefined).
+// t in the compute dtype, contiguous (undefined stays undefined); a converted copy comes from
+// the block cache (matmul.h: empty_large).
 Tensor to_compute(const Tensor& t, at::ScalarType compute);
 
 inline Tensor value_or_undefined(const std::optional<Tensor>& t) {

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "linear_cpu.h"
+#include "layer_plan.h"
 #include "matmul.h"
 #include "packed_gemm.h"
 
@@ -88,7 +89,7 @@ Tensor linear_bf16(const Tensor& input, const Tensor& weight, const std::optiona
     padded.narrow(1, 0, K).copy_(x);
     x = padded;
   }
-  const Tensor w = weight.to(at::kFloat).contiguous();  // [N, K]
+  const Tensor w = to_compute(weight, at::kFloat);  // [N, K]
   const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   PackedMatrixBf16 packed;
   packed.reset(K, N);

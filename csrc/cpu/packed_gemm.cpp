@@ -419,13 +419,14 @@ int64_t tile_height(int64_t rows, int64_t tile_rows) {
 }
 
 // The walk of packed_gemm over tiles of at most tile_rows x tile_columns (32, or 16 for half
-// panels): panel by panel, then chunks of K (a chunk of the panel stays in L1 across the row
-// tiles), then rows. tiles[r] computes r rows.
+// panels): panel by panel (from the last where last_panel_first), then chunks of K (a chunk of
+// the panel stays in L1 across the row tiles), then rows. tiles[r] computes r rows.
 void run_tiles(const Tile* tiles, int64_t tile_rows, int64_t tile_columns, int64_t rows,
                const float* a, int64_t lda, const PackedMatrix& b, float* c, int64_t ldc,
-               const float* bias, bool accumulate) {
+               const float* bias, bool accumulate, bool last_panel_first) {
   const int64_t width = PackedMatrix::kPanelColumns;
-  for (int64_t p = 0; p < b.panels(); ++p) {
+  for (int64_t i = 0; i < b.panels(); ++i) {
+    const int64_t p = last_panel_first ? b.panels() - 1 - i : i;
     const int64_t last = std::min(b.columns(), (p + 1) * width);
     for (int64_t first = p * width; first < last; first += tile_columns) {
       const int64_t columns = std::min(tile_columns, last - first);
@@ -442,6 +443,47 @@ void run_tiles(const Tile* tiles, int64_t tile_rows, int64_t tile_columns, int64
     }
   }
 }
+
+// GCC 12 warns about the undefined operands inside its own _mm512_reduce_add_ps.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The sums of 8 accumulators' 16 lanes, as 8 lanes (lane r: acc[r]): halves folded pairwise
+// across the accumulators, a third of the shuffles and adds of 8 separate reductions.
+FASTRNN_AVX512_INLINE __m256 row_sums8(const __m512 (&acc)[8]) {
+  __m512 pairs[4];  // pairs[j]: the halves of acc[2j] and acc[2j+1] added, 8 lanes each
+  for (int j = 0; j < 4; ++j) {
+    pairs[j] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * j], acc[2 * j + 1], 0x44),
+                             _mm512_shuffle_f32x4(acc[2 * j], acc[2 * j + 1], 0xEE));
+  }
+  // quads: 4 lanes of each of acc[0..3] (low) and acc[4..7] (high)
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[0], pairs[1], 0x88),
+                                   _mm512_shuffle_f32x4(pairs[0], pairs[1], 0xDD));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[2], pairs[3], 0x88),
+                                    _mm512_shuffle_f32x4(pairs[2], pairs[3], 0xDD));
+  const __m512 mixed = _mm512_add_ps(_mm512_unpacklo_ps(low, high), _mm512_unpackhi_ps(low, high));
+  const __m512 sums = _mm512_add_ps(mixed, _mm512_permute_ps(mixed, 0x4E));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, sums));
+}
+
+// y[r] = the sum of acc[r]'s lanes + bias[r] (bias may be null), r < kRows.
+template <int kRows>
+FASTRNN_AVX512_INLINE void store_row_sums(const __m512 (&acc)[kRows], float* y,
+                                          const float* bias) {
+  if constexpr (kRows == 8) {
+    __m256 sums = row_sums8(acc);
+    if (bias != nullptr) sums = _mm256_add_ps(sums, _mm256_loadu_ps(bias));
+    _mm256_storeu_ps(y, sums);
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      y[r] = _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.0f : bias[r]);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
 
 // GCC 12 warns about the undefined operands inside its own _mm512_reduce_add_ps.
 #pragma GCC diagnostic push
@@ -471,10 +513,7 @@ __attribute__((target("avx512f"))) void gemv_tile(int64_t depth, const float* w,
       acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + r * ldw + k), xk, acc[r]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    y[r] = _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.0f : bias[r]);
-  }
+  store_row_sums<kRows>(acc, y, bias);
 }
 
 #pragma GCC diagnostic pop
@@ -503,12 +542,24 @@ __attribute__((target("avx2,fma"))) void gemv_tile_avx2(int64_t depth, const flo
       acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * ldw + k, mask), xk, acc[r]);
     }
   }
+  if constexpr (kRows == 8) {  // 8 sums at once: horizontal adds across the accumulators
+    const __m256 first = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]),
+                                        _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 second = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]),
+                                         _mm256_hadd_ps(acc[6], acc[7]));
+    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(first, second, 0x20),
+                                _mm256_permute2f128_ps(first, second, 0x31));
+    if (bias != nullptr) sums = _mm256_add_ps(sums, _mm256_loadu_ps(bias));
+    _mm256_storeu_ps(y, sums);
+  } else {
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    const __m128 one = _mm_add_ss(pair, _mm_movehdup_ps(pair));
-    y[r] = _mm_cvtss_f32(one) + (bias == nullptr ? 0.0f : bias[r]);
+    for (int r = 0; r < kRows; ++r) {
+      const __m128 quad =
+          _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+      const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+      const __m128 one = _mm_add_ss(pair, _mm_movehdup_ps(pair));
+      y[r] = _mm_cvtss_f32(one) + (bias == nullptr ? 0.0f : bias[r]);
+    }
   }
 }
 
@@ -581,13 +632,16 @@ void PackedMatrixBf16::pack_panel(const float* const* sources, uint16_t* panel) 
 }
 
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
-                 int64_t ldc, const float* bias, bool accumulate) {
+                 int64_t ldc, const float* bias, bool accumulate, bool last_panel_first) {
   if (avx512_kernels() && b.columns() <= 16) {  // half of a panel: half the multiply-adds
-    run_tiles(kTilesHalf, kTileRowsHalf, 16, rows, a, lda, b, c, ldc, bias, accumulate);
+    run_tiles(kTilesHalf, kTileRowsHalf, 16, rows, a, lda, b, c, ldc, bias, accumulate,
+              last_panel_first);
   } else if (avx512_kernels()) {
-    run_tiles(kTiles, kTileRows, 32, rows, a, lda, b, c, ldc, bias, accumulate);
+    run_tiles(kTiles, kTileRows, 32, rows, a, lda, b, c, ldc, bias, accumulate,
+              last_panel_first);
   } else {  // AVX2/FMA: each panel as two halves of 16 columns
-    run_tiles(kTilesAvx2, kTileRowsAvx2, 16, rows, a, lda, b, c, ldc, bias, accumulate);
+    run_tiles(kTilesAvx2, kTileRowsAvx2, 16, rows, a, lda, b, c, ldc, bias, accumulate,
+              last_panel_first);
   }
 }
 
@@ -716,10 +770,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_tile_bf16(
                                 xk);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    y[r] = _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.0f : bias[r]);
-  }
+  store_row_sums<kRows>(acc, y, bias);
 }
 
 #pragma GCC diagnostic pop
@@ -742,10 +793,12 @@ void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
 }
 
 void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const PackedMatrixBf16& b,
-                      float* c, int64_t ldc, const float* bias, bool accumulate) {
+                      float* c, int64_t ldc, const float* bias, bool accumulate,
+                      bool last_panel_first) {
   const int64_t width = PackedMatrixBf16::kPanelColumns;
   const int64_t chunk = kDepthChunk / 2;  // pairs per pass of the accumulators
-  for (int64_t p = 0; p < b.panels(); ++p) {
+  for (int64_t i = 0; i < b.panels(); ++i) {
+    const int64_t p = last_panel_first ? b.panels() - 1 - i : i;
     const int64_t first = p * width, columns = std::min(width, b.columns() - first);
     for (int64_t k = 0; k < b.pair_rows(); k += chunk) {
       const int64_t pairs = std::min(chunk, b.pair_rows() - k);
@@ -782,12 +835,12 @@ void to_bfloat16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_
 }
 
 void packed_gemm_bf16(int64_t, const uint16_t*, int64_t, const PackedMatrixBf16&, float*, int64_t,
-                      const float*, bool) {
+                      const float*, bool, bool) {
   throw std::runtime_error("fastrnn cpu: packed_gemm_bf16 needs an x86-64 CPU with AVX512_BF16");
 }
 
 void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, int64_t,
-                 const float*, bool) {
+                 const float*, bool, bool) {
   throw std::runtime_error("fastrnn cpu: packed_gemm needs an x86-64 CPU with AVX2");
 }
 

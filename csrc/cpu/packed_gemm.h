@@ -118,9 +118,11 @@ bool avx512_kernels();
 
 // c = a b + bias (accumulate: c += a b) on the calling thread.
 // a: [M, K] rows lda apart; b: packed [K, N]; c: [M, N] rows ldc apart; bias: [N] or null
-// (ignored when accumulating).
+// (ignored when accumulating). last_panel_first reads b's panels from the last (the same
+// results): a loop of products alternating it starts each with the panels the previous one
+// read last, still in cache.
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
-                 int64_t ldc, const float* bias, bool accumulate);
+                 int64_t ldc, const float* bias, bool accumulate, bool last_panel_first = false);
 
 // y [N] = w [N, K] x [K] + bias [N] (bias may be null) on the calling thread: a product with a
 // single row of activations (one step at batch 1), reading each weight once where it lies, rows
@@ -154,6 +156,7 @@ void to_bfloat16_rows(const float* src, int64_t rows, int64_t columns, int64_t s
 // a: bfloat16 bits [M, K] rows lda apart, each row readable (and zero) up to an even length;
 // b: packed [K, N]; c: float32 [M, N] rows ldc apart; bias: [N] or null.
 void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const PackedMatrixBf16& b,
-                      float* c, int64_t ldc, const float* bias, bool accumulate);
+                      float* c, int64_t ldc, const float* bias, bool accumulate,
+                      bool last_panel_first = false);
 
 }  // namespace fastrnn_cpu
