@@ -16,7 +16,6 @@ import collections
 import warnings
 
 import torch
-from keras.src import tree
 from keras.src.activations import activations
 from keras.src.backend import convert_to_tensor
 from keras.src.layers.rnn.bidirectional import Bidirectional as KerasBidirectional
@@ -110,7 +109,7 @@ def _symbolic(sequences) -> bool:
 
 def _as_mask(mask, device) -> torch.Tensor | None:
     """A Keras mask as a [B, T] tensor (it may come as a list, an array or [B, T, 1])."""
-    if tree.is_nested(mask):
+    if isinstance(mask, (list, tuple)):
         mask = mask[0]
     if mask is None:
         return None
@@ -123,7 +122,7 @@ def inner_loop(self, sequences, initial_state, mask, training=False):
     outputs [B, T, U] (or [B, 1, U] without return_sequences), new states [B, U] each), the
     recurrence on fastrnn's kernels where they can compute it, else Keras' own method."""
     kind = cell_kind(self)
-    if tree.is_nested(mask):
+    if isinstance(mask, (list, tuple)):
         mask = mask[0]
     if _symbolic(sequences):
         return KERAS_INNER_LOOP[kind](self, sequences, initial_state, mask, training=training)
@@ -144,8 +143,11 @@ def _initial_states(layer, kind: str, initial_state, x: torch.Tensor) -> list[to
     count = 2 if kind == "lstm" else 1
     if initial_state is None:
         return [x.new_zeros(x.shape[0], layer.cell.units) for _ in range(count)]
-    states = tree.flatten(initial_state)[:count]
-    states = [convert_to_tensor(state).to(x.device, x.dtype) for state in states]
+    if not isinstance(initial_state, (list, tuple)):
+        initial_state = [initial_state]
+    states = [state if isinstance(state, torch.Tensor) else convert_to_tensor(state)
+              for state in initial_state[:count]]
+    states = [state.to(x.device, x.dtype) for state in states]
     return [state.clone() for state in states] if layer.stateful else states
 
 
@@ -181,8 +183,8 @@ def _recurrence(kind: str, layer, x, h0, c0, weights, lengths):
 
 def _run(layer, kind: str, sequences, initial_state, mask, training: bool):
     """inner_loop's results for one layer, computed by fastrnn."""
-    dtype = layer.cell.kernel.value.dtype  # the compute dtype (Keras autocasts variables)
-    x = _input(layer, sequences, dtype, training)
+    weights = _cell_weights(layer, kind)
+    x = _input(layer, sequences, weights[0].dtype, training)  # Keras' compute dtype
     states = _initial_states(layer, kind, initial_state, x)
     mask = _as_mask(mask, x.device)
     if layer.go_backwards:  # Keras reads the steps (and the mask) last to first
@@ -191,7 +193,7 @@ def _run(layer, kind: str, sequences, initial_state, mask, training: bool):
     steps = None if mask is None else MaskedSteps.of(mask)
     output, h_n, c_n = _recurrence(
         kind, layer, x if steps is None else steps.packed(x), states[0].unsqueeze(0),
-        states[1].unsqueeze(0) if kind == "lstm" else None, _cell_weights(layer, kind),
+        states[1].unsqueeze(0) if kind == "lstm" else None, weights,
         None if steps is None else steps.lengths)
     new_states = [h_n[0]] if c_n is None else [h_n[0], c_n[0]]
     if steps is None:
@@ -251,7 +253,8 @@ def _run_bidirectional(bidirectional, sequences, initial_state, mask):
     """Bidirectional.call's results, both directions computed by one fastrnn call."""
     forward, backward = bidirectional.forward_layer, bidirectional.backward_layer
     kind = cell_kind(forward)
-    x = sequences.to(forward.cell.kernel.value.dtype)
+    weights = _cell_weights(forward, kind) + _cell_weights(backward, kind)
+    x = sequences.to(weights[0].dtype)
     if initial_state is None:
         given = (None, None)
     else:  # the forward layer's states, then the backward layer's
@@ -263,8 +266,7 @@ def _run_bidirectional(bidirectional, sequences, initial_state, mask):
     output, h_n, c_n = _recurrence(
         kind, forward, x if steps is None else steps.packed(x),
         torch.stack([states[0][0], states[1][0]]),
-        torch.stack([states[0][1], states[1][1]]) if kind == "lstm" else None,
-        _cell_weights(forward, kind) + _cell_weights(backward, kind),
+        torch.stack([states[0][1], states[1][1]]) if kind == "lstm" else None, weights,
         None if steps is None else steps.lengths)
     units = forward.cell.units
     output_forward, output_backward = output[..., :units], output[..., units:]
