@@ -268,12 +268,12 @@ def test_fit_gives_keras_loss_curve():
 
     data = keras_text.make_dataset(samples=64, steps=12, seed=0)
     for name in keras_text.MODELS:
-        curves = {}
-        for library in ("keras", "fastrnn"):
-            curves[library] = keras_text.train(name, library, data, epochs=5, batch_size=32,
-                                               units=8, seed=0).losses
-        np.testing.assert_allclose(curves["fastrnn"], curves["keras"], rtol=2e-4, atol=1e-5,
-                                   err_msg=name)
+        lines = []
+        results = keras_text.compare(name, data, epochs=5, batch_size=32, units=8, seed=0,
+                                     log=lines.append)
+        np.testing.assert_allclose(results["fastrnn"].losses, results["keras"].losses,
+                                   rtol=2e-4, atol=1e-5, err_msg=name)
+        assert len(lines) == 8 and "training time: keras" in lines[-1]
 
 
 def _model(library: str):

@@ -206,43 +206,35 @@ def _run(layer, kind: str, sequences, initial_state, mask, training: bool):
 
 
 # ---- Bidirectional ----------------------------------------------------------------------------
-def fused_unsupported(bidirectional, sequences, initial_state, mask) -> str:
-    """Why the two layers of a Keras Bidirectional cannot run as one two-direction fastrnn call
-    ("" when they can): they must be one kind of fastrnn-served layer with the same settings,
-    the first reading forward and the second backward, with no dropout, state or regularizer
-    that belongs to one of them."""
+def can_fuse(bidirectional, sequences, initial_state, mask) -> bool:
+    """Whether the two layers of a Keras Bidirectional can run as one two-direction fastrnn
+    call: one kind of fastrnn-served layer with the same settings, the first reading forward
+    and the second backward, with no dropout (whose masks each layer draws), state or
+    regularizer of their own; the cases Keras' fused cuDNN path takes, and masks."""
     forward, backward = bidirectional.forward_layer, bidirectional.backward_layer
     kind = cell_kind(forward)
-    if kind is None or cell_kind(backward) != kind or type(forward) is not type(backward):
-        return "its layers are not one kind of Keras LSTM, GRU or SimpleRNN"
-    if not (forward.built and backward.built) or bidirectional.stateful:
-        return "it is stateful or not built"
-    if forward.go_backwards or not backward.go_backwards:
-        return "its forward layer reads backward or its backward layer forward"
+    if kind is None or type(forward) is not type(backward) or bidirectional.stateful:
+        return False
+    if not (forward.built and backward.built) or forward.go_backwards or not backward.go_backwards:
+        return False
     for layer in (forward, backward):
-        reason = unsupported(layer, sequences, mask, training=False)
-        if reason:
-            return f"its {type(layer).__name__} {reason}"
-        if layer.cell.dropout or layer.cell.recurrent_dropout or layer.activity_regularizer:
-            return "a layer has dropout or an activity regularizer of its own"
+        if (unsupported(layer, sequences, mask, training=False) or layer.cell.dropout
+                or layer.cell.recurrent_dropout or layer.activity_regularizer):
+            return False
     same = ("units", "activation", "recurrent_activation", "use_bias", "reset_after")
     if any(getattr(forward.cell, name, None) != getattr(backward.cell, name, None)
-           for name in same):
-        return "its layers differ"
-    if forward.zero_output_for_mask != backward.zero_output_for_mask:
-        return "its layers differ in zero_output_for_mask"
-    if initial_state is not None and len(initial_state) != 2 * len(forward.state_size):
-        return "it was given initial states of another count"
-    return ""
+           for name in same) or forward.zero_output_for_mask != backward.zero_output_for_mask:
+        return False
+    return initial_state is None or len(initial_state) == 2 * len(forward.state_size)
 
 
 def bidirectional_call(self, sequences, initial_state=None, mask=None, training=None):
     """Keras' `Bidirectional.call`, with both directions in one fastrnn call where its layers
-    allow (fused_unsupported), else Keras' own method (whose layers may each run on fastrnn)."""
+    allow (can_fuse), else Keras' own method (whose layers may each run on fastrnn)."""
     if (not _symbolic(sequences) and isinstance(sequences, torch.Tensor)
             and cell_kind(self.forward_layer) is not None):
         steps_mask = _as_mask(mask, sequences.device)
-        if not fused_unsupported(self, sequences, initial_state, steps_mask):
+        if can_fuse(self, sequences, initial_state, steps_mask):
             calls[type(self).__name__, "fastrnn"] += 1
             return _run_bidirectional(self, sequences, initial_state, steps_mask)
     return KERAS_BIDIRECTIONAL_CALL(self, sequences, initial_state=initial_state, mask=mask,
