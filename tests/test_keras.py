@@ -107,6 +107,24 @@ def test_served_by_fastrnn_not_keras(monkeypatch):
         run_keras(fast, *inputs(case), "float32")
 
 
+def test_inference_follows_assigned_weights():
+    """Calls without gradients keep the weights in torch.nn's layout while the variables are
+    unchanged, and see every assignment."""
+    case = Case("gru", dict(return_sequences=True))
+    stock, fast = layer_pair(case, "float64")
+    x, _, _ = inputs(case)
+    with torch.no_grad():
+        for step in range(3):
+            torch.testing.assert_close(fast(x), stock(x), rtol=0, atol=1e-12)
+            for stock_weight, fast_weight in zip(stock.weights, fast.weights):
+                value = np.random.default_rng(step).uniform(-0.5, 0.5, stock_weight.shape)
+                stock_weight.assign(value)
+                fast_weight.assign(value)
+        fast.set_weights([w * 0.5 for w in stock.get_weights()])
+        stock.set_weights(fast.get_weights())
+        torch.testing.assert_close(fast(x), stock(x), rtol=0, atol=1e-12)
+
+
 # ---- training-time options ----------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_dropout_draws_keras_masks(kind):

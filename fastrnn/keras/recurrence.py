@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import warnings
+import weakref
 
 import torch
 from keras.src.activations import activations
@@ -43,6 +44,9 @@ _RELU = (activations.relu, ops_nn.relu, torch.relu)
 # calls of each layer class by what ran them: ("LSTM", "fastrnn"), or ("LSTM", "keras: <why>")
 calls: collections.Counter = collections.Counter()
 _warned: set[tuple[str, str]] = set()
+# per cell, for calls without gradients: (its variables' tensors, their versions, its weights in
+# torch.nn's layout, contiguous)
+_inference_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cell_kind(layer) -> str | None:
@@ -153,10 +157,21 @@ def _initial_states(layer, kind: str, initial_state, x: torch.Tensor) -> list[to
 
 def _cell_weights(layer, kind: str) -> list[torch.Tensor]:
     """The layer's weights in torch.nn's layout (weights.py), read through Keras' variables (in
-    the layer's compute dtype under mixed precision) so that gradients reach them."""
+    the layer's compute dtype under mixed precision) so that gradients reach them. Where no
+    gradient is wanted, contiguous copies kept while the variables stay as they are (the
+    kernels would copy the transposed views on every call)."""
     cell = layer.cell
-    bias = None if cell.bias is None else cell.bias.value
-    return torch_weights(kind, cell.kernel.value, cell.recurrent_kernel.value, bias)
+    values = (cell.kernel.value, cell.recurrent_kernel.value,
+              None if cell.bias is None else cell.bias.value)
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in values):
+        return torch_weights(kind, *values)
+    versions = tuple(None if v is None else v._version for v in values)
+    kept = _inference_weights.get(cell)
+    if (kept is None or kept[1] != versions
+            or any(value is not old for value, old in zip(values, kept[0]))):
+        weights = [weight.contiguous() for weight in torch_weights(kind, *values)]
+        _inference_weights[cell] = kept = (values, versions, weights)
+    return kept[2]
 
 
 def _input(layer, sequences, dtype, training: bool) -> torch.Tensor:
