@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import fastrnn
 from fastrnn.backends import cpu as cpu_backend
 import keras_report
+import onnx_runtimes
 import rnn_cases
 
 TIMINGS = pytest.StashKey[dict]()
@@ -118,7 +119,8 @@ def pytest_generate_tests(metafunc):
             for pass_name in bench_config.passes:
                 timed = [name for name in backends
                          if name != "reference" or named or bench_config.small]
-                for implementation in ["torch", *timed]:
+                runtimes = list(onnx_runtimes.RUNTIMES) if bench_config.runtimes else []
+                for implementation in ["torch", *timed, *runtimes]:
                     cases.append((bench_config, dtype, pass_name, implementation))
                     ids.append(f"{bench_config.label}-{dtype}-{pass_name}-{implementation}")
     metafunc.parametrize("case", cases, ids=ids)

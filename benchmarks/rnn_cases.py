@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
+import onnx_runtimes
 from fastrnn.backends import why_not
 from fastrnn.benchmark_configs import (DTYPES, PASSES, Config, cpu_configs,  # noqa: F401
                                        gpu_configs, layer_config)
@@ -172,9 +173,19 @@ def mismatch(workload: Workload, pass_name: str, expected: list[torch.Tensor], d
     return ""
 
 
-def unsupported(config: Config, dtype: str, device: torch.device, backend: str) -> str:
-    """Why fastrnn `backend` cannot run this config, or ""."""
-    return why_not(backend, layer_config(config, dtype, device.type))
+def workload(problem: Problem, implementation: str, dtype: str, stepwise: bool):
+    """The Workload of torch.nn or a fastrnn backend, or an ONNX runtime's (onnx_runtimes.py)."""
+    if implementation in onnx_runtimes.RUNTIMES:
+        return onnx_runtimes.ExportedWorkload(problem, implementation, dtype)
+    return Workload(problem, implementation, dtype, stepwise)
+
+
+def unsupported(config: Config, dtype: str, device: torch.device, implementation: str,
+                pass_name: str) -> str:
+    """Why fastrnn backend (or ONNX runtime) `implementation` does not run this case, or ""."""
+    if implementation in onnx_runtimes.RUNTIMES:
+        return onnx_runtimes.why_not(implementation, config, dtype, pass_name, device)
+    return why_not(implementation, layer_config(config, dtype, device.type))
 
 
 # ---- the report ------------------------------------------------------------------------------

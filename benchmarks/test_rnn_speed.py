@@ -1,5 +1,6 @@
-"""torch.nn and every fastrnn backend timed side by side, one benchmark group per
-(config, dtype, pass). Cases come from conftest.py; fastrnn is checked against torch.nn first.
+"""torch.nn and every fastrnn backend (and, for the inference configs, ONNX Runtime and OpenVINO)
+timed side by side, one benchmark group per (config, dtype, pass). Cases come from conftest.py;
+each implementation is checked against torch.nn first.
 
 Each timed round of a fastrnn backend follows a torch.nn call on the same problem (pedantic's
 setup, timed by the test itself), and the reported ratio compares the fastest rounds of the two
@@ -18,14 +19,14 @@ import rnn_cases
 def test_rnn(benchmark, case, device, yardstick, record_timing, timing_plan):
     bench_config, dtype, pass_name, implementation = case
     if implementation != "torch":
-        reason = rnn_cases.unsupported(bench_config, dtype, device, implementation)
+        reason = rnn_cases.unsupported(bench_config, dtype, device, implementation, pass_name)
         if reason:
-            pytest.skip(f"fastrnn backend {implementation!r}: {reason}")
-    workload = rnn_cases.Workload(yardstick.problem, implementation, dtype, bench_config.stepwise)
+            pytest.skip(f"{implementation!r}: {reason}")
+    workload = rnn_cases.workload(yardstick.problem, implementation, dtype, bench_config.stepwise)
     if implementation != "torch":
         error = rnn_cases.mismatch(workload, pass_name, yardstick.expected(pass_name), dtype)
         if error:
-            pytest.fail(f"fastrnn backend {implementation!r} is wrong, not timed: {error}")
+            pytest.fail(f"{implementation!r} is wrong, not timed: {error}")
 
     run = workload.runner(pass_name)
     setup, torch_seconds = None, []

@@ -37,6 +37,8 @@ class Config:
     # decoder's cell in a Python loop, an RL policy's layer called once per environment step);
     # fwd+bwd: one backward at the end, through all of them. Cells always run so.
     stepwise: bool = False
+    # also timed on ONNX Runtime and OpenVINO (benchmarks/onnx_runtimes.py), where installed
+    runtimes: bool = False
 
     def __post_init__(self):
         if self.is_cell:
@@ -104,6 +106,23 @@ def step_configs(quick: bool = False) -> list[Config]:
     return configs
 
 
+def cpu_inference_configs(quick: bool = False) -> list[Config]:
+    """Small-batch inference, as served one request at a time: B 1 and 4, one call of T 1 or 100
+    steps, H 128-512 (I = H), LSTM and GRU, float32 and bfloat16, against ONNX Runtime and
+    OpenVINO too; and the shapes of ANCHORS.md's table of deployment runtimes."""
+    def config(mode, batch, seq, hidden, input=0):
+        return Config("cpu-infer", mode, batch, seq, hidden, input=input, passes=("fwd",),
+                      dtypes=("fp32", "bf16"), runtimes=True)
+
+    if quick:
+        return [config("LSTM", 1, 100, 256), config("GRU", 1, 100, 256),
+                config("LSTM", 4, 1, 256)]
+    configs = [config(mode, batch, seq, hidden) for mode in ("LSTM", "GRU") for batch in (1, 4)
+               for seq in (1, 100) for hidden in (128, 256, 512)]
+    return configs + [config("LSTM", 1, 100, 128, input=64), config("LSTM", 8, 200, 64, input=128),
+                      config("LSTM", 16, 50, 256)]
+
+
 def cpu_configs(quick: bool) -> list[Config]:
     small = [Config("cpu-small", mode, 16, 50, 256, small=True) for mode in ("LSTM", "GRU", "RNN")]
     small += [Config("cpu-small", "LSTM", 16, 50, 256, dtypes=("bf16", "fp16"), small=True),
@@ -111,6 +130,7 @@ def cpu_configs(quick: bool) -> list[Config]:
               # a small model in a training loop: one short call per batch
               Config("cpu-tiny", "LSTM", 32, 12, 64, small=True)]
     small += step_configs(quick=quick)
+    small += cpu_inference_configs(quick=quick)
     if quick:
         return small + [Config("fastrnns", "LSTM", 64, 100, 512, passes=("fwd",))]
     return small + [Config("fastrnns", mode, 64, 100, 512) for mode in ("LSTM", "GRU", "RNN")]

@@ -375,8 +375,10 @@ def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tenso
     name = backends.requested_backend(backend or None)
     x = tensors[0]
     if x.is_cpu and name in ("auto", "cpu") and (_CELL_STEP is not None or _load_step_op()):
+        if x.dtype is not torch.float32 and x.dtype is not torch.bfloat16:
+            return ""
         for tensor in tensors:
-            if tensor is not None and (tensor.dtype is not torch.float32 or not tensor.is_cpu):
+            if tensor is not None and (tensor.dtype is not x.dtype or not tensor.is_cpu):
                 return ""
         where = "cpu"
     elif name == "torch" or name == "auto" and (x.is_cuda or x.is_cpu and not _load_step_op()):

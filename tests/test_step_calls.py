@@ -125,6 +125,46 @@ def test_cell_step_matches_torch_in_float64(name, size, steps, poisoned_empty):
         assert error <= 2 * torch_error + 2e-6, f"result {index}: {error:.3g} vs torch {torch_error:.3g}"
 
 
+@pytest.mark.parametrize("size", [(1, 7, 100), (3, 33, 17), (4, 64, 64), (8, 9, 40)],
+                         ids=lambda s: "B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("name", CELLS)
+def test_bfloat16_cell_step_matches_torch(name, size, steps):
+    """bfloat16 steps run the native step op too (B <= 4: bfloat16 dot products where the CPU
+    has them): 3 steps with backward, outputs and gradients within 2x torch.nn's own bfloat16
+    error against float64, plus 8 bfloat16 ulps of the result's scale."""
+    batch, input_size, hidden = size
+    generator = torch.Generator().manual_seed(batch * 1000 + hidden + list(CELLS).index(name))
+    reference, _ = make_cell(name, input_size, hidden)
+    torch16 = copy.deepcopy(reference).bfloat16()
+    fast = CELLS[name][1].from_torch(copy.deepcopy(reference)).bfloat16()
+    xs = random(generator, 3, batch, input_size)
+    h0 = random(generator, batch, hidden)
+    c0 = random(generator, batch, hidden)
+
+    def loop(module, dtype):
+        x, h, c = (t.to(dtype).requires_grad_() for t in (xs, h0, c0))
+        state = (h, c) if name == "lstm" else h
+        outputs = []
+        for step in range(xs.shape[0]):
+            out, state = run_cell(module, x[step], state)
+            outputs += out
+        grads = [random(torch.Generator().manual_seed(index), *o.shape, dtype=dtype)
+                 for index, o in enumerate(outputs)]
+        inputs = [x, h] + ([c] if name == "lstm" else []) + list(module.parameters())
+        return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
+
+    want = loop(reference, torch.float64)
+    theirs = loop(torch16, torch.bfloat16)
+    ours = loop(fast, torch.bfloat16)
+    assert steps.forward == 3 and steps.backward == 3
+    eps = torch.finfo(torch.bfloat16).eps
+    for index, (w, t, o) in enumerate(zip(want, theirs, ours)):
+        assert o.dtype == torch.bfloat16
+        allowed = 2 * (t.double() - w).abs().max().item() + 8 * eps * w.abs().max().item()
+        error = (o.double() - w).abs().max().item()
+        assert error <= allowed, f"result {index}: {error:.3g} vs allowed {allowed:.3g}"
+
+
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_cell_step_without_bias_and_unbatched(name, steps):
     reference, fast = make_cell(name, 6, 9, bias=False)

@@ -78,6 +78,42 @@ Tensor linear(const Tensor& input, const Tensor& weight, const std::optional<Ten
   return out.view(sizes);
 }
 
+Tensor linear_bf16(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16 && packed_gemm_bf16_supported(),
+              "fastrnn cpu linear_bf16: needs bfloat16 input and AVX512_BF16");
+  const int64_t K = weight.size(1), N = weight.size(0), K_even = (K + 1) / 2 * 2;
+  Tensor x = input.reshape({-1, K});  // rows of even length, zero-padded: packed_gemm_bf16's a
+  if (K_even != K || !x.is_contiguous()) {
+    Tensor padded = at::zeros({x.size(0), K_even}, x.options());
+    padded.narrow(1, 0, K).copy_(x);
+    x = padded;
+  }
+  const Tensor w = weight.to(at::kFloat).contiguous();  // [N, K]
+  const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  PackedMatrixBf16 packed;
+  packed.reset(K, N);
+  at::parallel_for(0, packed.panels(), 1, [&](int64_t begin, int64_t end) {
+    const float* source = w.data_ptr<float>();
+    packed.pack_panels_by_column([&](int64_t n) { return source + n * K; }, begin, end);
+  });
+  const int64_t M = x.size(0);
+  Tensor out = empty_large({M, N}, input.options().dtype(at::kFloat));
+  const auto* a = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  float* out_data = out.data_ptr<float>();
+  const float* bias_data = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t row_tiles = (M + 7) / 8;
+  at::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t first = begin * 8; first < std::min(end * 8, M); first += kRowsPerChunk) {
+      const int64_t rows = std::min({kRowsPerChunk, end * 8 - first, M - first});
+      packed_gemm_bf16(rows, a + first * K_even, K_even, packed, out_data + first * N, N,
+                       bias_data, false);
+    }
+  });
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
+  sizes.back() = N;
+  return out.view(sizes);
+}
+
 namespace {
 
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_output, const Tensor& input,

@@ -12,4 +12,9 @@ namespace fastrnn_cpu {
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias);
 
+// The same for a bfloat16 x, in float32: bfloat16 products (w rounded to bfloat16) summed in
+// float32 and kept so (packed_gemm_bf16); only where packed_gemm_bf16_supported().
+at::Tensor linear_bf16(const at::Tensor& input, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias);
+
 }  // namespace fastrnn_cpu

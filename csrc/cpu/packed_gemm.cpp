@@ -140,7 +140,22 @@ __attribute__((target("avx512f"))) void tile(int64_t depth, const float* a, int6
   const TileMasks masks = tile_masks(columns);
   __m512 low[kRows], high[kRows];  // columns 0-15 and 16-31 of each row
   start_tile<kRows>(low, high, masks, bias, accumulate);
-  for (int64_t k = 0; k < depth; ++k) {
+  int64_t k = 0;
+  if constexpr (kRows == 1) {
+    // one row: a second pair of accumulators takes the odd k, so that four chains of FMAs
+    // overlap (two would wait on the FMA latency at every k)
+    __m512 low_odd = _mm512_setzero_ps(), high_odd = _mm512_setzero_ps();
+    for (; k + 2 <= depth; k += 2) {
+      const __m512 a_even = _mm512_set1_ps(a[k]), a_odd = _mm512_set1_ps(a[k + 1]);
+      low[0] = _mm512_fmadd_ps(a_even, _mm512_loadu_ps(panel + k * 32), low[0]);
+      high[0] = _mm512_fmadd_ps(a_even, _mm512_loadu_ps(panel + k * 32 + 16), high[0]);
+      low_odd = _mm512_fmadd_ps(a_odd, _mm512_loadu_ps(panel + k * 32 + 32), low_odd);
+      high_odd = _mm512_fmadd_ps(a_odd, _mm512_loadu_ps(panel + k * 32 + 48), high_odd);
+    }
+    low[0] = _mm512_add_ps(low[0], low_odd);
+    high[0] = _mm512_add_ps(high[0], high_odd);
+  }
+  for (; k < depth; ++k) {
     const __m512 b_low = _mm512_loadu_ps(panel + k * 32);
     const __m512 b_high = _mm512_loadu_ps(panel + k * 32 + 16);
 #pragma GCC unroll 8
@@ -201,7 +216,37 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int64_t depth, const float* a
     acc0[r] = biased ? _mm256_maskload_ps(bias, mask0) : _mm256_setzero_ps();
     acc1[r] = biased ? _mm256_maskload_ps(bias + 8, mask1) : _mm256_setzero_ps();
   }
-  for (int64_t k = 0; k < depth; ++k) {
+  int64_t k = 0;
+  if constexpr (kRows <= 2) {
+    // few rows: more accumulators over k (phases), so that eight chains of FMAs overlap
+    constexpr int kPhases = 4 / kRows;
+    __m256 more0[kPhases - 1][kRows], more1[kPhases - 1][kRows];
+    for (int p = 0; p < kPhases - 1; ++p) {
+      for (int r = 0; r < kRows; ++r) more0[p][r] = more1[p][r] = _mm256_setzero_ps();
+    }
+    for (; k + kPhases <= depth; k += kPhases) {
+#pragma GCC unroll 4
+      for (int p = 0; p < kPhases; ++p) {
+        const __m256 b0 = _mm256_loadu_ps(half + (k + p) * 32);
+        const __m256 b1 = _mm256_loadu_ps(half + (k + p) * 32 + 8);
+#pragma GCC unroll 2
+        for (int r = 0; r < kRows; ++r) {
+          const __m256 a_rk = _mm256_broadcast_ss(a + r * lda + k + p);
+          __m256& sum0 = p == 0 ? acc0[r] : more0[p - 1][r];
+          __m256& sum1 = p == 0 ? acc1[r] : more1[p - 1][r];
+          sum0 = _mm256_fmadd_ps(a_rk, b0, sum0);
+          sum1 = _mm256_fmadd_ps(a_rk, b1, sum1);
+        }
+      }
+    }
+    for (int p = 0; p < kPhases - 1; ++p) {
+      for (int r = 0; r < kRows; ++r) {
+        acc0[r] = _mm256_add_ps(acc0[r], more0[p][r]);
+        acc1[r] = _mm256_add_ps(acc1[r], more1[p][r]);
+      }
+    }
+  }
+  for (; k < depth; ++k) {
     const __m256 b0 = _mm256_loadu_ps(half + k * 32);
     const __m256 b1 = _mm256_loadu_ps(half + k * 32 + 8);
 #pragma GCC unroll 8
@@ -587,7 +632,27 @@ __attribute__((target("avx512f,avx512bf16"))) void tile_bf16(
   const TileMasks masks = tile_masks(columns);
   __m512 low[kRows], high[kRows];
   start_tile<kRows>(low, high, masks, bias, accumulate);
-  for (int64_t k = 0; k < pairs; ++k) {
+  int64_t k = 0;
+  if constexpr (kRows == 1) {  // as in tile<1>: the odd pairs into a second pair of sums
+    __m512 low_odd = _mm512_setzero_ps(), high_odd = _mm512_setzero_ps();
+    for (; k + 2 <= pairs; k += 2) {
+      int32_t even, odd;
+      std::memcpy(&even, a + 2 * k, sizeof(even));
+      std::memcpy(&odd, a + 2 * k + 2, sizeof(odd));
+      const __m512bh a_even = (__m512bh)_mm512_set1_epi32(even);
+      const __m512bh a_odd = (__m512bh)_mm512_set1_epi32(odd);
+      low[0] = _mm512_dpbf16_ps(low[0], a_even, (__m512bh)_mm512_loadu_si512(panel + k * 64));
+      high[0] = _mm512_dpbf16_ps(high[0], a_even,
+                                 (__m512bh)_mm512_loadu_si512(panel + k * 64 + 32));
+      low_odd = _mm512_dpbf16_ps(low_odd, a_odd,
+                                 (__m512bh)_mm512_loadu_si512(panel + k * 64 + 64));
+      high_odd = _mm512_dpbf16_ps(high_odd, a_odd,
+                                  (__m512bh)_mm512_loadu_si512(panel + k * 64 + 96));
+    }
+    low[0] = _mm512_add_ps(low[0], low_odd);
+    high[0] = _mm512_add_ps(high[0], high_odd);
+  }
+  for (; k < pairs; ++k) {
     const __m512bh b_low = (__m512bh)_mm512_loadu_si512(panel + k * 64);
     const __m512bh b_high = (__m512bh)_mm512_loadu_si512(panel + k * 64 + 32);
 #pragma GCC unroll 8
@@ -626,6 +691,56 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void to_bfloat16
   }
 }
 
+namespace {
+
+// GCC 12 warns about the undefined operands inside its own _mm512_reduce_add_ps.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// y[r] = w[r, :K] . x + bias[r] for kRows rows of bfloat16 w and x: bfloat16 pair products
+// (vdpbf16ps) summed in float32 lanes, 32 of K at a time, the lanes summed at the end.
+template <int kRows>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_tile_bf16(
+    int64_t depth, const uint16_t* w, int64_t ldw, const uint16_t* x, float* y,
+    const float* bias) {
+  __m512 acc[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < depth; k += 32) {
+    const __mmask32 mask = depth - k >= 32 ? ~__mmask32(0)
+                                           : static_cast<__mmask32>((1ull << (depth - k)) - 1);
+    const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ldw + k),
+                                xk);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    y[r] = _mm512_reduce_add_ps(acc[r]) + (bias == nullptr ? 0.0f : bias[r]);
+  }
+}
+
+#pragma GCC diagnostic pop
+
+using GemvTileBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, float*,
+                              const float*);
+constexpr GemvTileBf16 kGemvTilesBf16[kGemvRows + 1] = {
+    nullptr, gemv_tile_bf16<1>, gemv_tile_bf16<2>, gemv_tile_bf16<3>, gemv_tile_bf16<4>,
+    gemv_tile_bf16<5>, gemv_tile_bf16<6>, gemv_tile_bf16<7>, gemv_tile_bf16<8>};
+
+}  // namespace
+
+void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
+                    const uint16_t* x, float* y, const float* bias) {
+  for (int64_t m = 0; m < rows; m += kGemvRows) {
+    const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
+    kGemvTilesBf16[height](depth, w + m * ldw, ldw, x, y + m,
+                           bias == nullptr ? nullptr : bias + m);
+  }
+}
+
 void packed_gemm_bf16(int64_t rows, const uint16_t* a, int64_t lda, const PackedMatrixBf16& b,
                       float* c, int64_t ldc, const float* bias, bool accumulate) {
   const int64_t width = PackedMatrixBf16::kPanelColumns;
@@ -657,6 +772,10 @@ void PackedMatrixBf16::pack_panel(const float* const*, uint16_t*) const {
 bool packed_gemm_supported() { return false; }
 bool avx512_kernels() { return false; }
 bool packed_gemm_bf16_supported() { return false; }
+void gemv_rows_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*,
+                    const float*) {
+  throw std::runtime_error("fastrnn cpu: bfloat16 dot products need an x86-64 CPU with AVX512_BF16");
+}
 
 void to_bfloat16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {
   throw std::runtime_error("fastrnn cpu: to_bfloat16_rows needs an x86-64 CPU with AVX512_BF16");

@@ -135,6 +135,12 @@ void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const f
 void gemv_columns(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* g,
                   float* y, bool accumulate);
 
+// y [N] = w [N, K] x [K] + bias [N] (or null) for bfloat16 w (rows ldw apart) and x: bfloat16
+// products summed in float32, each weight read once where it lies, 8 rows at a time. Only where
+// packed_gemm_bf16_supported().
+void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
+                    const uint16_t* x, float* y, const float* bias);
+
 // Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (avx512_kernels(), and AVX-512
 // BW, VL and BF16).
 bool packed_gemm_bf16_supported();
