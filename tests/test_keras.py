@@ -28,8 +28,8 @@ if keras.backend.backend() != "torch":
 
 import fastrnn.keras  # noqa: E402
 from fastrnn.keras import recurrence  # noqa: E402
-from keras_cases import (Case, inputs, layer_pair, max_errors, oracle,  # noqa: E402
-                         run_keras)
+from keras_cases import (Case, bidirectional_oracle, inputs, layer_pair,  # noqa: E402
+                         max_errors, oracle, run_keras)
 
 FLOAT32_ULP = torch.finfo(torch.float32).eps
 
@@ -73,15 +73,14 @@ def test_float64(case):
     stock, fast = layer_pair(case, "float64")
     x, mask, states = inputs(case)
     ours = run_keras(fast, x, mask, states, "float64")
-    if _stock_is_float64(case):
-        errors = max_errors(ours, run_keras(stock, x, mask, states, "float64"))
-        assert max(errors.values()) < 1e-12, errors
+    errors = max_errors(ours, run_keras(stock, x, mask, states, "float64"))
+    # where stock Keras rounds to float32, it still agrees to float32 (and so does the oracle)
+    assert max(errors.values()) < (1e-12 if _stock_is_float64(case) else 1e-6), errors
     errors = max_errors(ours, oracle(case, fast, x, mask, states, "float64"))
     assert max(errors.values()) < 1e-10, errors
 
 
-FLOAT32_CASES = [case for case in CASES if case.options in (dict(return_sequences=True),
-                                                            dict(return_state=True))]
+FLOAT32_CASES = CASES
 
 
 @pytest.mark.parametrize("case", FLOAT32_CASES, ids=[case.id for case in FLOAT32_CASES])
@@ -203,8 +202,17 @@ def test_stateful_carries_state_and_trains():
         torch.testing.assert_close(fast(x), expected, rtol=0, atol=1e-12)
     for variable in fast.states:  # the state variables are Keras', assigned by Keras
         assert isinstance(variable, keras.Variable)
-    output = fast(torch.tensor(x, requires_grad=True), training=True)
-    output.sum().backward()  # Keras' own CPU loop fails here ("modified by an inplace operation")
+    # training: Keras' own CPU loop fails in backward here ("modified by an inplace
+    # operation"), so the gradients are held to Keras' layer given the same state explicitly
+    state = [variable.value.detach().numpy().copy() for variable in fast.states]
+    ours = run_keras(fast, x, None, None, "float64", training=True)
+    plain = Case("lstm", dict(return_sequences=True))
+    stock_plain, fast_plain = layer_pair(plain, "float64")
+    expected = run_keras(stock_plain, x, None, state, "float64", training=True)
+    expected = {name: value for name, value in expected.items() if "state" not in name}
+    assert max(max_errors(ours, expected).values()) < 1e-12
+    for variable, before in zip(fast.states, state):  # and the state moved on
+        assert not np.allclose(variable.value.detach().numpy(), before)
     fast.reset_state()
     stock.reset_state()
     torch.testing.assert_close(fast(x), stock(x), rtol=0, atol=1e-12)
@@ -239,38 +247,78 @@ def test_mixed_precision(policy):
 # ---- Bidirectional ------------------------------------------------------------------------
 BIDIRECTIONAL = [(kind, options, mask) for kind in ("lstm", "gru", "rnn")
                  for options, mask in (
-                     (dict(), "none"), (dict(return_sequences=True), "holes"),
+                     (dict(), "none"), (dict(return_sequences=True), "none"),
+                     (dict(return_sequences=True), "holes"),
                      (dict(return_state=True), "right"),
                      (dict(return_sequences=True, merge_mode="sum"), "empty"),
-                     (dict(return_state=True, merge_mode=None), "left"))]
+                     (dict(return_sequences=True, merge_mode="ave"), "left"),
+                     (dict(merge_mode="mul"), "holes"),
+                     (dict(return_state=True, merge_mode=None), "left"),
+                     (dict(return_sequences=True, return_state=True, initial_state=True),
+                      "none"),
+                     (dict(return_state=True, initial_state=True), "holes"))]
 
 
-@pytest.mark.parametrize("kind, options, mask", BIDIRECTIONAL,
-                         ids=[f"{k}-{'-'.join(f'{n}={v}' for n, v in o.items())}-{m}"
-                              for k, o, m in BIDIRECTIONAL])
-def test_bidirectional_is_one_call_and_equals_keras(kind, options, mask, monkeypatch):
+def _bidirectional_pair(kind, options, mask, dtype):
+    """(case, Keras' Bidirectional, fastrnn's, x, mask, initial states (forward's, then
+    backward's) or None), with the same weights."""
+    options = dict(options)
     merge_mode = options.pop("merge_mode", "concat")
-    case = Case(kind, options, mask)
-    stock_layer, fast_layer = layer_pair(case, "float64")
-    stock = keras.layers.Bidirectional(stock_layer, merge_mode=merge_mode, dtype="float64")
-    fast = fastrnn.keras.Bidirectional(fast_layer, merge_mode=merge_mode, dtype="float64")
+    initial_state = options.pop("initial_state", False)
+    case = Case(kind, options, mask, initial_state=initial_state)
+    stock_layer, fast_layer = layer_pair(case, dtype)
+    stock = keras.layers.Bidirectional(stock_layer, merge_mode=merge_mode, dtype=dtype)
+    fast = fastrnn.keras.Bidirectional(fast_layer, merge_mode=merge_mode, dtype=dtype)
     for layer in (stock, fast):
         layer.build((None, case.steps, case.input_size))
     for stock_weight, fast_weight in zip(stock.weights, fast.weights):
         fast_weight.assign(stock_weight.value)
     assert type(fast.forward_layer) is type(fast_layer)  # Keras rebuilt it by its config
-    x, mask_value, _ = inputs(case)
+    x, mask_value, states = inputs(case)
+    if states is not None:  # the backward layer's states differ from the forward layer's
+        states = states + [-0.5 * state for state in states]
+    return case, stock, fast, x, mask_value, states
 
+
+def _bidirectional_id(kind, options, mask):
+    return f"{kind}-{'-'.join(f'{n}={v}' for n, v in options.items())}-{mask}"
+
+
+def _one_call(monkeypatch):
+    """Make Keras' Bidirectional.call (the two layers one by one) fail if fastrnn's runs it."""
     def refuse(*args, **kwargs):
         raise AssertionError("the layers ran one by one")
 
     monkeypatch.setattr(recurrence, "KERAS_BIDIRECTIONAL_CALL", refuse)
-    ours = run_keras(fast, x, mask_value, None, "float64")
+
+
+@pytest.mark.parametrize("kind, options, mask", BIDIRECTIONAL,
+                         ids=[_bidirectional_id(*case) for case in BIDIRECTIONAL])
+def test_bidirectional_is_one_call_and_equals_keras(kind, options, mask, monkeypatch):
+    case, stock, fast, x, mask_value, states = _bidirectional_pair(kind, options, mask,
+                                                                   "float64")
+    _one_call(monkeypatch)
+    ours = run_keras(fast, x, mask_value, states, "float64")
     monkeypatch.undo()
-    theirs = run_keras(stock, x, mask_value, None, "float64")
-    tolerance = 1e-12 if kind != "rnn" and mask == "none" else 1e-6
+    theirs = run_keras(stock, x, mask_value, states, "float64")
     errors = max_errors(ours, theirs)
-    assert max(errors.values()) < tolerance, errors
+    assert max(errors.values()) < (1e-12 if _stock_is_float64(case) else 1e-6), errors
+    errors = max_errors(ours, bidirectional_oracle(case, fast, x, mask_value, states,
+                                                   "float64"))
+    assert max(errors.values()) < 1e-10, errors
+
+
+@pytest.mark.parametrize("kind, options, mask", BIDIRECTIONAL,
+                         ids=[_bidirectional_id(*case) for case in BIDIRECTIONAL])
+def test_bidirectional_float32(kind, options, mask, monkeypatch):
+    case, _, fast, x, mask_value, states = _bidirectional_pair(kind, options, mask, "float32")
+    expected = bidirectional_oracle(case, fast, x, mask_value, states, "float64")
+    _one_call(monkeypatch)
+    ours = max_errors(run_keras(fast, x, mask_value, states, "float32"), expected)
+    torch_own = max_errors(bidirectional_oracle(case, fast, x, mask_value, states, "float32"),
+                           expected)
+    for name, error in ours.items():
+        assert error <= 2 * torch_own[name] + 8 * FLOAT32_ULP, (name, error, torch_own[name])
 
 
 def test_bidirectional_with_dropout_runs_two_fastrnn_layers():
@@ -287,8 +335,11 @@ def test_fit_gives_keras_loss_curve():
     data = keras_text.make_dataset(samples=64, steps=12, seed=0)
     for name in keras_text.MODELS:
         lines = []
+        before = recurrence.calls.copy()
         results = keras_text.compare(name, data, epochs=5, batch_size=32, units=8, seed=0,
                                      log=lines.append)
+        ran = recurrence.calls - before
+        assert ran and all(by == "fastrnn" for _, by in ran), (name, ran)
         np.testing.assert_allclose(results["fastrnn"].losses, results["keras"].losses,
                                    rtol=2e-4, atol=1e-5, err_msg=name)
         assert len(lines) == 8 and "training time: keras" in lines[-1]
