@@ -430,13 +430,34 @@ def test_install_and_uninstall():
         fastrnn.keras.install()  # a second call changes nothing
         assert fastrnn.keras.is_installed()
         patched = _keras_methods()
-        assert patched["RNN"] is original["RNN"]
+        assert patched["RNN"] is recurrence.rnn_inner_loop
         assert patched["LSTM"] is patched["GRU"] is patched["SimpleRNN"] is recurrence.inner_loop
         assert patched["Bidirectional"] is recurrence.bidirectional_call
         before = recurrence.calls.copy()
         existing(np.ones((2, 4, 3), "float32"))  # a layer made before install() runs on fastrnn
         keras.layers.SimpleRNN(2)(np.ones((2, 4, 3), "float32"))
         assert recurrence.calls - before == {("GRU", "fastrnn"): 1, ("SimpleRNN", "fastrnn"): 1}
+        # keras.layers.RNN over a cell: Keras' own loop, unchanged, said once per cell class
+        x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype("float32")
+        cell = keras.layers.GRUCell(3)
+        layer = keras.layers.RNN(cell, return_sequences=True)
+        recurrence._warned.clear()
+        before = recurrence.calls.copy()
+        with pytest.warns(UserWarning, match="RNN runs a cell of class GRUCell.*Keras' own code"):
+            ours = layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layer(x)
+        reason = ("keras: runs a cell of class GRUCell (fastrnn runs Keras' LSTM, GRU and "
+                  "SimpleRNN layers, not keras.layers.RNN)")
+        assert recurrence.calls - before == {("RNN", reason): 2}
+        # an LSTM that falls back reaches RNN.inner_loop through Keras' own LSTM.inner_loop
+        before = recurrence.calls.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said already, or now: either is right here
+            keras.layers.LSTM(2, use_cudnn=False)(x)
+        assert {by for _, by in recurrence.calls - before} == {
+            "keras: has use_cudnn=False, which asks for Keras' own loop"}
         assert keras.layers.LSTM is type(keras.layers.LSTM(2))  # classes stay Keras' own
     finally:
         fastrnn.keras.uninstall()
@@ -444,6 +465,7 @@ def test_install_and_uninstall():
     assert not fastrnn.keras.is_installed()
     before = recurrence.calls.copy()
     existing(np.ones((2, 4, 3), "float32"))
+    np.testing.assert_array_equal(layer(x).detach().numpy(), ours.detach().numpy())
     assert recurrence.calls == before
 
 

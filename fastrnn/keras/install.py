@@ -2,11 +2,12 @@
 
 Keras has no public way to replace how a recurrent layer runs, so this sets methods on Keras'
 own classes in its private modules (keras.src.layers.rnn): `inner_loop` of LSTM, GRU and
-SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py). Every instance,
-existing or new, and every reference to these classes (keras.layers.LSTM, a model loaded from a
-file) then runs on fastrnn; classes, configs and saved files stay Keras' own. `uninstall()` puts
-Keras' methods back. Only a tested Keras version is patched: on any other, install() raises and
-changes nothing.
+SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py); `inner_loop` of RNN
+(keras.layers.RNN over any cell) still runs Keras' loop and says so, once per cell class. Every
+instance, existing or new, and every reference to these classes (keras.layers.LSTM, a model
+loaded from a file) then runs on fastrnn; classes, configs and saved files stay Keras' own.
+`uninstall()` puts Keras' methods back. Only a tested Keras version is patched: on any other,
+install() raises and changes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import keras
 from keras.src.layers.rnn.bidirectional import Bidirectional
 from keras.src.layers.rnn.gru import GRU
 from keras.src.layers.rnn.lstm import LSTM
+from keras.src.layers.rnn.rnn import RNN
 from keras.src.layers.rnn.simple_rnn import SimpleRNN
 
 from . import recurrence
@@ -29,6 +31,7 @@ _PATCHES = (
     (LSTM, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
     (GRU, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
     (SimpleRNN, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
+    (RNN, "inner_loop", recurrence.rnn_inner_loop, _INNER_LOOP_PARAMETERS),
     (Bidirectional, "call", recurrence.bidirectional_call,
      ("self", "sequences", "initial_state", "mask", "training")),
 )

@@ -3,7 +3,8 @@
 `inner_loop` takes the place of a Keras recurrent layer's own `inner_loop` (the method Keras'
 `RNN.call` runs the recurrence with, after its checks, initial states and dropout masks), and
 `bidirectional_call` of `Bidirectional.call`: the fastrnn.keras layers have them as methods, and
-`fastrnn.keras.install()` sets them on Keras' own classes. Each call runs as one fastrnn call
+`fastrnn.keras.install()` sets them on Keras' own classes (and `rnn_inner_loop` on
+`keras.layers.RNN`, which only says when Keras' own loop runs a cell). Each call runs as one fastrnn call
 (fastrnn.functional, with per-sequence lengths for a mask, see masks.py) where fastrnn's kernels
 compute what Keras computes, and otherwise runs Keras' own method, unchanged, saying why once.
 
@@ -138,6 +139,17 @@ def inner_loop(self, sequences, initial_state, mask, training=False):
         return KERAS_INNER_LOOP[kind](self, sequences, initial_state, mask, training=training)
     calls[type(self).__name__, "fastrnn"] += 1
     return _run(self, kind, sequences, initial_state, mask, training)
+
+
+def rnn_inner_loop(self, sequences, initial_state, mask, training=False):
+    """Keras' `RNN.inner_loop` under install(): `keras.layers.RNN` over any cell (a custom
+    cell, stacked cells, or Keras' own cells outside their layers) runs Keras' own loop,
+    unchanged, saying so once per cell class. (An LSTM, GRU or SimpleRNN layer that falls back
+    reaches this through Keras' own method and is not counted twice.)"""
+    if cell_kind(self) is None and not _symbolic(sequences):
+        _fall_back(self, f"runs a cell of class {type(self.cell).__name__} (fastrnn runs Keras' "
+                         "LSTM, GRU and SimpleRNN layers, not keras.layers.RNN)")
+    return KERAS_INNER_LOOP["rnn"](self, sequences, initial_state, mask, training=training)
 
 
 def _initial_states(layer, kind: str, initial_state, x: torch.Tensor) -> list[torch.Tensor]:
