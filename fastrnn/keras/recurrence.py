@@ -4,9 +4,10 @@
 `RNN.call` runs the recurrence with, after its checks, initial states and dropout masks), and
 `bidirectional_call` of `Bidirectional.call`: the fastrnn.keras layers have them as methods, and
 `fastrnn.keras.install()` sets them on Keras' own classes (and `rnn_inner_loop` on
-`keras.layers.RNN`, which only says when Keras' own loop runs a cell). Each call runs as one fastrnn call
-(fastrnn.functional, with per-sequence lengths for a mask, see masks.py) where fastrnn's kernels
-compute what Keras computes, and otherwise runs Keras' own method, unchanged, saying why once.
+`keras.layers.RNN`, which only says when Keras' own loop runs a cell). Each call runs as one
+fastrnn call (fastrnn.functional, with per-sequence lengths for a mask, see masks.py) where
+fastrnn's kernels compute what Keras computes, and otherwise runs Keras' own method, unchanged,
+saying why once.
 
 Legend: B batch, T time, I input size, U units, D directions.
 """
