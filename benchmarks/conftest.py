@@ -24,10 +24,12 @@ import torch  # noqa: E402
 
 import fastrnn
 from fastrnn.backends import cpu as cpu_backend
+import keras_report
 import onnx_runtimes
 import rnn_cases
 
 TIMINGS = pytest.StashKey[dict]()
+KERAS_TIMINGS = pytest.StashKey[dict]()  # test_keras_speed.py
 
 
 def pytest_addoption(parser):
@@ -70,6 +72,7 @@ def _requested_backends(config) -> tuple[list[str], bool]:
 
 def pytest_configure(config):
     config.stash[TIMINGS] = {}
+    config.stash[KERAS_TIMINGS] = {}
     isa = config.getoption("--isa", None)
     if isa is not None and _ISA != isa:
         raise pytest.UsageError("--isa must be written as --isa=NAME (it is read before torch "
@@ -160,6 +163,19 @@ def record_timing(request):
 
 
 @pytest.fixture
+def record_keras_timing(request):
+    """Store the min seconds of a Keras benchmark, and of the partner rounds paired with it."""
+
+    def record(keras_case, seconds: float, partner_seconds: float | None) -> None:
+        config, pass_name, implementation = keras_case
+        key = (config.label, pass_name)
+        request.config.stash[KERAS_TIMINGS].setdefault(key, {})[implementation] = (
+            seconds, partner_seconds)
+
+    return record
+
+
+@pytest.fixture
 def timing_plan(pytestconfig, device):
     """(warm-up rounds, timed rounds) for a pass that took `seconds_once` when first run."""
     quick = pytestconfig.getoption("--quick")
@@ -175,16 +191,42 @@ def timing_plan(pytestconfig, device):
     return plan
 
 
+def _meta(config) -> dict:
+    return {"device": _device_description(config),
+            "torch": torch.__version__, "python": sys.version.split()[0],
+            "date": datetime.date.today().isoformat(),
+            "command": "pytest " + " ".join(config.invocation_params.args)}
+
+
+def _keras_summary(terminalreporter, config) -> None:
+    timings = config.stash.get(KERAS_TIMINGS, {})
+    if not timings:
+        return
+    import keras
+
+    rows = keras_report.rows(timings)
+    meta = {**_meta(config), "keras": keras.__version__,
+            "ratio": "keras / fastrnn.keras: min time of the Keras rounds paired with "
+                     "fastrnn.keras's / fastrnn.keras's min time (> 1: fastrnn.keras is "
+                     "faster); fastrnn.keras / fastrnn: min time of the fastrnn.keras rounds "
+                     "paired with fastrnn's (called directly) / fastrnn's min time"}
+    path = Path(config.getoption("--results-dir")) / "keras_ratios.json"
+    keras_report.write_json(path, rows, meta)
+    terminalreporter.section("fastrnn.keras / Keras time ratios")
+    terminalreporter.write_line(f"{meta['ratio']} ({meta['device']}, torch {meta['torch']}, "
+                                f"Keras {meta['keras']})")
+    terminalreporter.write_line(keras_report.table(rows))
+    terminalreporter.write_line(f"written: {path}")
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
+    _keras_summary(terminalreporter, config)
     timings = config.stash.get(TIMINGS, {})
     if not timings:
         return
     rows = rnn_cases.ratio_rows(timings)
-    meta = {"device": _device_description(config),
-            "torch": torch.__version__, "python": sys.version.split()[0],
-            "date": datetime.date.today().isoformat(),
-            "command": "pytest " + " ".join(config.invocation_params.args),
+    meta = {**_meta(config),
             "ratio": "fastrnn min time / min time of the torch.nn calls paired with its rounds "
                      "(torch.nn, then fastrnn, round after round); < 1: fastrnn is faster"}
     results_dir = Path(config.getoption("--results-dir"))

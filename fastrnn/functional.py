@@ -3,7 +3,9 @@
 They mirror torch's `_VF.lstm/gru/rnn_*`: `weights` is the flat list of a module's parameters in
 registration order (per layer and direction: w_ih, w_hh, [b_ih, b_hh], [w_hr]); `input` is
 [T, B, I] ([B, T, I] with batch_first), or the data [N, I] of a PackedSequence with its
-`batch_sizes`. Legend: B batch, T time, I input, H hidden, P proj_size or H, L layers, D directions.
+`batch_sizes`. Padded input of variable lengths takes `lengths` [B]: each sequence stops at its
+own length (0 to T), as if packed, without packing. Legend: B batch, T time, I input, H hidden,
+P proj_size or H, L layers, D directions.
 """
 
 from __future__ import annotations
@@ -50,6 +52,34 @@ def check_batch_sizes(batch_sizes: Tensor, batch: int, total: int) -> None:
     if sizes[0] != batch:
         raise RuntimeError(f"PackedSequence batch_sizes[0] is {sizes[0]}, but the hidden state "
                            f"holds a batch of {batch}")
+
+
+def check_lengths(lengths, batch: int, steps: int) -> Tensor:
+    """The per-sequence lengths of a padded input of `batch` sequences and `steps` steps as a CPU
+    int64 tensor [B], checked: one integer per sequence, each from 0 to T. Raises TypeError or
+    ValueError naming the fault. `lengths` may be a tensor on any device, or a sequence of ints.
+    Under torch.compile and torch.export a torch._check that the graph keeps instead."""
+    if not isinstance(lengths, Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"lengths must be a 1-D integer tensor or a sequence of ints, got "
+                            f"{type(lengths).__name__}") from error
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have one entry per sequence: expected shape ({batch},), "
+                         f"got {tuple(lengths.shape)}")
+    if torch.compiler.is_compiling():
+        lengths = lengths.to(torch.int64)
+        torch._check(((lengths < 0).sum() + (lengths > steps).sum()).item() == 0,
+                     lambda: "lengths must lie in [0, T]")
+        return lengths
+    lengths = lengths.to("cpu", torch.int64)
+    if batch and (lengths.min() < 0 or lengths.max() > steps):
+        raise ValueError(f"lengths must lie in [0, {steps}] (the padded input has {steps} "
+                         f"steps), got {lengths.tolist()}")
+    return lengths
 
 
 def packed_layout(batch_sizes: Tensor, batch: int, total: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,12 +163,17 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
                weights: Sequence[Tensor], *, num_layers: int, dropout: float, training: bool,
                bidirectional: bool, batch_first: bool, batch_sizes: Tensor | None = None,
-               backend: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+               lengths=None, backend: str | None = None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run a stack of recurrent layers.
 
     input: [T, B, I] (or [B, T, I] with batch_first, or packed data [N, I] with batch_sizes [T]);
-    h0: [L*D, B, P]; c0: [L*D, B, H] for LSTM, else None.
+    h0: [L*D, B, P]; c0: [L*D, B, H] for LSTM, else None; lengths: [B] valid steps of each
+    sequence of a padded input (0 to T; see check_lengths), or None.
     Returns (output like input with P*D features, h_n [L*D, B, P], c_n [L*D, B, H] or None).
+    With lengths, output is 0 at t >= length and h_n, c_n are each sequence's state at its own
+    last step (direction 1 runs t = length-1 .. 0); a sequence of length 0 has output 0 and its
+    initial state as h_n, c_n.
     """
     backend = check_backend_name(backend) or ""
     num_directions = 2 if bidirectional else 1
@@ -149,8 +184,11 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         weights = [w.to(cast) for w in weights]
     check_dtypes(input, h0, c0, weights)
 
-    lengths = rows = host_lengths = None
+    rows = host_lengths = empty = None
     if batch_sizes is not None:
+        if lengths is not None:
+            raise ValueError("lengths is for padded input: a PackedSequence (batch_sizes) "
+                             "carries its own lengths")
         check_batch_sizes(batch_sizes, h0.shape[1], input.shape[0])
         host_lengths, rows, slots = packed_layout(batch_sizes, h0.shape[1], input.shape[0])
         lengths, rows, slots = (t.to(input.device) for t in (host_lengths, rows, slots))
@@ -160,10 +198,13 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         x = input.transpose(0, 1) if batch_first else input
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if batch_sizes is None and lengths is not None:
+        lengths, host_lengths, empty = _padded_lengths(lengths, x, h0.shape[1])
 
     keep_workspace = needs_backward(input, h0, c0, *weights)
-    if _served_whole_by_torch(cell, x, h0, weights, num_layers, num_directions, lengths,
-                              backend, keep_workspace):
+    # the whole stack as one call of torch's kernels takes packed input, not padded lengths
+    if (batch_sizes is not None or lengths is None) and _served_whole_by_torch(
+            cell, x, h0, weights, num_layers, num_directions, lengths, backend, keep_workspace):
         return backends.torch_backend().stack(
             cell, input, batch_sizes, h0, c0, weights, num_layers=num_layers, dropout=dropout,
             training=training, train=training or keep_workspace, bidirectional=bidirectional,
@@ -175,6 +216,11 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         x, h_last, c_last = run_layer(cell, x, w_ih, b_ih, h0[states],
                                       None if c0 is None else c0[states], w_hh, b_hh, w_hr,
                                       lengths, backend, keep_workspace, host_lengths)
+        if empty is not None:  # sequences of length 0, run for one step: output 0, state h0
+            x = x.masked_fill(empty, 0)
+            h_last = torch.where(empty, h0[states], h_last)
+            if c0 is not None:
+                c_last = torch.where(empty, c0[states], c_last)
         h_n.append(h_last)
         c_n.append(c_last)
         if dropout > 0 and training and layer < num_layers - 1:
@@ -193,6 +239,26 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         return states[0] if num_layers == 1 else torch.cat(states)
 
     return output, join(h_n), join(c_n) if c0 is not None else None
+
+
+def _padded_lengths(lengths, x: Tensor, batch: int
+                    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The public `lengths` of a padded input x [T, B, I] as the layers take them: (lengths [B]
+    on x's device, the same on the CPU, and a [B, 1] bool of the sequences of length 0, which
+    run for one step and are then reset), with None for all three where every sequence has T
+    steps, and None for the third where none is empty."""
+    steps = x.shape[0]
+    host_lengths = check_lengths(lengths, batch, steps)
+    if torch.compiler.is_compiling():  # no value read: every sequence is treated as possibly empty
+        device_lengths = host_lengths.to(x.device)
+        return device_lengths.clamp(min=1), None, (device_lengths == 0).unsqueeze(1)
+    if batch == 0 or bool((host_lengths == steps).all()):
+        return None, None, None
+    empty = None
+    if bool((host_lengths == 0).any()):
+        empty = (host_lengths == 0).unsqueeze(1).to(x.device)
+        host_lengths = host_lengths.clamp(min=1)
+    return host_lengths.to(x.device), host_lengths, empty
 
 
 def _served_whole_by_torch(cell: CellSpec, x: Tensor, h0: Tensor, weights: Sequence[Tensor],
@@ -227,34 +293,39 @@ def _served_whole_by_torch(cell: CellSpec, x: Tensor, h0: Tensor, weights: Seque
 def lstm(input: Tensor, hx: tuple[Tensor, Tensor], weights: Sequence[Tensor], *,
          num_layers: int = 1, dropout: float = 0.0, training: bool = False,
          bidirectional: bool = False, batch_first: bool = False,
-         batch_sizes: Tensor | None = None, backend: str | None = None
+         batch_sizes: Tensor | None = None, lengths=None, backend: str | None = None
          ) -> tuple[Tensor, Tensor, Tensor]:
-    """LSTM stack. hx = (h0 [L*D, B, P], c0 [L*D, B, H]). Returns (output, h_n, c_n)."""
+    """LSTM stack. hx = (h0 [L*D, B, P], c0 [L*D, B, H]); lengths [B] for a padded input of
+    variable lengths (see recurrence). Returns (output, h_n, c_n)."""
     return recurrence(CELLS["lstm"], input, hx[0], hx[1], weights, num_layers=num_layers,
                       dropout=dropout, training=training, bidirectional=bidirectional,
-                      batch_first=batch_first, batch_sizes=batch_sizes, backend=backend)
+                      batch_first=batch_first, batch_sizes=batch_sizes, lengths=lengths,
+                      backend=backend)
 
 
 def gru(input: Tensor, hx: Tensor, weights: Sequence[Tensor], *, num_layers: int = 1,
         dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
-        batch_first: bool = False, batch_sizes: Tensor | None = None,
+        batch_first: bool = False, batch_sizes: Tensor | None = None, lengths=None,
         backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """GRU stack. hx: [L*D, B, H]. Returns (output, h_n)."""
+    """GRU stack. hx: [L*D, B, H]; lengths [B] as for lstm. Returns (output, h_n)."""
     output, h_n, _ = recurrence(CELLS["gru"], input, hx, None, weights, num_layers=num_layers,
                                 dropout=dropout, training=training, bidirectional=bidirectional,
-                                batch_first=batch_first, batch_sizes=batch_sizes, backend=backend)
+                                batch_first=batch_first, batch_sizes=batch_sizes,
+                                lengths=lengths, backend=backend)
     return output, h_n
 
 
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Tensor], *, nonlinearity: str = "tanh",
         num_layers: int = 1, dropout: float = 0.0, training: bool = False,
         bidirectional: bool = False, batch_first: bool = False,
-        batch_sizes: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """Elman RNN stack (nonlinearity "tanh" or "relu"). hx: [L*D, B, H]. Returns (output, h_n)."""
+        batch_sizes: Tensor | None = None, lengths=None, backend: str | None = None
+        ) -> tuple[Tensor, Tensor]:
+    """Elman RNN stack (nonlinearity "tanh" or "relu"). hx: [L*D, B, H]; lengths [B] as for
+    lstm. Returns (output, h_n)."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     output, h_n, _ = recurrence(CELLS[f"rnn_{nonlinearity}"], input, hx, None, weights,
                                 num_layers=num_layers, dropout=dropout, training=training,
                                 bidirectional=bidirectional, batch_first=batch_first,
-                                batch_sizes=batch_sizes, backend=backend)
+                                batch_sizes=batch_sizes, lengths=lengths, backend=backend)
     return output, h_n
