@@ -284,7 +284,7 @@ class RNNBase(torch_rnn.RNNBase):
             return None
         h_new, c_new = step  # [B, H]; the output is a tensor of its own, as torch.nn's
         h_n = h_new.unsqueeze(0)
-        output = h_new.clone().unsqueeze(time_dim)
+        output = h_new.unsqueeze(1).clone() if self.batch_first else h_n.clone()
         return output, ((h_n, c_new.unsqueeze(0)) if is_lstm else h_n)
 
     def forward(self, input, hx=None):

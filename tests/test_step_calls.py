@@ -311,6 +311,57 @@ def test_one_step_layer_calls_match_torch(mode, batch, steps):
     assert steps.forward == 8 and steps.backward == 8
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_one_layer_one_step_calls_are_one_native_step(mode, batch_first, bias, steps,
+                                                      monkeypatch):
+    """A one-layer module called with T = 1 (the module's own one-step path): outputs, states,
+    their layouts and gradients equal torch.nn's, with hx given or not, one native step per
+    call; hx of another shape or dtype still gets torch.nn's error."""
+    torch.manual_seed(2)
+    torch_layer = getattr(nn, mode)(7, 9, bias=bias, batch_first=batch_first)
+    fast_layer = getattr(fastrnn, mode).from_torch(torch_layer)
+    x = torch.randn(3, 1, 7) if batch_first else torch.randn(1, 3, 7)
+    shape = (1, 3, 9)
+    hx = (torch.randn(shape), torch.randn(shape)) if mode == "LSTM" else torch.randn(shape)
+
+    def run(module, state):
+        inputs = [x.clone().requires_grad_()]
+        if state is not None:
+            state = tuple(s.clone().requires_grad_() for s in state) if mode == "LSTM" \
+                else state.clone().requires_grad_()
+            inputs += list(state) if mode == "LSTM" else [state]
+        output, hidden = module(inputs[0], state)
+        results = [output, *(hidden if mode == "LSTM" else [hidden])]
+        grads = torch.autograd.grad(results, inputs + list(module.parameters()),
+                                    [torch.randn_like(r, generator=torch.Generator().manual_seed(i))
+                                     for i, r in enumerate(results)])
+        return [r.detach() for r in results] + list(grads)
+
+    def no_layer_path(*args, **kwargs):
+        raise AssertionError("a one-step call took the per-layer path")
+
+    for state in (None, hx):
+        want = run(torch_layer, state)
+        with monkeypatch.context() as patch:
+            patch.setattr(fastrnn.modules.functional, "recurrence", no_layer_path)
+            got = run(fast_layer, state)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.is_contiguous() == b.is_contiguous()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert steps.forward == 2 and steps.backward == 2
+
+    wrong = torch.randn(1, 2, 9)
+    with pytest.raises(RuntimeError) as ours:
+        fast_layer(x, (wrong, wrong) if mode == "LSTM" else wrong)
+    with pytest.raises(RuntimeError) as theirs:
+        torch_layer(x, (wrong, wrong) if mode == "LSTM" else wrong)
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(RuntimeError):  # torch's text depends on its kernel (oneDNN or not)
+        fast_layer(x, tuple(h.double() for h in hx) if mode == "LSTM" else hx.double())
+
+
 def test_one_step_layer_output_and_h_n_are_separate(steps):
     layer = fastrnn.GRU(4, 6)
     with torch.no_grad():
