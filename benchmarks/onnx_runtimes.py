@@ -40,6 +40,8 @@ def why_not(runtime: str, config, dtype: str, pass_name: str, device: torch.devi
         return "the benchmark feeds it padded input only"
     if dtype not in ("fp32", "bf16") or (runtime == "onnxruntime" and dtype != "fp32"):
         return f"{runtime} runs this model in {'float32' if runtime == 'onnxruntime' else 'f32 or bf16'}"
+    if dtype == "bf16" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2"):
+        return "OpenVINO compiles no bfloat16 recurrence with oneDNN held to AVX2 (--isa=avx2)"
     return ""
 
 

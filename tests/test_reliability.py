@@ -176,3 +176,26 @@ def test_an_unsorted_packed_sequence_with_too_many_states_is_refused():
                                   enforce_sorted=False)
     with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 4\), got \[1, 3, 4\]"):
         module(packed, torch.randn(1, 3, 4))
+
+
+# Float16 gradients of a saturated LSTM with a projection, found by the long fuzz run
+# (FASTRNN_FUZZ=long): the cpu and reference backends agree with each other to the last bit, and
+# the bias and W_hr gradients of the upper layer lie 3-8x further from the float64 result than
+# torch.nn's float16 ones (in float32 both are exact to 1e-5). Known and open; strict, so that a
+# fix shows up here.
+FLOAT16_SATURATED_CASES = [
+    dict(cell="lstm", layers=2, bidirectional=True, proj_size=1, bias=True, with_hx=False,
+         calls=2, batch=4, seq=7, input_size=6, hidden=2, seed=8241),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="float16 gradients of a saturated LSTM with a projection: "
+                                        "up to 8x torch.nn's error (open)")
+@pytest.mark.parametrize("backend", [name for name in cpu_backends() if name != "torch"])
+@pytest.mark.parametrize("fields", FLOAT16_SATURATED_CASES, ids=["lstm_proj"])
+def test_float16_gradients_of_saturated_layers(fields, backend):
+    from fuzz_cases import Case, check
+
+    check(Case(step_loop=False, dropout=0.0, training=False, input_kind="padded",
+               batch_first=False, grad_mode="grad", saturate=True, dtype="float16",
+               backend=backend, **fields))

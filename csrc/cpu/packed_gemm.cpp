@@ -485,10 +485,6 @@ FASTRNN_AVX512_INLINE void store_row_sums(const __m512 (&acc)[kRows], float* y,
 
 #pragma GCC diagnostic pop
 
-// GCC 12 warns about the undefined operands inside its own _mm512_reduce_add_ps.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // y[r] = w[r, :K] . x + bias[r] for kRows rows (AVX-512): one accumulator per row, 16 lanes
 // of K at a time; the lanes are summed at the end.
 template <int kRows>
@@ -515,8 +511,6 @@ __attribute__((target("avx512f"))) void gemv_tile(int64_t depth, const float* w,
   }
   store_row_sums<kRows>(acc, y, bias);
 }
-
-#pragma GCC diagnostic pop
 
 // The AVX2/FMA gemv_tile: 8 lanes of K at a time.
 template <int kRows>
@@ -747,10 +741,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void to_bfloat16
 
 namespace {
 
-// GCC 12 warns about the undefined operands inside its own _mm512_reduce_add_ps.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // y[r] = w[r, :K] . x + bias[r] for kRows rows of bfloat16 w and x: bfloat16 pair products
 // (vdpbf16ps) summed in float32 lanes, 32 of K at a time, the lanes summed at the end.
 template <int kRows>
@@ -772,8 +762,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_tile_bf16(
   }
   store_row_sums<kRows>(acc, y, bias);
 }
-
-#pragma GCC diagnostic pop
 
 using GemvTileBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, float*,
                               const float*);
