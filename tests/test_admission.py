@@ -161,7 +161,7 @@ def test_a_slow_plan_is_rejected_on_time(monkeypatch):
     entry = _only_entry()
     assert entry["admitted"] is False and entry["reason"].startswith("slower:")
     fused_ms, torch_ms = entry["times_ms"]
-    assert fused_ms > 50 > torch_ms
+    assert fused_ms >= 50 and fused_ms > torch_ms  # torch's time: a loaded machine stretches it
     assert all(mine <= allowed for mine, _, allowed in entry["errors"].values())  # correct
 
 

@@ -178,24 +178,52 @@ def test_an_unsorted_packed_sequence_with_too_many_states_is_refused():
         module(packed, torch.randn(1, 3, 4))
 
 
-# Float16 gradients of a saturated LSTM with a projection, found by the long fuzz run
-# (FASTRNN_FUZZ=long): the cpu and reference backends agree with each other to the last bit, and
-# the bias and W_hr gradients of the upper layer lie 3-8x further from the float64 result than
-# torch.nn's float16 ones (in float32 both are exact to 1e-5). Known and open; strict, so that a
-# fix shows up here.
-FLOAT16_SATURATED_CASES = [
-    dict(cell="lstm", layers=2, bidirectional=True, proj_size=1, bias=True, with_hx=False,
-         calls=2, batch=4, seq=7, input_size=6, hidden=2, seed=8241),
-]
+# Cases the long fuzz run (FASTRNN_FUZZ=long) failed by the rule's own fault, not fastrnn's:
+# - relu_overflow: the exact output exceeds float16's range (torch.nn's is inf too);
+# - relu_held: the oracle solved the unrounded problem, where rounding the weights to float16
+#   flips a ReLU unit near 0 (fastrnn's float32 run of the rounded problem is as far off);
+# - lstm_proj: saturated units make the problem so badly conditioned that half an ulp of the
+#   weights moves the exact gradients 0.06-0.10, and torch.nn's float16 happened to land 0.008
+#   away (fastrnn 0.16; both backends exact to 1e-5 in float32).
+# The rule now judges the problem as the dtype holds it, where torch.nn's result is finite,
+# against at least that movement; each must pass on every backend.
+FUZZ_RULE_CASES = {
+    "relu_overflow": dict(cell="rnn_relu", layers=3, bidirectional=True, proj_size=0, bias=False,
+                          with_hx=False, calls=1, batch=1, seq=7, input_size=1, hidden=2, seed=1),
+    "relu_held": dict(cell="rnn_relu", layers=1, bidirectional=True, proj_size=0, bias=False,
+                      with_hx=False, calls=1, batch=1, seq=12, input_size=1, hidden=5, seed=0),
+    "lstm_proj": dict(cell="lstm", layers=2, bidirectional=True, proj_size=1, bias=True,
+                      with_hx=False, calls=2, batch=4, seq=7, input_size=6, hidden=2, seed=8241),
+}
 
 
-@pytest.mark.xfail(strict=True, reason="float16 gradients of a saturated LSTM with a projection: "
-                                        "up to 8x torch.nn's error (open)")
-@pytest.mark.parametrize("backend", [name for name in cpu_backends() if name != "torch"])
-@pytest.mark.parametrize("fields", FLOAT16_SATURATED_CASES, ids=["lstm_proj"])
-def test_float16_gradients_of_saturated_layers(fields, backend):
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", list(FUZZ_RULE_CASES))
+def test_float16_saturated_cases_the_fuzzer_misjudged(name, backend):
     from fuzz_cases import Case, check
 
     check(Case(step_loop=False, dropout=0.0, training=False, input_kind="padded",
                batch_first=False, grad_mode="grad", saturate=True, dtype="float16",
-               backend=backend, **fields))
+               backend=backend, **FUZZ_RULE_CASES[name]))
+
+
+def _vector_kernels() -> bool:
+    from fastrnn.backends import cpu
+
+    return fastrnn.available_backends().get("cpu") == "" and cpu.kernel_isa() != "generic"
+
+
+# Found by a long fuzz run at a random seed: a saturated float32 GRU whose bias gradients on the
+# vectorised cpu kernels (AVX2, AVX-512) sit at ~6e-7 on every draw, where torch.nn's and the
+# reference backend's are 1e-7 to 3e-6 (the generic kernels pass). Likely the derivative
+# 1 - n^2 of a saturated tanh taken from a value 1 ulp from torch's. Known and open; strict.
+@pytest.mark.skipif(not _vector_kernels(), reason="the vectorised cpu kernels' case")
+@pytest.mark.xfail(strict=True, reason="float32 GRU bias gradients of saturated units on the "
+                                        "vectorised kernels: up to 7x torch.nn's error (open)")
+def test_float32_gru_gradients_of_saturated_units():
+    from fuzz_cases import Case, check
+
+    check(Case(cell="gru", step_loop=False, layers=2, bidirectional=True, proj_size=0, bias=True,
+               dropout=0.0, training=False, input_kind="packed_sorted", batch_first=False,
+               with_hx=False, calls=2, grad_mode="grad", saturate=True, dtype="float32",
+               backend="cpu", batch=2, seq=12, input_size=6, hidden=1, seed=6))

@@ -88,6 +88,21 @@ def steps():
     counter.stop()
 
 
+def _stepped(name, module, dtype, xs, h0, c0):
+    """Steps of `module` over xs [T, B, I] from (h0, c0) in `dtype`, then the gradients of
+    every input, state and parameter for fixed random output weightings: outputs + gradients."""
+    x, h, c = (t.detach().to(dtype).requires_grad_() for t in (xs, h0, c0))
+    state = (h, c) if name == "lstm" else h
+    outputs = []
+    for step in range(xs.shape[0]):
+        out, state = run_cell(module, x[step], state)
+        outputs += out
+    grads = [random(torch.Generator().manual_seed(index), *o.shape, dtype=dtype)
+             for index, o in enumerate(outputs)]
+    inputs = [x, h] + ([c] if name == "lstm" else []) + list(module.parameters())
+    return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("name", CELLS)
 def test_cell_step_matches_torch_in_float64(name, size, steps, poisoned_empty):
@@ -96,27 +111,16 @@ def test_cell_step_matches_torch_in_float64(name, size, steps, poisoned_empty):
     whose values cancel down to 1e-3 has float32 errors of 1e-7 either way)."""
     batch, input_size, hidden = size
     generator = torch.Generator().manual_seed(SIZES.index(size) + 100 * list(CELLS).index(name))
+    torch.manual_seed(SIZES.index(size) + 100 * list(CELLS).index(name))  # the weights
     reference, fast = make_cell(name, input_size, hidden)
     torch32 = copy.deepcopy(reference).float()
     xs = random(generator, 3, batch, input_size).requires_grad_()
     h0 = random(generator, batch, hidden).requires_grad_()
     c0 = random(generator, batch, hidden).requires_grad_()
 
-    def loop(module, dtype):
-        x, h, c = (t.detach().to(dtype).requires_grad_() for t in (xs, h0, c0))
-        state = (h, c) if name == "lstm" else h
-        outputs = []
-        for step in range(xs.shape[0]):
-            out, state = run_cell(module, x[step], state)
-            outputs += out
-        grads = [random(torch.Generator().manual_seed(index), *o.shape, dtype=dtype)
-                 for index, o in enumerate(outputs)]
-        inputs = [x, h] + ([c] if name == "lstm" else []) + list(module.parameters())
-        return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
-
-    want = loop(reference, torch.float64)
-    theirs = loop(torch32, torch.float32)
-    ours = loop(fast, torch.float32)
+    want = _stepped(name, reference, torch.float64, xs, h0, c0)
+    theirs = _stepped(name, torch32, torch.float32, xs, h0, c0)
+    ours = _stepped(name, fast, torch.float32, xs, h0, c0)
     assert steps.forward == 3 and steps.backward == 3
     for index, (w, t, o) in enumerate(zip(want, theirs, ours)):
         scale = max(w.abs().max().item(), 1.0)
@@ -134,6 +138,7 @@ def test_bfloat16_cell_step_matches_torch(name, size, steps):
     error against float64, plus 8 bfloat16 ulps of the result's scale."""
     batch, input_size, hidden = size
     generator = torch.Generator().manual_seed(batch * 1000 + hidden + list(CELLS).index(name))
+    torch.manual_seed(batch * 1000 + hidden + list(CELLS).index(name))  # the weights
     reference, _ = make_cell(name, input_size, hidden)
     torch16 = copy.deepcopy(reference).bfloat16()
     fast = CELLS[name][1].from_torch(copy.deepcopy(reference)).bfloat16()
@@ -141,21 +146,9 @@ def test_bfloat16_cell_step_matches_torch(name, size, steps):
     h0 = random(generator, batch, hidden)
     c0 = random(generator, batch, hidden)
 
-    def loop(module, dtype):
-        x, h, c = (t.to(dtype).requires_grad_() for t in (xs, h0, c0))
-        state = (h, c) if name == "lstm" else h
-        outputs = []
-        for step in range(xs.shape[0]):
-            out, state = run_cell(module, x[step], state)
-            outputs += out
-        grads = [random(torch.Generator().manual_seed(index), *o.shape, dtype=dtype)
-                 for index, o in enumerate(outputs)]
-        inputs = [x, h] + ([c] if name == "lstm" else []) + list(module.parameters())
-        return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
-
-    want = loop(reference, torch.float64)
-    theirs = loop(torch16, torch.bfloat16)
-    ours = loop(fast, torch.bfloat16)
+    want = _stepped(name, reference, torch.float64, xs, h0, c0)
+    theirs = _stepped(name, torch16, torch.bfloat16, xs, h0, c0)
+    ours = _stepped(name, fast, torch.bfloat16, xs, h0, c0)
     assert steps.forward == 3 and steps.backward == 3
     eps = torch.finfo(torch.bfloat16).eps
     for index, (w, t, o) in enumerate(zip(want, theirs, ours)):
