@@ -245,9 +245,8 @@ class RNNBase(torch_rnn.RNNBase):
                 or torch.is_autocast_enabled(input.device.type)):
             return None
         time_dim = 1 if self.batch_first else 0
-        batch, steps, features = (input.shape[0], input.shape[1], input.shape[2]) \
-            if self.batch_first else (input.shape[1], input.shape[0], input.shape[2])
-        if steps != 1 or features != self.input_size:
+        batch = input.shape[1 - time_dim]
+        if input.shape[time_dim] != 1 or input.shape[2] != self.input_size:
             return None
         parameters = self._parameters
         try:  # a parametrized weight is not there: the general path reads it as an attribute
