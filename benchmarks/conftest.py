@@ -211,7 +211,7 @@ def _keras_summary(terminalreporter, config) -> None:
                      "faster); fastrnn.keras / fastrnn: min time of the fastrnn.keras rounds "
                      "paired with fastrnn's (called directly) / fastrnn's min time"}
     path = Path(config.getoption("--results-dir")) / "keras_ratios.json"
-    keras_report.write_json(path, rows, meta)
+    rnn_cases.write_json(path, rows, meta)
     terminalreporter.section("fastrnn.keras / Keras time ratios")
     terminalreporter.write_line(f"{meta['ratio']} ({meta['device']}, torch {meta['torch']}, "
                                 f"Keras {meta['keras']})")

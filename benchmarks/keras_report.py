@@ -5,7 +5,7 @@ Keras / fastrnn.keras (the speed-up, > 1: fastrnn.keras is faster) and fastrnn.k
 
 from __future__ import annotations
 
-import json
+from rnn_cases import aligned
 
 
 def rows(timings: dict[tuple[str, str], dict[str, tuple]]) -> list[dict]:
@@ -34,13 +34,4 @@ def table(report_rows: list[dict]) -> str:
             value = row.get(key)
             cells.append("-" if value is None else f"{value:.2f}")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
-                      for i, (cell, width) in enumerate(zip(line, widths))) for line in lines]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
-
-
-def write_json(path, report_rows: list[dict], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "results": report_rows}, indent=2) + "\n")
+    return aligned(lines, left=2)

@@ -224,8 +224,14 @@ def ratio_table(rows: list[dict]) -> str:
             ratio = row["backends"].get(name, {}).get("ratio")
             cells.append("-" if ratio is None else f"{ratio:.2f}")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)
+    return aligned(lines, left=3)
+
+
+def aligned(lines: list[list[str]], left: int) -> str:
+    """Rows of cells (the first the header) as text columns: the first `left` columns to the
+    left, the others to the right, a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ["  ".join(cell.ljust(width) if i < left else cell.rjust(width)
                       for i, (cell, width) in enumerate(zip(line, widths))) for line in lines]
     text.insert(1, "-" * len(text[0]))
     return "\n".join(text)
