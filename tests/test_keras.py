@@ -451,24 +451,28 @@ def test_save_and_load_both_ways(tmp_path):
 # ---- install() ------------------------------------------------------------------------------
 def _keras_methods():
     from keras.src.layers.rnn import bidirectional, gru, lstm, rnn, simple_rnn
-    return {"LSTM": lstm.LSTM.__dict__.get("inner_loop"), "GRU": gru.GRU.__dict__.get("inner_loop"),
-            "SimpleRNN": simple_rnn.SimpleRNN.__dict__.get("inner_loop"),
-            "RNN": rnn.RNN.__dict__.get("inner_loop"),
-            "Bidirectional": bidirectional.Bidirectional.__dict__.get("call")}
+    classes = {"LSTM": lstm.LSTM, "GRU": gru.GRU, "SimpleRNN": simple_rnn.SimpleRNN,
+               "RNN": rnn.RNN, "Bidirectional": bidirectional.Bidirectional}
+    return {(name, method): layer_class.__dict__.get(method)
+            for name, layer_class in classes.items() for method in ("inner_loop", "call")}
 
 
 def test_install_and_uninstall():
     original = _keras_methods()
-    assert original["SimpleRNN"] is None  # Keras' SimpleRNN inherits RNN.inner_loop
+    assert original["SimpleRNN", "inner_loop"] is None  # Keras' inherits RNN.inner_loop
     existing = keras.layers.GRU(3, return_sequences=True)
     fastrnn.keras.install()
     try:
         fastrnn.keras.install()  # a second call changes nothing
         assert fastrnn.keras.is_installed()
         patched = _keras_methods()
-        assert patched["RNN"] is recurrence.rnn_inner_loop
-        assert patched["LSTM"] is patched["GRU"] is patched["SimpleRNN"] is recurrence.inner_loop
-        assert patched["Bidirectional"] is recurrence.bidirectional_call
+        assert patched["RNN", "inner_loop"] is recurrence.rnn_inner_loop
+        assert patched["RNN", "call"] is original["RNN", "call"]
+        for name in ("LSTM", "GRU", "SimpleRNN"):
+            assert patched[name, "inner_loop"] is recurrence.inner_loop
+            assert patched[name, "call"] is recurrence.call
+        assert patched["Bidirectional", "call"] is recurrence.bidirectional_call
+        assert patched["Bidirectional", "inner_loop"] is None
         before = recurrence.calls.copy()
         existing(np.ones((2, 4, 3), "float32"))  # a layer made before install() runs on fastrnn
         keras.layers.SimpleRNN(2)(np.ones((2, 4, 3), "float32"))

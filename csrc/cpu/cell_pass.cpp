@@ -62,7 +62,7 @@ FASTRNN_INLINE void forward_segment(Cell cell, const ForwardStep<T>& s, int64_t 
       const T* __restrict b_g = bias + g * H + first;
       T* __restrict a_g = a + g * kChunk;
       #pragma GCC ivdep
-      for (int64_t j = 0; j < m; ++j) a_g[j] = x_g[j] + h_g[j] + b_g[j];
+      for (int64_t j = 0; j < m; ++j) a_g[j] = x_g[j] + (h_g[j] + b_g[j]);
     }
     const int64_t o0 = first;  // this chunk's offset within the segment
     switch (cell) {

@@ -1,8 +1,8 @@
 """fastrnn.keras.install(): Keras' own LSTM, GRU, SimpleRNN and Bidirectional run on fastrnn.
 
 Keras has no public way to replace how a recurrent layer runs, so this sets methods on Keras'
-own classes in its private modules (keras.src.layers.rnn): `inner_loop` of LSTM, GRU and
-SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py); `inner_loop` of RNN
+own classes in its private modules (keras.src.layers.rnn): `call` and `inner_loop` of LSTM, GRU
+and SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py); `inner_loop` of RNN
 (keras.layers.RNN over any cell) still runs Keras' loop and says so, once per cell class. Every
 instance, existing or new, and every reference to these classes (keras.layers.LSTM, a model
 loaded from a file) then runs on fastrnn; classes, configs and saved files stay Keras' own.
@@ -27,13 +27,16 @@ TESTED_KERAS_VERSIONS = ("3.15.0", "3.15.1")
 
 # (Keras class, method name, fastrnn's method, the parameters Keras' method has)
 _INNER_LOOP_PARAMETERS = ("self", "sequences", "initial_state", "mask", "training")
+_CALL_PARAMETERS = ("self", "sequences", "initial_state", "mask", "training")
 _PATCHES = (
     (LSTM, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
     (GRU, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
     (SimpleRNN, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
+    (LSTM, "call", recurrence.call, _CALL_PARAMETERS),
+    (GRU, "call", recurrence.call, _CALL_PARAMETERS),
+    (SimpleRNN, "call", recurrence.call, _CALL_PARAMETERS),
     (RNN, "inner_loop", recurrence.rnn_inner_loop, _INNER_LOOP_PARAMETERS),
-    (Bidirectional, "call", recurrence.bidirectional_call,
-     ("self", "sequences", "initial_state", "mask", "training")),
+    (Bidirectional, "call", recurrence.bidirectional_call, _CALL_PARAMETERS),
 )
 
 # what each patched class had in its own __dict__ before install() (None: it inherited it)

@@ -19,6 +19,7 @@ class LSTM(keras.layers.LSTM):
     """keras.layers.LSTM (same arguments) running on fastrnn."""
 
     inner_loop = recurrence.inner_loop
+    call = recurrence.call
 
 
 @keras.saving.register_keras_serializable(package="fastrnn")
@@ -26,6 +27,7 @@ class GRU(keras.layers.GRU):
     """keras.layers.GRU (same arguments) running on fastrnn (reset_after=True, the default)."""
 
     inner_loop = recurrence.inner_loop
+    call = recurrence.call
 
 
 @keras.saving.register_keras_serializable(package="fastrnn")
@@ -33,6 +35,7 @@ class SimpleRNN(keras.layers.SimpleRNN):
     """keras.layers.SimpleRNN (same arguments) running on fastrnn (tanh or relu)."""
 
     inner_loop = recurrence.inner_loop
+    call = recurrence.call
 
 
 @keras.saving.register_keras_serializable(package="fastrnn")

@@ -32,12 +32,10 @@ class MaskedSteps:
     def of(mask: Tensor) -> "MaskedSteps":
         """From a Keras mask [B, T] (bool, or numbers: nonzero is unmasked)."""
         mask = mask.to(torch.bool)
-        lengths = mask.sum(1)
-        right_padding = torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1)
         order = None
-        if not bool((mask == right_padding).all()):
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):  # an unmasked step after a masked one
             order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
-        return MaskedSteps(mask, lengths, order)
+        return MaskedSteps(mask, mask.sum(1), order)
 
     def packed(self, x: Tensor) -> Tensor:
         """x [B, T, F] with each sequence's unmasked steps first, in their order."""

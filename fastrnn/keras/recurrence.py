@@ -1,7 +1,8 @@
 """Keras' LSTM, GRU and SimpleRNN layers (and Bidirectional over them) run on fastrnn.
 
 `inner_loop` takes the place of a Keras recurrent layer's own `inner_loop` (the method Keras'
-`RNN.call` runs the recurrence with, after its checks, initial states and dropout masks), and
+`RNN.call` runs the recurrence with, after its checks, initial states and dropout masks), `call`
+of its `call` (straight to fastrnn where that preparation has nothing to do), and
 `bidirectional_call` of `Bidirectional.call`: the fastrnn.keras layers have them as methods, and
 `fastrnn.keras.install()` sets them on Keras' own classes (and `rnn_inner_loop` on
 `keras.layers.RNN`, which only says when Keras' own loop runs a cell). Each call runs as one
@@ -35,6 +36,7 @@ from .weights import torch_weights
 # Keras' own methods, as the installed Keras defines them (before any install())
 KERAS_INNER_LOOP = {"lstm": KerasLSTM.inner_loop, "gru": KerasGRU.inner_loop,
                     "rnn": KerasRNN.inner_loop}
+KERAS_CALL = {"lstm": KerasLSTM.call, "gru": KerasGRU.call, "rnn": KerasSimpleRNN.call}
 KERAS_BIDIRECTIONAL_CALL = KerasBidirectional.call
 
 _LAYERS = (("lstm", KerasLSTM, LSTMCell), ("gru", KerasGRU, GRUCell),
@@ -142,6 +144,33 @@ def inner_loop(self, sequences, initial_state, mask, training=False):
     return _run(self, kind, sequences, initial_state, mask, training)
 
 
+def call(self, sequences, initial_state=None, mask=None, training=False):
+    """Keras' `call` of an LSTM, GRU or SimpleRNN layer. A call with no initial state, no
+    dropout and no stored state goes to fastrnn at once (Keras' `RNN.call` would make zero
+    states, dropout masks and casts first, which take as long as a short recurrence); any
+    other runs Keras' own method, which runs the recurrence through inner_loop."""
+    kind = cell_kind(self)
+    cell = self.cell
+    if (initial_state is None and not self.stateful and not cell.dropout
+            and not cell.recurrent_dropout and isinstance(sequences, torch.Tensor)
+            and not _symbolic(sequences)):
+        steps_mask = _as_mask(mask, sequences.device)
+        if not unsupported(self, sequences, steps_mask, training):
+            calls[type(self).__name__, "fastrnn"] += 1
+            last, outputs, states = _run(self, kind, sequences, None, steps_mask, training)
+            output = _in_dtype(outputs if self.return_sequences else last, self.compute_dtype)
+            if self.return_state:
+                return output, *(_in_dtype(state, self.compute_dtype) for state in states)
+            return output
+    return KERAS_CALL[kind](self, sequences, initial_state=initial_state, mask=mask,
+                            training=training)
+
+
+def _in_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """x in a Keras dtype (a name), as `keras.ops.cast` gives it."""
+    return x if str(x.dtype) == f"torch.{dtype}" else cast(x, dtype)
+
+
 def rnn_inner_loop(self, sequences, initial_state, mask, training=False):
     """Keras' `RNN.inner_loop` under install(): `keras.layers.RNN` over any cell (a custom
     cell, stacked cells, or Keras' own cells outside their layers) runs Keras' own loop,
@@ -228,7 +257,10 @@ def _run(layer, kind: str, sequences, initial_state, mask, training: bool):
         last = h_n[0]
         return last, output if layer.return_sequences else last.unsqueeze(1), new_states
     zero_output = layer.zero_output_for_mask
-    last = steps.outputs(output, zero_output, step=x.shape[1] - 1)
+    if steps.order is None and not zero_output and initial_state is None:
+        last = h_n[0]  # right padding from zero states: each sequence's last output (or 0)
+    else:
+        last = steps.outputs(output, zero_output, step=x.shape[1] - 1)
     outputs = steps.outputs(output, zero_output) if layer.return_sequences else last.unsqueeze(1)
     return last, outputs, new_states
 
