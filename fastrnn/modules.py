@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import functional
 from .backends import check_backend_name
 from .cells import CELLS_BY_MODE
-from .ops import direct_step
+from .ops import direct_step, inference_step
 
 class RNNBase(torch_rnn.RNNBase):
     """The common part of LSTM, GRU and RNN: an nn.RNNBase (for isinstance) that runs its own
@@ -238,9 +238,10 @@ class RNNBase(torch_rnn.RNNBase):
     def _one_step(self, input: Tensor, hx):
         """A call that is one step of one cell (one layer and direction, no projection, a batched
         3-D input with T = 1, hx None or of the expected shapes and dtypes, no autocast) as one
-        native step: (output, hidden) as the general path gives them, with none of its per-layer
-        work (~30 us of Python at B1). None for any other call, valid or not: the general path
-        then runs it, or raises torch.nn's error."""
+        native step (without gradients: one op that gives the layer's outputs as they are):
+        (output, hidden) as the general path gives them, with none of its per-layer work (~30 us
+        of Python at B1). None for any other call, valid or not: the general path then runs it,
+        or raises torch.nn's error."""
         if (self.num_layers != 1 or self.bidirectional or self.proj_size or input.dim() != 3
                 or torch.is_autocast_enabled(input.device.type)):
             return None
@@ -263,21 +264,31 @@ class RNNBase(torch_rnn.RNNBase):
             return None
         is_lstm = self.mode == "LSTM"
         state_shape = (1, batch, self.hidden_size)
-        if hx is None:
-            h = c = input.new_zeros(batch, self.hidden_size)
-        elif is_lstm:
+        h = c = None  # [1, B, H]
+        if hx is not None and is_lstm:
             if type(hx) is not tuple or len(hx) != 2:
                 return None
             h, c = hx
             if (type(h) is not Tensor or type(c) is not Tensor or h.shape != state_shape
                     or c.shape != state_shape):
                 return None
-            h, c = h.squeeze(0), c.squeeze(0)
-        else:
+        elif hx is not None:
             if type(hx) is not Tensor or hx.shape != state_shape:
                 return None
-            h, c = hx.squeeze(0), None
-        step = direct_step(CELLS_BY_MODE[self.mode], self.backend, input.squeeze(time_dim), h,
+            h = hx
+        cell = CELLS_BY_MODE[self.mode]
+        if not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (input, h, c, w_ih, w_hh, b_ih, b_hh))):
+            result = inference_step(cell, self.backend, input, h, c, w_ih, w_hh, b_ih, b_hh,
+                                    self.batch_first)
+            if result is not None:
+                output, h_n, c_n = result
+                return output, ((h_n, c_n) if is_lstm else h_n)
+        if h is None:
+            h = c = input.new_zeros(batch, self.hidden_size)
+        else:
+            h, c = h.squeeze(0), (c.squeeze(0) if is_lstm else None)
+        step = direct_step(cell, self.backend, input.squeeze(time_dim), h,
                            c if is_lstm else None, w_ih, w_hh, b_ih, b_hh)
         if step is None:
             return None

@@ -357,6 +357,22 @@ def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
     return h_new, (c_new if cell.has_cell_state else None)
 
 
+def inference_step(cell: CellSpec, backend: Optional[str], input: Tensor, h0: Optional[Tensor],
+                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                   b_hh: Optional[Tensor], batch_first: bool
+                   ) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """A one-layer, one-direction call of one step that needs no gradient as one native call:
+    input [1, B, I] ([B, 1, I] batch_first), h0 and c0 (LSTM) [1, B, H] or None (zeros) ->
+    (output like input with H features, h_n [1, B, H], c_n [1, B, H] or None), as the layer
+    path gives them. None where the native step does not run it (see direct_step)."""
+    tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    if (_direct_step_device(backend, tensors) != "cpu" or 0 in input.shape
+            or w_hh.shape[1] == 0):
+        return None
+    output, h_n, *c_n = _LAYER_STEP(cell.name, input, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_first)
+    return output, h_n, (c_n[0] if c_n else None)
+
+
 def torch_step(cell: CellSpec, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor,
                w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
                ) -> tuple[Tensor, Optional[Tensor]]:
@@ -396,16 +412,17 @@ def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tenso
     return where
 
 
-_CELL_STEP = None  # the native step op, once loaded
+_CELL_STEP = _LAYER_STEP = None  # the native step ops, once loaded
 
 
 def _load_step_op() -> bool:
     """Look the cpu backend's step op up once; False where its kernels are not available."""
-    global _CELL_STEP
+    global _CELL_STEP, _LAYER_STEP
     cpu = backends._load("cpu")
     if cpu is None or not cpu.available()[0]:
         return False
     _CELL_STEP = torch.ops.fastrnn_cpu.cell_step.default
+    _LAYER_STEP = torch.ops.fastrnn_cpu.layer_step.default
     return True
 
 

@@ -47,9 +47,11 @@ def random(generator, *shape, dtype=torch.float64):
 
 class StepCounter:
     """Counts the native step ops run through ops.direct_step (the forward and backward inside
-    the cpu backend's cell_step), as the profiler records them."""
+    the cpu backend's cell_step) and ops.inference_step (layer_step, a forward), as the profiler
+    records them."""
 
     NAMES = {"fastrnn_cpu::cell_step_forward": "forward",
+             "fastrnn_cpu::layer_step": "forward",
              "fastrnn_cpu::cell_step_backward": "backward"}
 
     def __init__(self):
@@ -353,6 +355,56 @@ def test_one_layer_one_step_calls_are_one_native_step(mode, batch_first, bias, s
     assert str(ours.value) == str(theirs.value)
     with pytest.raises(RuntimeError):  # torch's text depends on its kernel (oneDNN or not)
         fast_layer(x, tuple(h.double() for h in hx) if mode == "LSTM" else hx.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_one_step_calls_without_gradients_are_one_native_op(mode, batch_first, bias, dtype,
+                                                            steps, monkeypatch):
+    """Under no_grad and inference_mode a one-layer T = 1 call is one layer_step op: outputs
+    and states, their shapes and layouts, equal torch.nn's, with hx given or not, batch 1 and
+    5 and a non-contiguous input; the state passed in is left as it was."""
+    torch.manual_seed(3)
+    torch_layer = getattr(nn, mode)(7, 9, bias=bias, batch_first=batch_first).to(dtype)
+    fast_layer = getattr(fastrnn, mode).from_torch(torch_layer)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2,
+                                                                               atol=2e-2)
+
+    def no_layer_path(*args, **kwargs):
+        raise AssertionError("a one-step call without gradients took another path")
+
+    calls = 0
+    for batch in (1, 5):
+        x = torch.randn(7, batch, 1, dtype=dtype).permute(2, 1, 0)  # [1, B, 7], not contiguous
+        if batch_first:
+            x = x.transpose(0, 1)
+        shape = (1, batch, 9)
+        hx = ((torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))
+              if mode == "LSTM" else torch.randn(shape, dtype=dtype))
+        for state in (None, hx):
+            kept = None if state is None else [t.clone() for t in
+                                               (state if mode == "LSTM" else [state])]
+            for context in (torch.no_grad, torch.inference_mode):
+                with context():
+                    want = torch_layer(x, state)
+                    with monkeypatch.context() as patch:
+                        patch.setattr(fastrnn.modules.functional, "recurrence", no_layer_path)
+                        patch.setattr(fastrnn.modules, "direct_step", no_layer_path)
+                        got = fast_layer(x, state)
+                calls += 1
+                got = [got[0], *(got[1] if mode == "LSTM" else [got[1]])]
+                want = [want[0], *(want[1] if mode == "LSTM" else [want[1]])]
+                for a, b in zip(got, want):
+                    assert a.shape == b.shape and a.dtype == b.dtype
+                    assert a.is_contiguous() == b.is_contiguous()
+                    torch.testing.assert_close(a, b, **tolerance)
+                assert got[0].data_ptr() != got[1].data_ptr()
+            if kept is not None:
+                for before, after in zip(kept, state if mode == "LSTM" else [state]):
+                    assert torch.equal(before, after)
+    assert steps.forward == calls and steps.backward == 0
 
 
 def test_one_step_layer_output_and_h_n_are_separate(steps):

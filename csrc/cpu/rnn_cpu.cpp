@@ -46,6 +46,8 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
         "bool[7] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cell_step(str cell, Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, "
         "Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_step(str cell, Tensor input, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+        "Tensor? b_ih, Tensor? b_hh, bool batch_first) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
@@ -55,6 +57,7 @@ TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
   m.impl("cell_step_forward", &fastrnn_cpu::cell_step_forward);
   m.impl("cell_step_backward", &fastrnn_cpu::cell_step_backward);
   m.impl("cell_step", &fastrnn_cpu::cell_step);
+  m.impl("layer_step", &fastrnn_cpu::layer_step);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpu, Autograd, m) {

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace fastrnn_cpu {
 
@@ -41,6 +42,16 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
     std::string_view cell, const Tensor& x, const Tensor& h, const std::optional<Tensor>& c,
     const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
     const std::optional<Tensor>& b_hh, bool keep_workspace);
+
+// A one-layer, one-direction call of one step that needs no gradient, as one op (step.cpp):
+// input [1, B, I] ([B, 1, I] batch_first), h0 and c0 (LSTM) [1, B, H] or none (zeros) ->
+// [output [1, B, H] ([B, 1, H]), h_n [1, B, H], c_n [1, B, H] (LSTM only)], as a layer gives
+// them (the output a tensor of its own).
+std::vector<Tensor> layer_step(std::string_view cell, const Tensor& input,
+                               const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
+                               const Tensor& w_ih, const Tensor& w_hh,
+                               const std::optional<Tensor>& b_ih,
+                               const std::optional<Tensor>& b_hh, bool batch_first);
 
 // Its backward (step.cpp): the gradients of x, h, c, w_ih, w_hh, b_ih, b_hh (those asked for).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cell_step_backward(

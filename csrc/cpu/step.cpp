@@ -284,6 +284,33 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
   return {h_new, c_new, workspace};
 }
 
+// layer_step (rnn_ops.h): cell_step_forward with a layer's shapes around it.
+std::vector<Tensor> layer_step(std::string_view cell, const Tensor& input,
+                               const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
+                               const Tensor& w_ih, const Tensor& w_hh,
+                               const std::optional<Tensor>& b_ih,
+                               const std::optional<Tensor>& b_hh, bool batch_first) {
+  const bool lstm = cell_info(cell).cell == Cell::kLstm;
+  TORCH_CHECK(input.dim() == 3 && input.size(batch_first ? 1 : 0) == 1 && w_hh.dim() == 2,
+              "fastrnn cpu: layer_step takes one step of a batched input");
+  const int64_t B = input.size(batch_first ? 0 : 1), H = w_hh.size(1);
+  const auto state = [&](const std::optional<Tensor>& given) {  // [1, B, H] or zeros -> [B, H]
+    if (!given.has_value()) return at::zeros({B, H}, input.options());
+    TORCH_CHECK(given->dim() == 3 && given->size(0) == 1 && given->size(1) == B &&
+                    given->size(2) == H, "fastrnn cpu: layer_step state shapes do not match");
+    return given->reshape({B, H});
+  };
+  const Tensor h = state(h0);
+  auto [h_new, c_new, workspace] = cell_step_forward(
+      cell, input.reshape({B, input.size(2)}), h,
+      lstm ? std::optional<Tensor>(state(c0)) : std::nullopt, w_ih, w_hh,
+      b_ih, b_hh, false);
+  Tensor h_n = h_new.unsqueeze(0);
+  std::vector<Tensor> result{batch_first ? h_new.unsqueeze(1).clone() : h_n.clone(), h_n};
+  if (lstm) result.push_back(c_new.unsqueeze(0));
+  return result;
+}
+
 // The gradients of one step (cell_step_forward with keep_workspace) for those of h_new and c_new
 // (undefined: zero): (grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh), each
 // an empty [0] tensor where output_mask (7 entries, in that order) says it is not wanted. The
