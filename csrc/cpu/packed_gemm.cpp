@@ -639,12 +639,15 @@ void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& 
   }
 }
 
-void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x, float* y,
-               const float* bias) {
+void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x,
+               int64_t ldx, int64_t batch, float* y, int64_t ldy, const float* bias) {
   const GemvTile* tiles = avx512_kernels() ? kGemvTiles : kGemvTilesAvx2;
   for (int64_t m = 0; m < rows; m += kGemvRows) {
     const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
-    tiles[height](depth, w + m * ldw, ldw, x, y + m, bias == nullptr ? nullptr : bias + m);
+    for (int64_t b = 0; b < batch; ++b) {  // the block's rows from L1 after the first
+      tiles[height](depth, w + m * ldw, ldw, x + b * ldx, y + b * ldy + m,
+                    bias == nullptr ? nullptr : bias + m);
+    }
   }
 }
 
@@ -772,11 +775,14 @@ constexpr GemvTileBf16 kGemvTilesBf16[kGemvRows + 1] = {
 }  // namespace
 
 void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
-                    const uint16_t* x, float* y, const float* bias) {
+                    const uint16_t* x, int64_t ldx, int64_t batch, float* y, int64_t ldy,
+                    const float* bias) {
   for (int64_t m = 0; m < rows; m += kGemvRows) {
     const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
-    kGemvTilesBf16[height](depth, w + m * ldw, ldw, x, y + m,
-                           bias == nullptr ? nullptr : bias + m);
+    for (int64_t b = 0; b < batch; ++b) {  // the block's rows from L1 after the first
+      kGemvTilesBf16[height](depth, w + m * ldw, ldw, x + b * ldx, y + b * ldy + m,
+                             bias == nullptr ? nullptr : bias + m);
+    }
   }
 }
 
@@ -813,8 +819,8 @@ void PackedMatrixBf16::pack_panel(const float* const*, uint16_t*) const {
 bool packed_gemm_supported() { return false; }
 bool avx512_kernels() { return false; }
 bool packed_gemm_bf16_supported() { return false; }
-void gemv_rows_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*,
-                    const float*) {
+void gemv_rows_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t,
+                    float*, int64_t, const float*) {
   throw std::runtime_error("fastrnn cpu: bfloat16 dot products need an x86-64 CPU with AVX512_BF16");
 }
 
@@ -832,7 +838,8 @@ void packed_gemm(int64_t, const float*, int64_t, const PackedMatrix&, float*, in
   throw std::runtime_error("fastrnn cpu: packed_gemm needs an x86-64 CPU with AVX2");
 }
 
-void gemv_rows(int64_t, int64_t, const float*, int64_t, const float*, float*, const float*) {
+void gemv_rows(int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t, float*,
+               int64_t, const float*) {
   throw std::runtime_error("fastrnn cpu: gemv_rows needs an x86-64 CPU with AVX2");
 }
 

@@ -124,12 +124,13 @@ bool avx512_kernels();
 void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& b, float* c,
                  int64_t ldc, const float* bias, bool accumulate, bool last_panel_first = false);
 
-// y [N] = w [N, K] x [K] + bias [N] (bias may be null) on the calling thread: a product with a
-// single row of activations (one step at batch 1), reading each weight once where it lies, rows
-// of w ldw apart, with no packing; 8 rows at a time, each a sum over K in vector lanes. Only
-// where packed_gemm_supported().
-void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x, float* y,
-               const float* bias);
+// y [B, N] (rows ldy apart) = x [B, K] (rows ldx apart) w [N, K]^T + bias [N] (bias may be
+// null) on the calling thread, for a few rows of activations (a step at batch <= 4): each
+// weight read once where it lies (rows of w ldw apart, no packing), in blocks of 8 rows, each
+// block's dot products with every row of x in turn while the block stays in L1; each a sum
+// over K in vector lanes. Only where packed_gemm_supported().
+void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x,
+               int64_t ldx, int64_t batch, float* y, int64_t ldy, const float* bias);
 
 // y [K] = g [N] w [N, K] (accumulate: y += g w) on the calling thread: the transposed product
 // of gemv_rows (the backward of a step at batch 1), reading each weight once where it lies, in
@@ -137,11 +138,12 @@ void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const f
 void gemv_columns(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* g,
                   float* y, bool accumulate);
 
-// y [N] = w [N, K] x [K] + bias [N] (or null) for bfloat16 w (rows ldw apart) and x: bfloat16
-// products summed in float32, each weight read once where it lies, 8 rows at a time. Only where
+// gemv_rows for bfloat16 w (rows ldw apart) and x [B, K] (rows ldx apart): bfloat16 products
+// summed in float32 into y [B, N] (rows ldy apart), + bias [N] (or null). Only where
 // packed_gemm_bf16_supported().
 void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
-                    const uint16_t* x, float* y, const float* bias);
+                    const uint16_t* x, int64_t ldx, int64_t batch, float* y, int64_t ldy,
+                    const float* bias);
 
 // Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (avx512_kernels(), and AVX-512
 // BW, VL and BF16).

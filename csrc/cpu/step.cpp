@@ -57,10 +57,8 @@ void step_product(int64_t batch, const float* a, int64_t depth, const PackedMatr
                   const float* w, const float* bias, int64_t first, int64_t count, float* out,
                   int64_t ldo, float* scratch) {
   if (batch <= kGemvBatch) {
-    for (int64_t b = 0; b < batch; ++b) {
-      gemv_rows(count, depth, w + first * depth, depth, a + b * depth, out + b * ldo + first,
-                bias == nullptr ? nullptr : bias + first);
-    }
+    gemv_rows(count, depth, w + first * depth, depth, a, depth, batch, out + first, ldo,
+              bias == nullptr ? nullptr : bias + first);
     return;
   }
   // scratch [count, B]: gates^T of these rows, then transposed into out with the bias; by blocks
@@ -171,10 +169,8 @@ void step_forward_bf16(const CellInfo& info, const Tensor& x, const Tensor& h, c
     return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
   };
   const float* bias_ih = b_ih.defined() ? b_ih.data_ptr<float>() : nullptr;
-  for (int64_t b = 0; b < B; ++b) {
-    gemv_rows_bf16(GH, I, bits(w_ih), I, bits(x) + b * I, x_gates + b * GH, bias_ih);
-    gemv_rows_bf16(GH, H, bits(w_hh), H, bits(h) + b * H, h_gates + b * GH, nullptr);
-  }
+  gemv_rows_bf16(GH, I, bits(w_ih), I, bits(x), I, B, x_gates, GH, bias_ih);
+  gemv_rows_bf16(GH, H, bits(w_hh), H, bits(h), H, B, h_gates, GH, nullptr);
   buffer.narrow(0, 2 * B * GH + B * H, B * H).copy_(h.reshape({-1}));
   if (lstm) c_new.copy_(c);
   Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, buffer.options());
