@@ -18,8 +18,9 @@ oracle is at most 2x torch.nn's own plus 8 ulp of the tensor's scale (summation 
 where torch.nn's result is finite, and a failure counts only when it repeats on at least 3 of 5
 draws of data, torch.nn's error there taken as at least how far half an ulp of the weights moves
 the exact result and as its own largest error on the same problem with the input features in
-another order (the problem's own conditioning: how far rounding alone moves the result). An invalid input must
-raise what torch.nn raises (type and message), and fastrnn gives no warning torch.nn does not.
+another order (the problem's own conditioning: how far rounding alone moves the result). An
+invalid input must raise what torch.nn raises (type and message), and fastrnn gives no warning
+torch.nn does not.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def _errors(case: Case, data_seed: int, conditioned: bool = False) -> dict:
     """{name: (fastrnn error, torch.nn error, scale)} against the float64 oracle; raises on a
     mismatch of shape or of which gradients exist. conditioned: torch.nn's error is taken as at
     least how far the exact result moves when the weights move by half an ulp of the case's dtype
-    (a badly conditioned problem: torch.nn may land closer than its rounding warrants)."""
+    (_moved) and as its own error with the input features reordered (_reordered): a badly
+    conditioned problem, where torch.nn may land closer than its rounding warrants."""
     oracle, theirs, ours = _modules(case)
     x, lengths, hx = _inputs(case, data_seed)
     dtype = DTYPES[case.dtype]
@@ -297,12 +299,17 @@ def _moved(case: Case, oracle: nn.Module, x, lengths, hx, exact: dict) -> dict:
                 parameter.mul_(1 + (torch.rand(parameter.shape, generator=generator,
                                                dtype=torch.float64) - 0.5) * eps)
         for name, value in _run(case, nudged, torch.float64, x, lengths, hx).items():
-            if value is not None and exact[name] is not None:
-                finite = torch.isfinite(value) & torch.isfinite(exact[name])
-                if finite.any():
-                    moved[name] = max(moved.get(name, 0.0),
-                                      (value - exact[name])[finite].abs().max().item())
+            _keep_largest(moved, name, value, exact[name])
     return moved
+
+
+def _keep_largest(errors: dict, name: str, value, expected) -> None:
+    """errors[name] = the largest of it and |value - expected| where both are finite."""
+    if value is None or expected is None:
+        return
+    finite = torch.isfinite(value) & torch.isfinite(expected)
+    if finite.any():
+        errors[name] = max(errors.get(name, 0.0), (value - expected)[finite].abs().max().item())
 
 
 _FIRST_INPUT_WEIGHTS = {"weight_ih", "weight_ih_l0", "weight_ih_l0_reverse"}  # [G*H, I]
@@ -328,15 +335,11 @@ def _reordered(case: Case, theirs: nn.Module, x, lengths, hx, exact: dict) -> di
         result = _run(case, reordered, dtype, x[..., order], lengths, hx)
         back = torch.argsort(order)
         for key, value in result.items():
-            if value is None or exact[key] is None:
-                continue
             index = int(key[4:]) if key.startswith("grad") else None
-            if index == 0 or (index is not None and names[index - 1] in _FIRST_INPUT_WEIGHTS):
+            if value is not None and (index == 0 or (
+                    index is not None and names[index - 1] in _FIRST_INPUT_WEIGHTS)):
                 value = value[..., back]
-            finite = torch.isfinite(value) & torch.isfinite(exact[key])
-            if finite.any():
-                errors[key] = max(errors.get(key, 0.0),
-                                  (value - exact[key])[finite].abs().max().item())
+            _keep_largest(errors, key, value, exact[key])
     return errors
 
 
