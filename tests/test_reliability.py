@@ -188,10 +188,13 @@ def test_an_unsorted_packed_sequence_with_too_many_states_is_refused():
 # - gru_float32: a saturated 1-unit GRU whose bias gradients torch.nn computes to 4e-8 .. 1.4e-5
 #   depending on the order of the input features alone (24 orders; fastrnn's vectorised kernels:
 #   8e-8 .. 1.9e-5, the same spread), where the natural order gave torch.nn 2.3e-7 and fastrnn
-#   5.8e-7.
+#   5.8e-7;
+# - lstm_onednn: a saturated 1-unit LSTM step whose input gradient torch.nn computes to 7.6e-8
+#   through oneDNN and to 2.3e-7 through its ATen cell ops (oneDNN off), fastrnn's error on every
+#   backend.
 # The rule now judges the problem as the dtype holds it, where torch.nn's result is finite,
-# against at least that movement and torch.nn's error with the features reordered; each must
-# pass on every backend.
+# against at least that movement and torch.nn's error with the features reordered or oneDNN
+# off; each must pass on every backend.
 _SATURATED = dict(step_loop=False, dropout=0.0, training=False, batch_first=False,
                   grad_mode="grad", saturate=True, bidirectional=True, layers=2, bias=True,
                   proj_size=0, with_hx=False, calls=1, input_kind="padded", dtype="float16")
@@ -204,6 +207,9 @@ FUZZ_RULE_CASES = {
                       input_size=6, hidden=2, seed=8241),
     "gru_float32": dict(_SATURATED, cell="gru", calls=2, input_kind="packed_sorted",
                         dtype="float32", batch=2, seq=12, input_size=6, hidden=1, seed=6),
+    "lstm_onednn": dict(_SATURATED, cell="lstm", layers=1, bidirectional=False, bias=False,
+                        with_hx=True, dtype="float32", batch=1, seq=1, input_size=2, hidden=1,
+                        seed=2),
 }
 
 
