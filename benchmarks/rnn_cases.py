@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from fastrnn.backends import why_not
 from fastrnn.benchmark_configs import (DTYPES, PASSES, Config, cpu_configs,  # noqa: F401
                                        gpu_configs, layer_config)
 # Largest normalised error (max |fastrnn - torch| / max |torch|) accepted before timing.
-TOLERANCE = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1}
+TOLERANCE = {"fp32": 1e-2, "bf16": 1e-1, "fp16": 1e-1, "int8": 5e-2}
 
 
 def _round_through_bf16(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,9 +85,12 @@ class Workload:
     """One implementation of one config in one dtype, ready to run a pass."""
 
     def __init__(self, problem: Problem, implementation: str, dtype: str, stepwise: bool = False):
-        torch_dtype = DTYPES[dtype]
+        torch_dtype = torch.float32 if dtype == "int8" else DTYPES[dtype]
         module = copy.deepcopy(problem.module).to(torch_dtype)
-        if implementation != "torch":
+        if dtype == "int8":  # torch's dynamically quantized module, or fastrnn's int8 one
+            module = fastrnn.quantize_int8(module) if implementation != "torch" else (
+                _torch_int8(module))
+        elif implementation != "torch":
             module = getattr(fastrnn, type(module).__name__).from_torch(module,
                                                                         backend=implementation)
         self.module = module
@@ -173,6 +177,14 @@ def mismatch(workload: Workload, pass_name: str, expected: list[torch.Tensor], d
     return ""
 
 
+def _torch_int8(module: nn.Module) -> nn.Module:
+    """torch's dynamically quantized (qint8) twin of a torch.nn recurrence."""
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(module), {type(module)}, dtype=torch.qint8)[0]
+
+
 def workload(problem: Problem, implementation: str, dtype: str, stepwise: bool):
     """The Workload of torch.nn or a fastrnn backend, or an ONNX runtime's (onnx_runtimes.py)."""
     if implementation in onnx_runtimes.RUNTIMES:
@@ -183,6 +195,10 @@ def workload(problem: Problem, implementation: str, dtype: str, stepwise: bool):
 def unsupported(config: Config, dtype: str, device: torch.device, implementation: str,
                 pass_name: str) -> str:
     """Why fastrnn backend (or ONNX runtime) `implementation` does not run this case, or ""."""
+    if dtype == "int8":
+        if implementation != "cpu":
+            return "int8 runs on fastrnn's cpu kernels (fastrnn.quantized), against torch's own"
+        return "" if device.type == "cpu" and pass_name == "fwd" else "int8 is CPU inference"
     if implementation in onnx_runtimes.RUNTIMES:
         return onnx_runtimes.why_not(implementation, config, dtype, pass_name, device)
     return why_not(implementation, layer_config(config, dtype, device.type))

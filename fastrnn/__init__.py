@@ -2,10 +2,11 @@
 
 import torch
 
-from . import backends, functional, quantization  # quantization: quantize_dynamic mappings
+from . import backends, functional, quantization, quantized  # quantization: quantize_dynamic
 from .backends import available_backends
 from .cell_modules import GRUCell, LSTMCell, RNNCell
 from .modules import GRU, LSTM, RNN
+from .quantized import quantize_int8
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 torch.serialization.add_safe_globals([GRU, GRUCell, LSTM, LSTMCell, RNN, RNNCell])
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell", "available_backends",
-           "backends", "functional"]
+           "backends", "functional", "quantize_int8", "quantized"]

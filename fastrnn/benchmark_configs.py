@@ -108,11 +108,12 @@ def step_configs(quick: bool = False) -> list[Config]:
 
 def cpu_inference_configs(quick: bool = False) -> list[Config]:
     """Small-batch inference, as served one request at a time: B 1 and 4, one call of T 1 or 100
-    steps, H 128-512 (I = H), LSTM and GRU, float32 and bfloat16, against ONNX Runtime and
-    OpenVINO too; and the shapes of ANCHORS.md's table of deployment runtimes."""
+    steps, H 128-512 (I = H), LSTM and GRU, float32, bfloat16 and int8 (dynamically quantized:
+    fastrnn.quantized against torch's quantized modules), against ONNX Runtime and OpenVINO too;
+    and the shapes of ANCHORS.md's table of deployment runtimes."""
     def config(mode, batch, seq, hidden, input=0):
         return Config("cpu-infer", mode, batch, seq, hidden, input=input, passes=("fwd",),
-                      dtypes=("fp32", "bf16"), runtimes=True)
+                      dtypes=("fp32", "bf16", "int8"), runtimes=True)
 
     if quick:
         return [config("LSTM", 1, 100, 256), config("GRU", 1, 100, 256),
@@ -120,7 +121,8 @@ def cpu_inference_configs(quick: bool = False) -> list[Config]:
     configs = [config(mode, batch, seq, hidden) for mode in ("LSTM", "GRU") for batch in (1, 4)
                for seq in (1, 100) for hidden in (128, 256, 512)]
     return configs + [config("LSTM", 1, 100, 128, input=64), config("LSTM", 8, 200, 64, input=128),
-                      config("LSTM", 16, 50, 256)]
+                      config("LSTM", 16, 50, 256), config("LSTM", 64, 100, 512),
+                      config("GRU", 64, 100, 512)]
 
 
 def cpu_configs(quick: bool) -> list[Config]:

@@ -134,6 +134,11 @@ class RNNCellBase(torch_rnn.RNNCellBase):
         except KeyError:
             return tuple(getattr(self, name) for name in _WEIGHT_NAMES)
 
+    def _cell_step(self, cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None
+                   ) -> tuple[Tensor, Tensor | None]:
+        """One step of batched input [B, I], h [B, H], c [B, H] (LSTM) -> (h', c' or None)."""
+        return cell_step(cell, input, h, c, *self._weights(), self.backend)
+
     def _step(self, cell: CellSpec, input: Tensor, hx, name: str):
         """Unbatched handling, zero state and the step itself; hx is h or (h, c)."""
         if input.dim() not in (1, 2):
@@ -155,8 +160,7 @@ class RNNCellBase(torch_rnn.RNNCellBase):
         if not states:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros) if is_lstm else (zeros,)
-        h, c = cell_step(cell, input, states[0], states[1] if is_lstm else None, *self._weights(),
-                         self.backend)
+        h, c = self._cell_step(cell, input, states[0], states[1] if is_lstm else None)
         if not is_batched:
             h, c = h.squeeze(0), (None if c is None else c.squeeze(0))
         return (h, c) if is_lstm else h

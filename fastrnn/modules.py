@@ -142,8 +142,12 @@ class RNNBase(torch_rnn.RNNBase):
         return s.format(**self.__dict__)
 
     # ---- input checks, with torch.nn's messages ---------------------------------------------
+    def _weight_dtype(self) -> torch.dtype:
+        """The dtype inputs must have (outside autocast)."""
+        return self.weight_ih_l0.dtype
+
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
-        weight_dtype = self.weight_ih_l0.dtype
+        weight_dtype = self._weight_dtype()
         if input.dtype != weight_dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
@@ -334,16 +338,8 @@ class RNNBase(torch_rnn.RNNBase):
 
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
-        weights = self._flat_weights
-        for index, weight in enumerate(weights):  # a parameter set to None, as torch's _VF says
-            if weight is None:
-                raise TypeError(f"expected Tensor as element {index} in argument "
-                                f"{3 if is_packed else 2}, but got NoneType")
-        output, h_n, c_n = functional.recurrence(
-            CELLS_BY_MODE[self.mode], data, hx[0] if is_lstm else hx, hx[1] if is_lstm else None,
-            weights, num_layers=self.num_layers, dropout=self.dropout,
-            training=self.training, bidirectional=self.bidirectional,
-            batch_first=self.batch_first, batch_sizes=batch_sizes, backend=self.backend)
+        output, h_n, c_n = self._recurrence(data, hx[0] if is_lstm else hx,
+                                            hx[1] if is_lstm else None, batch_sizes)
         hidden = (h_n, c_n) if is_lstm else h_n
 
         if is_packed:
@@ -352,6 +348,21 @@ class RNNBase(torch_rnn.RNNBase):
             output = output.squeeze(batch_dim)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _recurrence(self, data: Tensor, h0: Tensor, c0: Tensor | None,
+                    batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The layers over checked input: data [T, B, I] ([B, T, I] batch_first, or packed
+        [N, I] with batch_sizes), h0 [L*D, B, P], c0 [L*D, B, H] (LSTM) -> (output like data,
+        h_n, c_n or None)."""
+        weights = self._flat_weights
+        for index, weight in enumerate(weights):  # a parameter set to None, as torch's _VF says
+            if weight is None:
+                raise TypeError(f"expected Tensor as element {index} in argument "
+                                f"{2 if batch_sizes is None else 3}, but got NoneType")
+        return functional.recurrence(
+            CELLS_BY_MODE[self.mode], data, h0, c0, weights, num_layers=self.num_layers,
+            dropout=self.dropout, training=self.training, bidirectional=self.bidirectional,
+            batch_first=self.batch_first, batch_sizes=batch_sizes, backend=self.backend)
 
     # ---- conversion to and from torch.nn ----------------------------------------------------
     @classmethod

@@ -1,6 +1,7 @@
-"""Dynamic quantization: quantize_dynamic turns fastrnn modules named in its spec into torch's
-dynamically quantized modules, exactly as it turns their torch.nn twins; fastrnn.RNN, which torch
-cannot quantize, stays float with a warning instead of silently."""
+"""torch's quantize_dynamic on fastrnn modules: dtype=torch.qint8 gives fastrnn's int8 modules
+(tests/test_int8.py checks them); dtype=torch.float16 gives torch's dynamically quantized float16
+modules exactly as for the torch.nn twins; fastrnn.RNN, which torch cannot quantize to float16,
+stays float with a warning instead of silently."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from torch.ao.quantization import quantize_dynamic
 
 import fastrnn
+from fastrnn import quantized
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*torchao.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*torchao.*", "ignore:.*torch.ao.quantization.*")
 
 
 class Model(nn.Module):
@@ -26,7 +28,7 @@ class Model(nn.Module):
         return self.head(output[0] if isinstance(output, tuple) else output)
 
 
-CASES = {  # name: (class name, constructor kwargs, head features, input shape, quantized class)
+CASES = {  # name: (class name, constructor kwargs, head features, input shape, float16 class)
     "lstm-2layer-bi": ("LSTM", dict(num_layers=2, bidirectional=True), 32, (7, 3, 8), nnqd.LSTM),
     "gru-batch-first": ("GRU", dict(batch_first=True), 16, (3, 7, 8), nnqd.GRU),
     "lstm-cell": ("LSTMCell", {}, 16, (3, 8), nnqd.LSTMCell),
@@ -36,28 +38,39 @@ CASES = {  # name: (class name, constructor kwargs, head features, input shape, 
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_quantize_dynamic_quantizes_fastrnn_modules_as_torch_nn_ones(name):
-    kind, kwargs, features, shape, quantized = CASES[name]
+def test_float16_quantizes_fastrnn_modules_as_torch_nn_ones(name):
+    kind, kwargs, features, shape, float16_class = CASES[name]
     torch.manual_seed(0)
     theirs = Model(getattr(nn, kind)(8, 16, **kwargs), features)
     ours = Model(getattr(fastrnn, kind)(8, 16, **kwargs), features)
     ours.load_state_dict(theirs.state_dict())
-    q_theirs = quantize_dynamic(theirs, {getattr(nn, kind), nn.Linear}, dtype=torch.qint8)
-    q_ours = quantize_dynamic(ours, {getattr(fastrnn, kind), nn.Linear}, dtype=torch.qint8)
-    assert type(q_ours.rnn) is quantized and type(q_ours.head) is nnqd.Linear
+    q_theirs = quantize_dynamic(theirs, {getattr(nn, kind), nn.Linear}, dtype=torch.float16)
+    q_ours = quantize_dynamic(ours, {getattr(fastrnn, kind), nn.Linear}, dtype=torch.float16)
+    assert type(q_ours.rnn) is float16_class and type(q_ours.head) is nnqd.Linear
     assert type(ours.rnn) is getattr(fastrnn, kind)  # the float model is left as it was
     x = torch.randn(shape)
     torch.testing.assert_close(q_ours(x), q_theirs(x), rtol=0, atol=0)
-    float_out = theirs(x)
-    error = (q_ours(x) - float_out).abs().max()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_qint8_gives_fastrnn_int8_modules(name):
+    kind, kwargs, features, shape, _ = CASES[name]
+    torch.manual_seed(0)
+    model = Model(getattr(fastrnn, kind)(8, 16, **kwargs), features)
+    result = quantize_dynamic(model, {getattr(fastrnn, kind), nn.Linear}, dtype=torch.qint8)
+    assert type(result.rnn) is getattr(quantized, kind) and type(result.head) is nnqd.Linear
+    x = torch.randn(shape)
+    with torch.no_grad():
+        float_out = model(x)
+        error = (result(x) - float_out).abs().max()
     assert 0 < error < 0.05 * float_out.abs().max()  # int8 weights: close, but not the float
 
 
-def test_rnn_stays_float_with_a_warning():
+def test_rnn_stays_float_in_float16_with_a_warning():
     torch.manual_seed(0)
     model = Model(fastrnn.RNN(8, 16), 16)
-    with pytest.warns(UserWarning, match="fastrnn.RNN is left in floating point"):
-        quantized = quantize_dynamic(model, {fastrnn.RNN, nn.Linear}, dtype=torch.qint8)
-    assert type(quantized.rnn) is fastrnn.RNN and type(quantized.head) is nnqd.Linear
+    with pytest.warns(UserWarning, match="fastrnn.RNN is left in float32"):
+        result = quantize_dynamic(model, {fastrnn.RNN, nn.Linear}, dtype=torch.float16)
+    assert type(result.rnn) is fastrnn.RNN and type(result.head) is nnqd.Linear
     x = torch.randn(5, 2, 8)
-    torch.testing.assert_close(quantized.rnn(x)[0], model.rnn(x)[0])
+    torch.testing.assert_close(result.rnn(x)[0], model.rnn(x)[0])

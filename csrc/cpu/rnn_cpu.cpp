@@ -22,12 +22,16 @@
 // reads them once, as they lie; cell_step is it as one op with a native autograd node
 // (step_autograd.cpp).
 //
+// Inference with int8 weights (layer_forward_int8): the same time loop, its products on int8
+// dot products (int8_gemm), the cell pass in float32.
+//
 // Files: cell_pass (the cells on a segment of units), activations, layer_plan (the split over
-// threads), layer_forward, layer_backward, step, step_autograd; the products in packed_gemm,
-// linear_cpu and matmul; rnn_ops.h declares the ops.
+// threads), layer_forward, layer_forward_int8, layer_backward, step, step_autograd; the products
+// in packed_gemm, int8_gemm, linear_cpu and matmul; rnn_ops.h declares the ops.
 
 #include <torch/library.h>
 
+#include "int8_gemm.h"
 #include "rnn_ops.h"
 
 TORCH_LIBRARY(fastrnn_cpu, m) {
@@ -48,6 +52,9 @@ TORCH_LIBRARY(fastrnn_cpu, m) {
         "Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor, Tensor)");
   m.def("layer_step(str cell, Tensor input, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
         "Tensor? b_ih, Tensor? b_hh, bool batch_first) -> Tensor[]");
+  m.def("layer_forward_int8(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, "
+        "bool has_biases, Tensor? lengths) -> (Tensor, Tensor, Tensor)");
+  m.def("int8_kernels() -> str", [] { return std::string(fastrnn_cpu::int8_kernels()); });
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
@@ -58,6 +65,7 @@ TORCH_LIBRARY_IMPL(fastrnn_cpu, CPU, m) {
   m.impl("cell_step_backward", &fastrnn_cpu::cell_step_backward);
   m.impl("cell_step", &fastrnn_cpu::cell_step);
   m.impl("layer_step", &fastrnn_cpu::layer_step);
+  m.impl("layer_forward_int8", &fastrnn_cpu::layer_forward_int8);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpu, Autograd, m) {

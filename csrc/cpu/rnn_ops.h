@@ -29,6 +29,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_from_input(
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, bool keep_workspace);
 
+// One layer forward with dynamically quantized int8 products, for inference
+// (layer_forward_int8.cpp): x [T, B, I], h0 [D, B, P] and c0 [D, B, H] float32; per direction,
+// weights in torch's order, each weight as its int8 rows packed per gate in panels (int8_gemm.h;
+// fastrnn/quantized.py makes them) with the rows' float32 scales and int32 sums: w_ih [G*H, I],
+// its scales, its sums, w_hh [G*H, P], its scales, its sums, [b_ih, b_hh] (float32),
+// [w_hr [P, H], its scales, its sums] -> (output [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or
+// empty).
+std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, const Tensor& x,
+                                                      const Tensor& h0,
+                                                      const std::optional<Tensor>& c0,
+                                                      at::TensorList weights, bool has_biases,
+                                                      const std::optional<Tensor>& lengths);
+
 // One layer backward (layer_backward.cpp): (grad_x_gates, grad_h0, grad_c0, grad_w_hh,
 // grad_b_hh, grad_w_hr).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(

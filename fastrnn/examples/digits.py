@@ -99,6 +99,7 @@ class RunResult:
     epoch_losses: list[float]
     test_accuracy: float
     seconds: float
+    int8_test_accuracy: float | None = None  # fastrnn's: the trained model made int8
 
 
 def build(model: str, implementation: str, features: int, hidden: int, seed: int,
@@ -160,8 +161,12 @@ def train(model: str, reading: str, implementation: str, *, epochs: int = 10, hi
         epoch_losses.append(sum(losses) / len(losses))
         log(f"  [{model}/{reading} {implementation:8}] epoch {epoch:2}/{epochs}  "
             f"loss {epoch_losses[-1]:.4f}  test accuracy {accuracy(classifier, test_data):.4f}")
-    return RunResult(step_losses, epoch_losses, accuracy(classifier, test_data),
-                     time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    int8_accuracy = None
+    if implementation == "fastrnn":  # the trained model with int8 recurrences (fastrnn.quantized)
+        int8_accuracy = accuracy(fastrnn.quantize_int8(classifier), test_data)
+    return RunResult(step_losses, epoch_losses, accuracy(classifier, test_data), seconds,
+                     int8_accuracy)
 
 
 def compare(model: str, reading: str, *, log=print, **options) -> dict[str, RunResult]:
@@ -182,6 +187,9 @@ def report(model: str, reading: str, results: dict[str, RunResult]) -> str:
     lines.append(f"  test accuracy: torch.nn {reference.test_accuracy:.4f}  "
                  f"fastrnn {candidate.test_accuracy:.4f}   training time: torch.nn "
                  f"{reference.seconds:.1f} s  fastrnn {candidate.seconds:.1f} s")
+    if candidate.int8_test_accuracy is not None:
+        lines.append(f"  fastrnn made int8 (fastrnn.quantize_int8): test accuracy "
+                     f"{candidate.int8_test_accuracy:.4f}")
     return "\n".join(lines)
 
 
