@@ -54,15 +54,10 @@ def panels(quantized: Tensor, gates: int) -> Tensor:
 
 
 def _kernels_loaded() -> None:
-    """Registers the CPU ops (and the fake kernel torch.compile needs), or raises why not."""
+    """Registers the CPU ops, or raises why they are not there."""
     available, why = cpu.BACKEND.available()
     if not available:
         raise RuntimeError(f"fastrnn int8 modules need the fused CPU kernels: {why}")
-    if not _FAKE_REGISTERED:
-        _register_fake()
-
-
-_FAKE_REGISTERED = []
 
 
 def int8_kernels() -> str:
@@ -72,17 +67,35 @@ def int8_kernels() -> str:
     return torch.ops.fastrnn_cpu.int8_kernels()
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("fastrnn_cpu::layer_forward_int8")
-    def _(cell, x, h0, c0, weights, has_biases, lengths):
-        steps, batch, _ = x.shape
-        directions, _, out = h0.shape
-        hidden = c0.shape[2] if c0 is not None else out
-        c_n = x.new_empty(directions, batch, hidden) if cell == "lstm" else x.new_empty(0)
-        return (x.new_empty(steps, batch, directions * out), x.new_empty(directions, batch, out),
-                c_n)
+def layer_int8(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: list[Tensor],
+               has_biases: bool, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One int8 layer (the CPU op fastrnn_cpu::layer_forward_int8): x [T, B, I], h0 [D, B, P],
+    c0 [D, B, H] (LSTM), weights as RNNBase._layer_weights gives them, lengths [B] or None ->
+    (output [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or empty). In eager mode and under
+    torch.jit.trace the op itself; under torch.compile and torch.export, `fastrnn::layer_int8`,
+    which loads the kernels when it runs."""
+    if torch.compiler.is_compiling():
+        return _layer_int8_op(cell, x, h0, c0, weights, has_biases, lengths)
+    _kernels_loaded()
+    return torch.ops.fastrnn_cpu.layer_forward_int8(cell, x, h0, c0, weights, has_biases,
+                                                    lengths)
 
-    _FAKE_REGISTERED.append(True)
+
+@torch.library.custom_op("fastrnn::layer_int8", mutates_args=())
+def _layer_int8_op(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: list[Tensor],
+                   has_biases: bool, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _kernels_loaded()
+    return tuple(torch.ops.fastrnn_cpu.layer_forward_int8(cell, x, h0, c0, weights, has_biases,
+                                                          lengths))
+
+
+@_layer_int8_op.register_fake
+def _(cell, x, h0, c0, weights, has_biases, lengths):
+    steps, batch, _ = x.shape
+    directions, _, out = h0.shape
+    hidden = c0.shape[2] if c0 is not None else out
+    c_n = x.new_empty(directions, batch, hidden) if cell == "lstm" else x.new_empty(0)
+    return x.new_empty(steps, batch, directions * out), x.new_empty(directions, batch, out), c_n
 
 
 def _check_inference(module: nn.Module, *tensors: Tensor | None) -> None:
@@ -236,7 +249,6 @@ class RNNBase(_Int8Weights, modules.RNNBase):
             if (type(h0) is not Tensor or h0.shape != shape or h0.dtype != torch.float32
                     or h0.requires_grad):
                 return None
-        _kernels_loaded()
         if onnx_export.exporting():
             _check_inference(self)
         x = input.transpose(0, 1) if self.batch_first else input
@@ -265,16 +277,15 @@ class RNNBase(_Int8Weights, modules.RNNBase):
         or None -> (output [T, B, D*P], h_n, c_n or None)."""
         cell = CELLS_BY_MODE[self.mode].name
         if self.num_layers == 1:
-            output, h_n, c_n = torch.ops.fastrnn_cpu.layer_forward_int8(
-                cell, x, h0, c0, self._layer_weights(0), self.bias, lengths)
+            output, h_n, c_n = layer_int8(cell, x, h0, c0, self._layer_weights(0), self.bias,
+                                          lengths)
             return output, h_n, (c_n if c0 is not None else None)
         directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             states = slice(layer * directions, (layer + 1) * directions)
-            x, h, c = torch.ops.fastrnn_cpu.layer_forward_int8(
-                cell, x, h0[states], None if c0 is None else c0[states],
-                self._layer_weights(layer), self.bias, lengths)
+            x, h, c = layer_int8(cell, x, h0[states], None if c0 is None else c0[states],
+                                 self._layer_weights(layer), self.bias, lengths)
             h_n.append(h)
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -283,7 +294,6 @@ class RNNBase(_Int8Weights, modules.RNNBase):
 
     def _recurrence(self, data: Tensor, h0: Tensor, c0: Tensor | None,
                     batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        _kernels_loaded()
         _check_inference(self, data, h0, c0)
         lengths = rows = None
         if batch_sizes is not None:
@@ -356,7 +366,6 @@ class RNNCellBase(_Int8Weights, cell_modules.RNNCellBase):
 
     def _cell_step(self, cell: CellSpec, input: Tensor, h: Tensor, c: Tensor | None
                    ) -> tuple[Tensor, Tensor | None]:
-        _kernels_loaded()
         _check_inference(self, input, h, c)
         batch = input.shape[0]
         if input.shape[1] != self.input_size:
@@ -373,9 +382,8 @@ class RNNCellBase(_Int8Weights, cell_modules.RNNCellBase):
         weights = self._quantized("weight_ih") + self._quantized("weight_hh")
         if self.bias:
             weights += [self.bias_ih, self.bias_hh]
-        _, h_n, c_n = torch.ops.fastrnn_cpu.layer_forward_int8(
-            cell.name, input.unsqueeze(0), h.unsqueeze(0), None if c is None else c.unsqueeze(0),
-            weights, self.bias, None)
+        _, h_n, c_n = layer_int8(cell.name, input.unsqueeze(0), h.unsqueeze(0),
+                                 None if c is None else c.unsqueeze(0), weights, self.bias, None)
         return h_n[0], (c_n[0] if c is not None else None)
 
 

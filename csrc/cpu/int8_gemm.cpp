@@ -270,7 +270,7 @@ void gemm_int8(int64_t rows, int64_t depth, const int8_t* panels, const float* w
   const bool offset = isa == Int8Isa::kVnni;
   const int64_t quads = (depth + 3) / 4, panel_bytes = int8_panel_bytes(depth);
   const int64_t total = (rows + kPanelRows - 1) / kPanelRows;
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / panel_bytes);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(panel_bytes, 1));
   for (int64_t c0 = 0; c0 < total; c0 += chunk) {
     const int64_t c1 = std::min(total, c0 + chunk);
     for (int64_t b = 0; b < batch;) {
