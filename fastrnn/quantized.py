@@ -55,9 +55,15 @@ def panels(quantized: Tensor, gates: int) -> Tensor:
 
 def _kernels_loaded() -> None:
     """Registers the CPU ops, or raises why they are not there."""
+    if _LOADED:
+        return
     available, why = cpu.BACKEND.available()
     if not available:
         raise RuntimeError(f"fastrnn int8 modules need the fused CPU kernels: {why}")
+    _LOADED.append(True)
+
+
+_LOADED: list[bool] = []  # [True] once the kernels are there
 
 
 def int8_kernels() -> str:
@@ -212,6 +218,12 @@ class RNNBase(_Int8Weights, modules.RNNBase):
         modules.RNNBase.__init__(self, mode, *args, dtype=torch.float32, **kwargs)
         self._weight_names = list(self._flat_weights_names)
         self._to_buffers()
+        per = len(self._weight_names) // self.num_layers  # both directions of a layer
+        self._layer_keys = [  # the buffers of _layer_weights
+            [key for name in self._weight_names[layer * per:(layer + 1) * per]
+             for key in ([name + _PANELS, name + _SCALE, name + _SUM]
+                         if name.startswith("weight") else [name])]
+            for layer in range(self.num_layers)]
 
     @property
     def _flat_weights(self) -> list[Tensor]:
@@ -234,8 +246,7 @@ class RNNBase(_Int8Weights, modules.RNNBase):
         is_lstm = self.mode == "LSTM"
         shape = (1, batch, self.proj_size or self.hidden_size)
         if hx is None:
-            h0 = input.new_zeros(shape)
-            c0 = input.new_zeros(1, batch, self.hidden_size) if is_lstm else None
+            h0, c0 = self._zero_state_of(input, batch)
         elif is_lstm:
             if type(hx) is not tuple or len(hx) != 2:
                 return None
@@ -257,19 +268,25 @@ class RNNBase(_Int8Weights, modules.RNNBase):
             output = output.transpose(0, 1)
         return output, ((h_n, c_n) if is_lstm else h_n)
 
+    def _zero_state_of(self, input: Tensor, batch: int) -> tuple[Tensor, Tensor | None]:
+        """Zero h0 [1, B, P] and c0 [1, B, H] (LSTM) for a one-layer call, kept for reuse in
+        eager mode (the op only reads them; two fresh tensors cost ~3 us of a ~40 us call)."""
+        cache = self.__dict__.setdefault("_zero_states", {})
+        if torch.compiler.is_compiling() or batch not in cache:
+            h0 = input.new_zeros(1, batch, self.proj_size or self.hidden_size)
+            c0 = input.new_zeros(1, batch, self.hidden_size) if self.mode == "LSTM" else None
+            if torch.compiler.is_compiling():
+                return h0, c0
+            if len(cache) >= 8:
+                cache.clear()
+            cache[batch] = h0, c0
+        return cache[batch]
+
     def _layer_weights(self, layer: int) -> list[Tensor]:
         """The op's weights of one layer: per direction w_ih (packed rows, scales, sums), w_hh,
         [b_ih, b_hh], [w_hr]."""
         buffers = self._buffers  # not getattr: a dozen nn.Module lookups cost microseconds
-        directions = 2 if self.bidirectional else 1
-        per = len(self._weight_names) // (self.num_layers * directions)
-        weights = []
-        for name in self._weight_names[layer * directions * per:(layer + 1) * directions * per]:
-            if name.startswith("weight"):
-                weights += [buffers[name + _PANELS], buffers[name + _SCALE], buffers[name + _SUM]]
-            else:
-                weights.append(buffers[name])
-        return weights
+        return [buffers[key] for key in self._layer_keys[layer]]
 
     def _run_layers(self, x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None
                     ) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -408,3 +408,16 @@ def test_trained_digits_classifiers_keep_their_accuracy(model):
     result = digits.train(model, "rows", "fastrnn", log=lambda line: None)
     assert result.test_accuracy > 0.85
     assert abs(result.int8_test_accuracy - result.test_accuracy) <= 0.005
+
+
+def test_calls_without_hx_equal_calls_with_zero_hx_across_batch_sizes():
+    float_module, module, T, B = make("lstm")
+    for batch in (3, 5, 3, 1):
+        x = torch.randn(T, batch, module.input_size)
+        zeros = torch.zeros(1, batch, module.hidden_size)
+        with torch.no_grad():
+            output, (h_n, c_n) = module(x)
+            h_n.add_(1)  # the results are the caller's: nothing kept inside changes
+            want = module(x, (zeros, zeros))
+        torch.testing.assert_close(output, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(h_n - 1, want[1][0], rtol=0, atol=0)

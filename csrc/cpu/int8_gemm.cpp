@@ -90,8 +90,8 @@ FASTRNN_INLINE __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
   return acc;
 }
 
-// vpdpbusd on x + 128 (the broadcast 4 bytes of a row, their sign bits flipped) and 64 bytes
-// of each panel; the sums of a row and panel stay in one register, one lane per output.
+// vpdpbusd on x + 128 (4 bytes of a row, broadcast) and 64 bytes of each panel; the sums of a
+// row and panel stay in one register, one lane per output.
 template <int R, int P>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
     int64_t quads, const int8_t* panels, int64_t panel_bytes, const int8_t* x, int64_t ldx,
@@ -108,9 +108,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
     for (int p = 0; p < P; ++p) w[p] = _mm512_loadu_si512(panels + p * panel_bytes + k * 64);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      int32_t quad;
+      int32_t quad;  // already x + 128 (quantize_rows for these kernels)
       std::memcpy(&quad, x + r * ldx + 4 * k, sizeof(quad));
-      const __m512i xb = _mm512_set1_epi32(quad ^ int32_t(0x80808080));
+      const __m512i xb = _mm512_set1_epi32(quad);
 #pragma GCC unroll 8
       for (int p = 0; p < P; ++p) acc[r][p] = dpbusd(acc[r][p], xb, w[p]);
     }
@@ -238,6 +238,7 @@ constexpr int64_t kChunkBytes = int64_t(256) << 10;
 
 FASTRNN_CLONES void quantize_rows(const float* x, int64_t rows, int64_t depth, int64_t ldx,
                                   int8_t* q, int64_t ldq, float* scale) {
+  const bool offset = int8_isa() == Int8Isa::kVnni;
   for (int64_t b = 0; b < rows; ++b) {
     const float* row = x + b * ldx;
     float largest = 0.0f;
@@ -254,6 +255,9 @@ FASTRNN_CLONES void quantize_rows(const float* x, int64_t rows, int64_t depth, i
       out[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, value)));
     }
     std::fill(out + depth, out + ldq, int8_t(0));
+    if (offset) {  // q + 128 as unsigned bytes: q with its sign bit flipped
+      for (int64_t k = 0; k < depth; ++k) out[k] = static_cast<int8_t>(out[k] ^ 0x80);
+    }
     scale[b] = finite ? largest / 127.0f : NAN;
   }
 }

@@ -9,8 +9,8 @@
 // that one 64-byte load holds 4 steps of K for 16 outputs and a 4-byte broadcast of x feeds them.
 // Kernels, the best this CPU has (FASTRNN_CPU_ISA as for the float32 kernels: "avx2",
 // "generic"):
-// - vnni (AVX512_VNNI, AVX-512 BW): vpdpbusd on x_q + 128 (unsigned) and w, the offset taken
-//   back through the rows' sums of w (w_sum);
+// - vnni (AVX512_VNNI, AVX-512 BW): vpdpbusd on x_q + 128 (unsigned; quantize_rows stores it
+//   so for these kernels) and w, the offset taken back through the rows' sums of w (w_sum);
 // - avx2: vpmaddubsw on |x_q| and w with x_q's sign (pair sums at most 2 * 127 * 127: no
 //   saturation), widened by vpmaddwd;
 // - generic: plain loops.
@@ -32,9 +32,10 @@ inline int64_t int8_row_stride(int64_t depth) { return (depth + 63) / 64 * 64; }
 // Bytes of one packed panel of depth K: [K4, 16, 4].
 inline int64_t int8_panel_bytes(int64_t depth) { return (depth + 3) / 4 * 4 * kPanelRows; }
 
-// q [rows, ldq] = round(x / scale), scale [rows] = max |x| / 127 per row of x [rows, depth] (rows
-// ldx apart); q is zero from depth to ldq. A row with a NaN or an infinity gets a NaN scale (its
-// products are NaN); an all-zero row, scale 0.
+// q [rows, ldq] = round(x / scale) (plus 128, as unsigned bytes, for the vnni kernels), scale
+// [rows] = max |x| / 127 per row of x [rows, depth] (rows ldx apart); q is zero from depth to
+// ldq. A row with a NaN or an infinity gets a NaN scale (its products are NaN); an all-zero
+// row, scale 0.
 void quantize_rows(const float* x, int64_t rows, int64_t depth, int64_t ldx, int8_t* q,
                    int64_t ldq, float* scale);
 

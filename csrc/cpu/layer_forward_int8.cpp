@@ -14,6 +14,7 @@
 #include "cell_pass.h"
 #include "int8_gemm.h"
 #include "layer_plan.h"
+#include "matmul.h"
 #include "parallel_steps.h"
 #include "rnn_ops.h"
 
@@ -130,12 +131,12 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
   const int64_t* steps_of = lengths_data(valid_steps);
 
   auto options = x.options();
-  Tensor output = at::empty({T_, B, D * P}, options);
+  Tensor output = empty_large({T_, B, D * P}, options);
   Tensor h_n = at::empty({D, B, P}, options);
   Tensor c_n = lstm ? at::empty({D, B, H}, options) : at::empty({0}, options);
   if (B == 0) return {output, h_n, c_n};
   // x W_ih^T + b_ih of every step and direction: [T, B, D*G*H]
-  Tensor x_gates = at::empty({T_, B, D * GH}, options);
+  Tensor x_gates = empty_large({T_, B, D * GH}, options);
   const Tensor x_rows = x.stride(2) == 1 && x.stride(0) == B * x.stride(1) ? x : x.contiguous();
   for (int64_t d = 0; d < D; ++d) {
     project_rows(x_rows.data_ptr<float>(), T_ * B, x_rows.stride(1), ih[d], G,
@@ -149,26 +150,29 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
   const int64_t block_units = projects || GH * P < kSplitBytes ? H : units_per_block(H);
   const int64_t blocks = (H + block_units - 1) / block_units;
   const int64_t h_stride = int8_row_stride(P);
-  std::vector<Tensor> h_gates(blocks);             // [B, G*units] each
-  std::vector<std::vector<int8_t>> h_q(blocks);    // [B, h_stride] each: h quantized
-  std::vector<std::vector<float>> h_scale(blocks);  // [B] each
+  // Per block: W_hh h of its units [B, G*units], h quantized [B, h_stride] and its scales [B].
+  std::vector<std::vector<float>> h_gates(blocks);
+  std::vector<std::vector<int8_t>> h_q(blocks);
+  std::vector<std::vector<float>> h_scale(blocks);
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t units = std::min(block_units, H - k * block_units);
-    h_gates[k] = at::empty({B, G * units}, options);
+    h_gates[k].resize(B * G * units);
     h_q[k].resize(B * h_stride);
     h_scale[k].resize(B);
   }
-  Tensor h_other = at::empty({B, P}, options);
-  Tensor h_unprojected = projects ? at::empty({B, H}, options) : Tensor();
-  Tensor projected = projects ? at::empty({B, P}, options) : Tensor();
+  std::vector<float> h_other(B * P);
+  std::vector<float> h_unprojected(projects ? B * H : 0), projected(projects ? B * P : 0);
   std::vector<int8_t> u_q(projects ? B * int8_row_stride(H) : 0);
   std::vector<float> u_scale(projects ? B : 0);
+  const Tensor h_initial = h0.contiguous();
+  const Tensor c_initial = lstm ? c0->contiguous() : Tensor();
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = d == 1;
-    Tensor h_state = h_n[d];  // [B, P], double-buffered with h_other; left holding h_n
-    h_state.copy_(h0[d]);
-    Tensor c_state = lstm ? c_n[d] : Tensor();
-    if (lstm) c_state.copy_((*c0)[d]);
+    // [B, P], double-buffered with h_other; left holding h_n
+    float* h_state = h_n.data_ptr<float>() + d * B * P;
+    std::copy_n(h_initial.data_ptr<float>() + d * B * P, B * P, h_state);
+    float* c_state = lstm ? c_n.data_ptr<float>() + d * B * H : nullptr;
+    if (lstm) std::copy_n(c_initial.data_ptr<float>() + d * B * H, B * H, c_state);
     std::vector<ForwardStep<float>> steps(blocks);
     for (int64_t k = 0; k < blocks; ++k) {
       ForwardStep<float>& step = steps[k];
@@ -178,18 +182,18 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
       step.x_gates_row = D * GH;
       step.x_gates_gate = H;
       step.x_gates_first = 0;
-      step.h_gates = h_gates[k].data_ptr<float>();
+      step.h_gates = h_gates[k].data();
       step.first_unit = k * block_units;
       step.units = std::min(block_units, H - step.first_unit);
       step.bias = biases_hh[d].data_ptr<float>();
       step.workspace = nullptr;
       step.workspace_row = 0;
-      step.c_state = lstm ? c_state.data_ptr<float>() : nullptr;
+      step.c_state = c_state;
       step.output_row = D * P;
-      step.h_unprojected = projects ? h_unprojected.data_ptr<float>() : nullptr;
+      step.h_unprojected = projects ? h_unprojected.data() : nullptr;
     }
     const Int8Weight& w_d = hh[d];
-    float* const h_buffers[2] = {h_state.data_ptr<float>(), h_other.data_ptr<float>()};
+    float* const h_buffers[2] = {h_state, h_other.data()};
     const float* x_gates_d = x_gates.data_ptr<float>() + d * GH;
     float* output_d = output.data_ptr<float>() + d * P;
     const auto prepare_blocks = [&](int64_t s, int64_t begin, int64_t end) {
@@ -214,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
           const int64_t row = g * H + first;
           gemm_int8(units, P, w_d.panels_of(g, first), w_d.scale + row, w_d.sum + row,
                     h_q[k].data(), h_stride, h_scale[k].data(), B,
-                    h_gates[k].data_ptr<float>() + g * units, G * units, nullptr);
+                    h_gates[k].data() + g * units, G * units, nullptr);
         }
         for (int64_t b = 0; b < B; ++b) run_segment(info.cell, step, b, first, first + units);
       }
@@ -225,12 +229,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
         prepare_blocks(s, 0, 1);
         step_blocks(s, 0, 1);
         const int64_t t = reverse ? T_ - 1 - s : s;
-        quantize_rows(h_unprojected.data_ptr<float>(), B, H, H, u_q.data(), u_stride,
-                      u_scale.data());
-        float* out = projected.data_ptr<float>();
+        quantize_rows(h_unprojected.data(), B, H, H, u_q.data(), u_stride, u_scale.data());
+        float* out = projected.data();
         gemm_int8(P, H, hr[d].panels, hr[d].scale, hr[d].sum, u_q.data(),
                   u_stride, u_scale.data(), B, out, P, nullptr);
-        float* state = h_state.data_ptr<float>();
+        float* state = h_state;
         float* out_t = output_d + t * B * D * P;
         for (int64_t b = 0; b < B; ++b) {
           float* row = out_t + b * D * P;
@@ -244,7 +247,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
       }
     } else {
       parallel_steps(T_, blocks, true, prepare_blocks, step_blocks);
-      if (T_ % 2 == 1) h_state.copy_(h_other);  // h after the last step is in h_buffers[T % 2]
+      if (T_ % 2 == 1) {  // h after the last step is in h_buffers[T % 2]
+        std::copy(h_other.begin(), h_other.end(), h_state);
+      }
     }
   }
   return {output, h_n, c_n};
