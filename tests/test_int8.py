@@ -99,6 +99,8 @@ CASES = {  # name: (class, input_size, hidden_size, constructor kwargs, T, B)
     "lstm_h1_b1_t1": ("LSTM", 3, 1, {}, 1, 1),
     "gru_h100_long": ("GRU", 20, 100, {}, 60, 2),
     "lstm_i100_b8": ("LSTM", 100, 64, {}, 5, 8),
+    "gru_b17": ("GRU", 10, 24, {}, 6, 17),  # on 2 threads: two groups of rows (8 and 9)
+    "lstm_bi_b16": ("LSTM", 10, 40, {"bidirectional": True}, 6, 16),
     "lstm_2layer_bi": ("LSTM", 5, 16, {"num_layers": 2, "bidirectional": True}, 8, 4),
     "gru_bi_batch_first": ("GRU", 5, 16, {"bidirectional": True, "batch_first": True}, 8, 4),
     "lstm_proj": ("LSTM", 6, 20, {"proj_size": 7}, 7, 3),

@@ -85,8 +85,10 @@ void project_rows(const float* x, int64_t rows_y, int64_t ldx, const Int8Weight&
   });
 }
 
-// Bytes of int8 W_hh (per direction) from which the steps split over threads.
+// Bytes of int8 W_hh (per direction) from which the steps split over threads by units.
 constexpr int64_t kSplitBytes = int64_t(512) << 10;
+// Batch rows per thread from which the steps split by rows: a whole tile of the vnni kernels.
+constexpr int64_t kRowsPerGroup = 8;
 
 }  // namespace
 
@@ -144,10 +146,16 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
                  x_gates.data_ptr<float>() + d * GH, D * GH);
   }
 
-  // The steps split by blocks of units over threads only where W_hh is large: an int8 step is
-  // short, and on small weights the barrier per step costs more than a thread saves (measured
-  // on a 2-core Zen 4: H128 slower on 2 threads, H256 even).
-  const int64_t block_units = projects || GH * P < kSplitBytes ? H : units_per_block(H);
+  // The steps split over threads by groups of batch rows where each thread gets a whole tile
+  // of rows (each runs its rows through every step with the whole of W_hh, no barrier), else
+  // by blocks of units only where W_hh is large: an int8 step is short, and on small weights
+  // the barrier per step costs more than a thread saves (measured on a 2-core Zen 4: H128
+  // slower on 2 threads, H256 even).
+  const int64_t groups =
+      projects ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                             B / kRowsPerGroup));
+  const int64_t block_units =
+      projects || groups > 1 || GH * P < kSplitBytes ? H : units_per_block(H);
   const int64_t blocks = (H + block_units - 1) / block_units;
   const int64_t h_stride = int8_row_stride(P);
   // Per block: W_hh h of its units [B, G*units], h quantized [B, h_stride] and its scales [B].
@@ -244,6 +252,32 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
             std::fill(row, row + P, 0.0f);
           }
         }
+      }
+    } else if (groups > 1) {  // one block; rows [r0, r1) per thread, through every step
+      for_each_row_group(B, groups, [&](int64_t r0, int64_t r1) {
+        ForwardStep<float> step = steps[0];  // this group's copy
+        std::vector<float> gates(B * GH);     // W_hh h, rows [r0, r1) used
+        std::vector<int8_t> q((r1 - r0) * h_stride);
+        std::vector<float> scales(r1 - r0);
+        step.h_gates = gates.data();
+        for (int64_t s = 0; s < T_; ++s) {
+          const int64_t t = reverse ? T_ - 1 - s : s;
+          step.t = t;
+          step.x_gates = x_gates_d + t * B * D * GH;
+          step.output = output_d + t * B * D * P;
+          step.h_prev = h_buffers[s % 2];
+          step.h_next = h_buffers[(s + 1) % 2];
+          quantize_rows(step.h_prev + r0 * P, r1 - r0, P, P, q.data(), h_stride, scales.data());
+          for (int64_t g = 0; g < G; ++g) {
+            gemm_int8(H, P, w_d.panels_of(g, 0), w_d.scale + g * H, w_d.sum + g * H, q.data(),
+                      h_stride, scales.data(), r1 - r0, gates.data() + r0 * GH + g * H, GH,
+                      nullptr);
+          }
+          for (int64_t b = r0; b < r1; ++b) run_segment(info.cell, step, b, 0, H);
+        }
+      });
+      if (T_ % 2 == 1) {  // h after the last step is in h_buffers[T % 2]
+        std::copy(h_other.begin(), h_other.end(), h_state);
       }
     } else {
       parallel_steps(T_, blocks, true, prepare_blocks, step_blocks);
