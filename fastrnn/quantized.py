@@ -209,13 +209,13 @@ class _Int8Weights:
 
 
 class RNNBase(_Int8Weights, modules.RNNBase):
-    """The common part of the int8 LSTM, GRU and RNN: a fastrnn RNNBase whose weights are int8
-    buffers."""
+    """The common part of the int8 LSTM, GRU and RNN, each a subclass of its float fastrnn class
+    (as the int8 cells are of theirs) whose weights are int8 buffers."""
 
-    def __init__(self, mode: str, *args, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         kwargs.pop("dtype", None)
         kwargs.pop("backend", None)
-        modules.RNNBase.__init__(self, mode, *args, dtype=torch.float32, **kwargs)
+        super().__init__(*args, dtype=torch.float32, **kwargs)  # the float class's, then int8
         self._weight_names = list(self._flat_weights_names)
         self._to_buffers()
         per = len(self._weight_names) // self.num_layers  # both directions of a layer
@@ -330,44 +330,17 @@ class RNNBase(_Int8Weights, modules.RNNBase):
         return output, h_n, c_n
 
 
-class LSTM(RNNBase):
+class LSTM(RNNBase, modules.LSTM):
     """int8 LSTM: fastrnn.LSTM's arguments (float32, CPU); from_float(module) converts one."""
 
-    torch_class = torch_rnn.LSTM
 
-    def __init__(self, *args, **kwargs):
-        super().__init__("LSTM", *args, **kwargs)
-
-
-class GRU(RNNBase):
+class GRU(RNNBase, modules.GRU):
     """int8 GRU: fastrnn.GRU's arguments (float32, CPU); from_float(module) converts one."""
 
-    torch_class = torch_rnn.GRU
 
-    def __init__(self, *args, **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        super().__init__("GRU", *args, **kwargs)
-
-
-class RNN(RNNBase):
-    """int8 Elman RNN: fastrnn.RNN's arguments (float32, CPU); from_float(module) converts one."""
-
-    torch_class = torch_rnn.RNN
-
-    def __init__(self, *args, **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if len(args) > 3:
-            self.nonlinearity = args[3]
-            args = args[:3] + args[4:]
-        else:
-            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' "
-                             "or 'relu'.")
-        super().__init__("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", *args,
-                         **kwargs)
+class RNN(RNNBase, modules.RNN):
+    """int8 Elman RNN: fastrnn.RNN's arguments (float32, CPU); from_float(module) converts
+    one."""
 
 
 class RNNCellBase(_Int8Weights, cell_modules.RNNCellBase):

@@ -44,20 +44,20 @@ struct Epilogue {
   int64_t ldy;
   int64_t columns;
   const float* w_scale;
-  const int32_t* w_sum;  // subtracted 128 times (vnni), else null
+  const int32_t* w_sum;  // subtracted 128 times by the vnni kernels
   const float* x_scale;
   const float* bias;     // or null
 };
 
-// y[r][n0 + 16 p + j] from the 16 int32 sums of row r and panel p.
+// y[r][n0 + 16 p + j] from the 16 int32 sums (of x_q itself, no offset) of row r and panel p.
 FASTRNN_INLINE void store_sums(const int32_t* sums, int64_t r, int64_t p, const Epilogue& e) {
   const int64_t first = p * kPanelRows;
   const int64_t count = std::min<int64_t>(kPanelRows, e.columns - first);
   float* out = e.y + r * e.ldy + first;
   for (int64_t j = 0; j < count; ++j) {
     const int64_t n = first + j;
-    const int32_t sum = sums[j] - (e.w_sum != nullptr ? 128 * e.w_sum[n] : 0);
-    out[j] = float(sum) * (e.x_scale[r] * e.w_scale[n]) + (e.bias != nullptr ? e.bias[n] : 0.0f);
+    out[j] = float(sums[j]) * (e.x_scale[r] * e.w_scale[n]) +
+             (e.bias != nullptr ? e.bias[n] : 0.0f);
   }
 }
 
@@ -249,15 +249,13 @@ FASTRNN_CLONES void quantize_rows(const float* x, int64_t rows, int64_t depth, i
       finite = finite && magnitude <= 3.4028235e38f;  // false for NaN and infinities
     }
     const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+    const int flip = offset ? 0x80 : 0;  // q + 128 as unsigned bytes: q with its sign bit flipped
     int8_t* out = q + b * ldq;
     for (int64_t k = 0; k < depth; ++k) {
       const float value = std::nearbyint(row[k] * inverse);
-      out[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, value)));
+      out[k] = static_cast<int8_t>(int(std::min(127.0f, std::max(-127.0f, value))) ^ flip);
     }
     std::fill(out + depth, out + ldq, int8_t(0));
-    if (offset) {  // q + 128 as unsigned bytes: q with its sign bit flipped
-      for (int64_t k = 0; k < depth; ++k) out[k] = static_cast<int8_t>(out[k] ^ 0x80);
-    }
     scale[b] = finite ? largest / 127.0f : NAN;
   }
 }
@@ -271,7 +269,6 @@ void gemm_int8(int64_t rows, int64_t depth, const int8_t* panels, const float* w
   if (isa == Int8Isa::kVnni) tiles = &kVnniTiles;
   if (isa == Int8Isa::kAvx2) tiles = &kAvx2Tiles;
 #endif
-  const bool offset = isa == Int8Isa::kVnni;
   const int64_t quads = (depth + 3) / 4, panel_bytes = int8_panel_bytes(depth);
   const int64_t total = (rows + kPanelRows - 1) / kPanelRows;
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(panel_bytes, 1));
@@ -282,9 +279,8 @@ void gemm_int8(int64_t rows, int64_t depth, const int8_t* panels, const float* w
       const int wide = tiles->panels[height - 1];
       for (int64_t p = c0; p < c1;) {
         const int64_t n0 = p * kPanelRows;
-        const Epilogue e{y + b * ldy + n0, ldy, rows - n0, w_scale + n0,
-                         offset ? w_sum + n0 : nullptr, x_scale + b,
-                         bias == nullptr ? nullptr : bias + n0};
+        const Epilogue e{y + b * ldy + n0, ldy, rows - n0, w_scale + n0, w_sum + n0,
+                         x_scale + b, bias == nullptr ? nullptr : bias + n0};
         const bool whole = p + wide <= c1;
         (whole ? tiles->wide : tiles->narrow)[height - 1](
             quads, panels + p * panel_bytes, panel_bytes, x + b * ldx, ldx, e);
