@@ -82,6 +82,18 @@ def check_lengths(lengths, batch: int, steps: int) -> Tensor:
     return lengths
 
 
+def unpacked(data: Tensor, batch_sizes: Tensor, batch: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PackedSequence data [N, I] of `batch` sequences, batch_sizes checked, as a padded
+    x [T, B, I] (zeros past each sequence's end), with packed_layout's lengths [B] (on the CPU),
+    rows [N] and slots [T, B] (rows and slots on data's device)."""
+    check_batch_sizes(batch_sizes, batch, data.shape[0])
+    lengths, rows, slots = packed_layout(batch_sizes, batch, data.shape[0])
+    rows, slots = rows.to(data.device), slots.to(data.device)
+    padded = torch.cat([data, data.new_zeros(1, data.shape[1])])  # row N: padding
+    return padded[slots], lengths, rows, slots
+
+
 def packed_layout(batch_sizes: Tensor, batch: int, total: int) -> tuple[Tensor, Tensor, Tensor]:
     """For PackedSequence batch_sizes [T] (CPU int64) of `batch` sequences and `total` packed
     rows (N, the sum of batch_sizes): the sequence lengths [B];
@@ -189,11 +201,8 @@ def recurrence(cell: CellSpec, input: Tensor, h0: Tensor, c0: Tensor | None,
         if lengths is not None:
             raise ValueError("lengths is for padded input: a PackedSequence (batch_sizes) "
                              "carries its own lengths")
-        check_batch_sizes(batch_sizes, h0.shape[1], input.shape[0])
-        host_lengths, rows, slots = packed_layout(batch_sizes, h0.shape[1], input.shape[0])
-        lengths, rows, slots = (t.to(input.device) for t in (host_lengths, rows, slots))
-        padded = torch.cat([input, input.new_zeros(1, input.shape[1])])  # row N: padding
-        x = padded[slots]  # [T, B, I]
+        x, host_lengths, rows, slots = unpacked(input, batch_sizes, h0.shape[1])
+        lengths = host_lengths.to(input.device)
     else:
         x = input.transpose(0, 1) if batch_first else input
     if x.shape[0] == 0:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import rnn as torch_rnn
 
-from . import cell_modules, modules, onnx_export
+from . import cell_modules, functional, modules, onnx_export
 from .backends import cpu
 from .cells import CELLS, CELLS_BY_MODE, CellSpec
 
@@ -314,10 +314,7 @@ class RNNBase(_Int8Weights, modules.RNNBase):
         _check_inference(self, data, h0, c0)
         lengths = rows = None
         if batch_sizes is not None:
-            from .functional import check_batch_sizes, packed_layout
-            check_batch_sizes(batch_sizes, h0.shape[1], data.shape[0])
-            lengths, rows, slots = packed_layout(batch_sizes, h0.shape[1], data.shape[0])
-            x = torch.cat([data, data.new_zeros(1, data.shape[1])])[slots]  # [T, B, I]
+            x, lengths, rows, _ = functional.unpacked(data, batch_sizes, h0.shape[1])
         else:
             x = data.transpose(0, 1) if self.batch_first else data
         if x.shape[0] == 0:
