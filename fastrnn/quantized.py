@@ -17,6 +17,8 @@ H, L layers, D directions.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -139,12 +141,9 @@ class _Int8Weights:
                 quantized, scale = quantize_weight(value)
                 self.register_buffer(name, quantized)
                 self.register_buffer(name + _SCALE, scale)
-                self.register_buffer(name + _SUM, quantized.sum(1, dtype=torch.int32),
-                                     persistent=False)
-                self.register_buffer(name + _PANELS, panels(quantized, self._gates(name)),
-                                     persistent=False)
             else:
                 self.register_buffer(name, value.to("cpu", torch.float32))
+        self._make_kernel_buffers()
 
     @classmethod
     def from_float(cls, module: nn.Module, use_precomputed_fake_quant: bool = False):
@@ -179,24 +178,26 @@ class _Int8Weights:
                 getattr(self, name + _SCALE).copy_(scale)
             else:
                 getattr(self, name).copy_(value)
-        self._refresh_sums()
+        self._make_kernel_buffers()
 
     def _gates(self, name: str) -> int:
         """The gates of weight `name` (a projection has one)."""
         return 1 if name.startswith("weight_hr") else getattr(self, name).shape[0] // (
             self.hidden_size)
 
-    def _refresh_sums(self) -> None:
-        """The kernels' buffers made again from the int8 weights."""
+    def _make_kernel_buffers(self) -> None:
+        """`<name>_sum` and `<name>_panels` (not saved) made from each int8 weight."""
         for name in self._weight_names:
             if name.startswith("weight"):
                 quantized = getattr(self, name)
-                getattr(self, name + _SUM).copy_(quantized.sum(1, dtype=torch.int32))
-                getattr(self, name + _PANELS).copy_(panels(quantized, self._gates(name)))
+                self.register_buffer(name + _SUM, quantized.sum(1, dtype=torch.int32),
+                                     persistent=False)
+                self.register_buffer(name + _PANELS, panels(quantized, self._gates(name)),
+                                     persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._refresh_sums()
+        self._make_kernel_buffers()
 
     def _quantized(self, name: str) -> list[Tensor]:
         """[packed rows, scales, sums] of weight `name`, as the kernels take them."""
@@ -271,15 +272,17 @@ class RNNBase(_Int8Weights, modules.RNNBase):
     def _zero_state_of(self, input: Tensor, batch: int) -> tuple[Tensor, Tensor | None]:
         """Zero h0 [1, B, P] and c0 [1, B, H] (LSTM) for a one-layer call, kept for reuse in
         eager mode (the op only reads them; two fresh tensors cost ~3 us of a ~40 us call)."""
+        def zeros():
+            return (input.new_zeros(1, batch, self.proj_size or self.hidden_size),
+                    input.new_zeros(1, batch, self.hidden_size) if self.mode == "LSTM" else None)
+
+        if torch.compiler.is_compiling():
+            return zeros()
         cache = self.__dict__.setdefault("_zero_states", {})
-        if torch.compiler.is_compiling() or batch not in cache:
-            h0 = input.new_zeros(1, batch, self.proj_size or self.hidden_size)
-            c0 = input.new_zeros(1, batch, self.hidden_size) if self.mode == "LSTM" else None
-            if torch.compiler.is_compiling():
-                return h0, c0
+        if batch not in cache:
             if len(cache) >= 8:
                 cache.clear()
-            cache[batch] = h0, c0
+            cache[batch] = zeros()
         return cache[batch]
 
     def _layer_weights(self, layer: int) -> list[Tensor]:
@@ -423,7 +426,6 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if type(model) in INT8_CLASSES:
         return int8_module(model)
     if not inplace:
-        import copy
         model = copy.deepcopy(model)
     for name, child in list(model.named_children()):
         if type(child) in INT8_CLASSES:

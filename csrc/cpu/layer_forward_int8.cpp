@@ -158,15 +158,20 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
       projects || groups > 1 || GH * P < kSplitBytes ? H : units_per_block(H);
   const int64_t blocks = (H + block_units - 1) / block_units;
   const int64_t h_stride = int8_row_stride(P);
-  // Per block: W_hh h of its units [B, G*units], h quantized [B, h_stride] and its scales [B].
-  std::vector<std::vector<float>> h_gates(blocks);
-  std::vector<std::vector<int8_t>> h_q(blocks);
-  std::vector<std::vector<float>> h_scale(blocks);
+  // What one block of units (or group of rows) works in: W_hh h of its units [B, G*units], h
+  // quantized [B, h_stride] and its scales [B]; a group of rows uses its own rows of each.
+  struct Scratch {
+    std::vector<float> gates;
+    std::vector<int8_t> q;
+    std::vector<float> scale;
+  };
+  const auto scratch_for = [&](int64_t units) {
+    return Scratch{std::vector<float>(B * G * units), std::vector<int8_t>(B * h_stride),
+                   std::vector<float>(B)};
+  };
+  std::vector<Scratch> scratch;
   for (int64_t k = 0; k < blocks; ++k) {
-    const int64_t units = std::min(block_units, H - k * block_units);
-    h_gates[k].resize(B * G * units);
-    h_q[k].resize(B * h_stride);
-    h_scale[k].resize(B);
+    scratch.push_back(scratch_for(std::min(block_units, H - k * block_units)));
   }
   std::vector<float> h_other(B * P);
   std::vector<float> h_unprojected(projects ? B * H : 0), projected(projects ? B * P : 0);
@@ -190,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
       step.x_gates_row = D * GH;
       step.x_gates_gate = H;
       step.x_gates_first = 0;
-      step.h_gates = h_gates[k].data();
+      step.h_gates = scratch[k].gates.data();
       step.first_unit = k * block_units;
       step.units = std::min(block_units, H - step.first_unit);
       step.bias = biases_hh[d].data_ptr<float>();
@@ -204,50 +209,48 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
     float* const h_buffers[2] = {h_state, h_other.data()};
     const float* x_gates_d = x_gates.data_ptr<float>() + d * GH;
     float* output_d = output.data_ptr<float>() + d * P;
-    const auto prepare_blocks = [&](int64_t s, int64_t begin, int64_t end) {
+    // The pointers of step s (h before it: without a projection h_n[d] at even s and h_other
+    // at odd s; with one, h_n[d], which the projection updates in place).
+    const auto point_at = [&](ForwardStep<float>& step, int64_t s) {
       const int64_t t = reverse ? T_ - 1 - s : s;
-      for (int64_t k = begin; k < end; ++k) {
-        ForwardStep<float>& step = steps[k];
-        step.t = t;
-        step.x_gates = x_gates_d + t * B * D * GH;
-        step.output = output_d + t * B * D * P;
-        step.h_prev = h_buffers[projects ? 0 : s % 2];
-        step.h_next = projects ? nullptr : h_buffers[(s + 1) % 2];
-        prefetch_gate_inputs(step, 0, B, G);
-      }
+      step.t = t;
+      step.x_gates = x_gates_d + t * B * D * GH;
+      step.output = output_d + t * B * D * P;
+      step.h_prev = h_buffers[projects ? 0 : s % 2];
+      step.h_next = projects ? nullptr : h_buffers[(s + 1) % 2];
     };
-    // Block k: h quantized, its rows of W_hh (G ranges of units rows) times h, the cell pass.
-    const auto step_blocks = [&](int64_t s, int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const ForwardStep<float>& step = steps[k];
-        const int64_t units = step.units, first = step.first_unit;
-        quantize_rows(step.h_prev, B, P, P, h_q[k].data(), h_stride, h_scale[k].data());
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t row = g * H + first;
-          gemm_int8(units, P, w_d.panels_of(g, first), w_d.scale + row, w_d.sum + row,
-                    h_q[k].data(), h_stride, h_scale[k].data(), B,
-                    h_gates[k].data() + g * units, G * units, nullptr);
-        }
-        for (int64_t b = 0; b < B; ++b) run_segment(info.cell, step, b, first, first + units);
+    // Rows [r0, r1) of a step's block of units: h quantized, the block's rows of W_hh (G ranges
+    // of its units) times h, the cell pass.
+    const auto run_rows = [&](const ForwardStep<float>& step, Scratch& work, int64_t r0,
+                              int64_t r1) {
+      const int64_t units = step.units, first = step.first_unit;
+      int8_t* q = work.q.data() + r0 * h_stride;
+      float* scale = work.scale.data() + r0;
+      quantize_rows(step.h_prev + r0 * P, r1 - r0, P, P, q, h_stride, scale);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = g * H + first;
+        gemm_int8(units, P, w_d.panels_of(g, first), w_d.scale + row, w_d.sum + row, q,
+                  h_stride, scale, r1 - r0, work.gates.data() + r0 * G * units + g * units,
+                  G * units, nullptr);
       }
+      for (int64_t b = r0; b < r1; ++b) run_segment(info.cell, step, b, first, first + units);
     };
     if (projects) {  // one block; h = W_hr (o * tanh(c)) where the sequence runs, else it stays
       const int64_t u_stride = int8_row_stride(H);
       for (int64_t s = 0; s < T_; ++s) {
-        prepare_blocks(s, 0, 1);
-        step_blocks(s, 0, 1);
-        const int64_t t = reverse ? T_ - 1 - s : s;
+        point_at(steps[0], s);
+        run_rows(steps[0], scratch[0], 0, B);
+        const int64_t t = steps[0].t;
         quantize_rows(h_unprojected.data(), B, H, H, u_q.data(), u_stride, u_scale.data());
         float* out = projected.data();
         gemm_int8(P, H, hr[d].panels, hr[d].scale, hr[d].sum, u_q.data(),
                   u_stride, u_scale.data(), B, out, P, nullptr);
-        float* state = h_state;
         float* out_t = output_d + t * B * D * P;
         for (int64_t b = 0; b < B; ++b) {
           float* row = out_t + b * D * P;
           if (steps_of == nullptr || t < steps_of[b]) {
             std::copy(out + b * P, out + (b + 1) * P, row);
-            std::copy(out + b * P, out + (b + 1) * P, state + b * P);
+            std::copy(out + b * P, out + (b + 1) * P, h_state + b * P);
           } else {
             std::fill(row, row + P, 0.0f);
           }
@@ -255,35 +258,28 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
       }
     } else if (groups > 1) {  // one block; rows [r0, r1) per thread, through every step
       for_each_row_group(B, groups, [&](int64_t r0, int64_t r1) {
-        ForwardStep<float> step = steps[0];  // this group's copy
-        std::vector<float> gates(B * GH);     // W_hh h, rows [r0, r1) used
-        std::vector<int8_t> q((r1 - r0) * h_stride);
-        std::vector<float> scales(r1 - r0);
-        step.h_gates = gates.data();
+        ForwardStep<float> step = steps[0];  // this group's copy, with its own scratch
+        Scratch work = scratch_for(H);
+        step.h_gates = work.gates.data();
         for (int64_t s = 0; s < T_; ++s) {
-          const int64_t t = reverse ? T_ - 1 - s : s;
-          step.t = t;
-          step.x_gates = x_gates_d + t * B * D * GH;
-          step.output = output_d + t * B * D * P;
-          step.h_prev = h_buffers[s % 2];
-          step.h_next = h_buffers[(s + 1) % 2];
-          quantize_rows(step.h_prev + r0 * P, r1 - r0, P, P, q.data(), h_stride, scales.data());
-          for (int64_t g = 0; g < G; ++g) {
-            gemm_int8(H, P, w_d.panels_of(g, 0), w_d.scale + g * H, w_d.sum + g * H, q.data(),
-                      h_stride, scales.data(), r1 - r0, gates.data() + r0 * GH + g * H, GH,
-                      nullptr);
-          }
-          for (int64_t b = r0; b < r1; ++b) run_segment(info.cell, step, b, 0, H);
+          point_at(step, s);
+          run_rows(step, work, r0, r1);
         }
       });
-      if (T_ % 2 == 1) {  // h after the last step is in h_buffers[T % 2]
-        std::copy(h_other.begin(), h_other.end(), h_state);
-      }
     } else {
+      const auto prepare_blocks = [&](int64_t s, int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          point_at(steps[k], s);
+          prefetch_gate_inputs(steps[k], 0, B, G);  // read by the cell pass after the product
+        }
+      };
+      const auto step_blocks = [&](int64_t s, int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) run_rows(steps[k], scratch[k], 0, B);
+      };
       parallel_steps(T_, blocks, true, prepare_blocks, step_blocks);
-      if (T_ % 2 == 1) {  // h after the last step is in h_buffers[T % 2]
-        std::copy(h_other.begin(), h_other.end(), h_state);
-      }
+    }
+    if (!projects && T_ % 2 == 1) {  // h after the last step is in h_buffers[T % 2]
+      std::copy(h_other.begin(), h_other.end(), h_state);
     }
   }
   return {output, h_n, c_n};
