@@ -27,9 +27,9 @@ if keras.backend.backend() != "torch":
     pytest.skip("fastrnn.keras needs KERAS_BACKEND=torch", allow_module_level=True)
 
 import fastrnn.keras  # noqa: E402
-from fastrnn.keras import recurrence  # noqa: E402
+from fastrnn.keras import layer_call, recurrence  # noqa: E402
 from keras_cases import (Case, bidirectional_oracle, inputs, layer_pair,  # noqa: E402
-                         max_errors, oracle, run_keras)
+                         mask_of, max_errors, oracle, run_keras)
 
 FLOAT32_ULP = torch.finfo(torch.float32).eps
 
@@ -328,6 +328,112 @@ def test_bidirectional_with_dropout_runs_two_fastrnn_layers():
     assert recurrence.calls - before == {("GRU", "fastrnn"): 2}
 
 
+# ---- __call__ -------------------------------------------------------------------------------
+def _layer_of(name: str, library, **options):
+    if name == "Bidirectional":
+        return library.Bidirectional(library.LSTM(5, **options))
+    return getattr(library, name)(5, **options)
+
+
+def _refuse_keras_call(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Keras' Layer.__call__ ran")
+
+    monkeypatch.setattr(layer_call, "KERAS_LAYER_CALL", refuse)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "SimpleRNN", "Bidirectional"])
+@pytest.mark.parametrize("options", [dict(return_sequences=True), dict(return_state=True)],
+                         ids=["sequences", "state"])
+def test_call_passes_through_as_keras_call(name, options, monkeypatch):
+    """An eager call that Keras' Layer.__call__ would only pass on skips it and gives what it
+    gives: outputs, the mask read from the input, the output masks."""
+    generator = np.random.default_rng(0)
+    x = torch.tensor(generator.standard_normal((3, 6, 4)), dtype=torch.float32)
+    mask = torch.tensor(mask_of("holes", 3, 6, generator))
+    stock, fast = _layer_of(name, keras.layers, **options), _layer_of(name, fastrnn.keras,
+                                                                       **options)
+    stock.build(x.shape)
+    fast.build(x.shape)
+    fast.set_weights(stock.get_weights())
+    for arguments in (dict(mask=mask, training=True), dict(training=False), {}):
+        keras.src.backend.set_keras_mask(x, mask)  # as Embedding(mask_zero=True) leaves it
+        expected = keras.tree.flatten(stock(x, **arguments))
+        _refuse_keras_call(monkeypatch)
+        got = keras.tree.flatten(fast(x, **arguments))
+        monkeypatch.undo()
+        for ours, theirs in zip(got, expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+            their_mask = getattr(theirs, "_keras_mask", None)
+            if their_mask is None:
+                assert getattr(ours, "_keras_mask", None) is None
+            else:
+                assert torch.equal(ours._keras_mask, their_mask)
+
+
+def test_call_passes_training_on_as_keras_call():
+    """Outer layers see the `training` a passed-through call resolved, as with Keras'."""
+    class Outer(keras.layers.Layer):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn, self.dropout = rnn, keras.layers.Dropout(0.5, seed=1)
+
+        def call(self, x):
+            return self.dropout(self.rnn(x, training=True))  # Dropout takes training from it
+
+    x = np.random.default_rng(1).standard_normal((4, 5, 3)).astype("float32")
+    stock, fast = Outer(keras.layers.GRU(6)), Outer(fastrnn.keras.GRU(6))
+    stock(x)
+    fast(x)
+    fast.set_weights(stock.get_weights())
+    before = recurrence.calls.copy()
+    theirs, ours = stock(x), fast(x)
+    assert recurrence.calls - before == {("GRU", "fastrnn"): 1}
+    assert (theirs == 0).any()  # dropped
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def _forward_hook(layer, args, kwargs, output):
+    layer.hook_ran = True
+
+
+PASSED_TO_KERAS = {
+    "numpy input": lambda layer, x: layer(x.numpy()),
+    "float64 input": lambda layer, x: layer(x.double()),
+    "initial state": lambda layer, x: layer(x, initial_state=[torch.ones(3, 5)]),
+    "a float mask": lambda layer, x: layer(x, mask=torch.ones(3, 6)),
+    "a forward hook": lambda layer, x: (
+        layer.register_forward_hook(_forward_hook, with_kwargs=True), layer(x),
+        layer.__dict__.pop("hook_ran")),
+}
+
+
+@pytest.mark.parametrize("case", PASSED_TO_KERAS)
+def test_other_calls_run_keras_call(case, monkeypatch):
+    """Any call that Keras' Layer.__call__ does more for runs Keras' own __call__."""
+    layer = fastrnn.keras.GRU(5)
+    x = torch.randn(3, 6, 4)
+    layer(x)
+    entered = []
+    monkeypatch.setattr(layer_call, "KERAS_LAYER_CALL",
+                        lambda *args, **kwargs: entered.append(1) or
+                        keras.layers.Layer.__call__(*args, **kwargs))
+    PASSED_TO_KERAS[case](layer, x)
+    assert entered == [1]
+
+
+def test_call_passes_through_only_on_tested_keras(monkeypatch):
+    layer = fastrnn.keras.LSTM(5)
+    layer(torch.randn(3, 6, 4))
+    monkeypatch.setattr(layer_call, "_TAKES_THIS_PATH", False)
+    entered = []
+    monkeypatch.setattr(layer_call, "KERAS_LAYER_CALL",
+                        lambda *args, **kwargs: entered.append(1) or
+                        keras.layers.Layer.__call__(*args, **kwargs))
+    layer(torch.randn(3, 6, 4))
+    assert entered == [1]
+
+
 # ---- models: training, saving, loading -------------------------------------------------------
 def test_fit_gives_keras_loss_curve():
     from fastrnn.examples import keras_text
@@ -454,7 +560,8 @@ def _keras_methods():
     classes = {"LSTM": lstm.LSTM, "GRU": gru.GRU, "SimpleRNN": simple_rnn.SimpleRNN,
                "RNN": rnn.RNN, "Bidirectional": bidirectional.Bidirectional}
     return {(name, method): layer_class.__dict__.get(method)
-            for name, layer_class in classes.items() for method in ("inner_loop", "call")}
+            for name, layer_class in classes.items()
+            for method in ("inner_loop", "call", "__call__")}
 
 
 def test_install_and_uninstall():
@@ -473,6 +580,9 @@ def test_install_and_uninstall():
             assert patched[name, "call"] is recurrence.call
         assert patched["Bidirectional", "call"] is recurrence.bidirectional_call
         assert patched["Bidirectional", "inner_loop"] is None
+        for name in ("LSTM", "GRU", "SimpleRNN", "Bidirectional"):
+            assert patched[name, "__call__"] is layer_call.layer_call
+        assert patched["RNN", "__call__"] is None
         before = recurrence.calls.copy()
         existing(np.ones((2, 4, 3), "float32"))  # a layer made before install() runs on fastrnn
         keras.layers.SimpleRNN(2)(np.ones((2, 4, 3), "float32"))

@@ -2,7 +2,8 @@
 
 Keras has no public way to replace how a recurrent layer runs, so this sets methods on Keras'
 own classes in its private modules (keras.src.layers.rnn): `call` and `inner_loop` of LSTM, GRU
-and SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py); `inner_loop` of RNN
+and SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py), and `__call__` of the
+four layers skips Keras' generic per-call work where it has nothing to do (layer_call.py); `inner_loop` of RNN
 (keras.layers.RNN over any cell) still runs Keras' loop and says so, once per cell class. Every
 instance, existing or new, and every reference to these classes (keras.layers.LSTM, a model
 loaded from a file) then runs on fastrnn; classes, configs and saved files stay Keras' own.
@@ -22,12 +23,13 @@ from keras.src.layers.rnn.rnn import RNN
 from keras.src.layers.rnn.simple_rnn import SimpleRNN
 
 from . import recurrence
-
-TESTED_KERAS_VERSIONS = ("3.15.0", "3.15.1")
+from .layer_call import layer_call
+from .recurrence import TESTED_KERAS_VERSIONS
 
 # (Keras class, method name, fastrnn's method, the parameters Keras' method has)
 _INNER_LOOP_PARAMETERS = ("self", "sequences", "initial_state", "mask", "training")
 _CALL_PARAMETERS = ("self", "sequences", "initial_state", "mask", "training")
+_LAYER_CALL_PARAMETERS = ("self", "args", "kwargs")
 _PATCHES = (
     (LSTM, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
     (GRU, "inner_loop", recurrence.inner_loop, _INNER_LOOP_PARAMETERS),
@@ -37,6 +39,10 @@ _PATCHES = (
     (SimpleRNN, "call", recurrence.call, _CALL_PARAMETERS),
     (RNN, "inner_loop", recurrence.rnn_inner_loop, _INNER_LOOP_PARAMETERS),
     (Bidirectional, "call", recurrence.bidirectional_call, _CALL_PARAMETERS),
+    (LSTM, "__call__", layer_call, _LAYER_CALL_PARAMETERS),
+    (GRU, "__call__", layer_call, _LAYER_CALL_PARAMETERS),
+    (SimpleRNN, "__call__", layer_call, _LAYER_CALL_PARAMETERS),
+    (Bidirectional, "__call__", layer_call, _LAYER_CALL_PARAMETERS),
 )
 
 # what each patched class had in its own __dict__ before install() (None: it inherited it)

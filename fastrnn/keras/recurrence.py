@@ -33,6 +33,8 @@ from .. import functional
 from .masks import MaskedSteps
 from .weights import torch_weights
 
+# the Keras versions whose methods these replace were tested against
+TESTED_KERAS_VERSIONS = ("3.15.0", "3.15.1")
 # Keras' own methods, as the installed Keras defines them (before any install())
 KERAS_INNER_LOOP = {"lstm": KerasLSTM.inner_loop, "gru": KerasGRU.inner_loop,
                     "rnn": KerasRNN.inner_loop}
@@ -149,21 +151,32 @@ def call(self, sequences, initial_state=None, mask=None, training=False):
     dropout and no stored state goes to fastrnn at once (Keras' `RNN.call` would make zero
     states, dropout masks and casts first, which take as long as a short recurrence); any
     other runs Keras' own method, which runs the recurrence through inner_loop."""
-    kind = cell_kind(self)
-    cell = self.cell
-    if (initial_state is None and not self.stateful and not cell.dropout
+    if serves_at_once(self, sequences, initial_state, mask):
+        return call_at_once(self, sequences, mask, training)
+    return KERAS_CALL[cell_kind(self)](self, sequences, initial_state=initial_state, mask=mask,
+                                       training=training)
+
+
+def call_at_once(layer, sequences, mask, training):
+    """`call`'s results for a call that serves_at_once, computed by fastrnn."""
+    calls[type(layer).__name__, "fastrnn"] += 1
+    last, outputs, states = _run(layer, cell_kind(layer), sequences, None,
+                                 _as_mask(mask, sequences.device), training)
+    output = _in_dtype(outputs if layer.return_sequences else last, layer.compute_dtype)
+    if layer.return_state:
+        return output, *(_in_dtype(state, layer.compute_dtype) for state in states)
+    return output
+
+
+def serves_at_once(layer, sequences, initial_state, mask) -> bool:
+    """Whether `call` takes this call of an LSTM, GRU or SimpleRNN layer straight to fastrnn: no
+    initial state, dropout or stored state, and a call fastrnn's kernels compute (whatever
+    `training` is, since nothing here depends on it)."""
+    cell = layer.cell
+    return (initial_state is None and not layer.stateful and not cell.dropout
             and not cell.recurrent_dropout and isinstance(sequences, torch.Tensor)
-            and not _symbolic(sequences)):
-        steps_mask = _as_mask(mask, sequences.device)
-        if not unsupported(self, sequences, steps_mask, training):
-            calls[type(self).__name__, "fastrnn"] += 1
-            last, outputs, states = _run(self, kind, sequences, None, steps_mask, training)
-            output = _in_dtype(outputs if self.return_sequences else last, self.compute_dtype)
-            if self.return_state:
-                return output, *(_in_dtype(state, self.compute_dtype) for state in states)
-            return output
-    return KERAS_CALL[kind](self, sequences, initial_state=initial_state, mask=mask,
-                            training=training)
+            and not _symbolic(sequences)
+            and not unsupported(layer, sequences, _as_mask(mask, sequences.device), False))
 
 
 def _in_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -288,17 +301,28 @@ def can_fuse(bidirectional, sequences, initial_state, mask) -> bool:
     return initial_state is None or len(initial_state) == 2 * len(forward.state_size)
 
 
+def fuses(bidirectional, sequences, initial_state, mask) -> bool:
+    """Whether `bidirectional_call` runs this call as one fastrnn call (can_fuse, on a tensor)."""
+    return (isinstance(sequences, torch.Tensor) and not _symbolic(sequences)
+            and cell_kind(bidirectional.forward_layer) is not None
+            and can_fuse(bidirectional, sequences, initial_state,
+                         _as_mask(mask, sequences.device)))
+
+
 def bidirectional_call(self, sequences, initial_state=None, mask=None, training=None):
     """Keras' `Bidirectional.call`, with both directions in one fastrnn call where its layers
     allow (can_fuse), else Keras' own method (whose layers may each run on fastrnn)."""
-    if (not _symbolic(sequences) and isinstance(sequences, torch.Tensor)
-            and cell_kind(self.forward_layer) is not None):
-        steps_mask = _as_mask(mask, sequences.device)
-        if can_fuse(self, sequences, initial_state, steps_mask):
-            calls[type(self).__name__, "fastrnn"] += 1
-            return _run_bidirectional(self, sequences, initial_state, steps_mask)
+    if fuses(self, sequences, initial_state, mask):
+        return call_fused(self, sequences, initial_state, mask)
     return KERAS_BIDIRECTIONAL_CALL(self, sequences, initial_state=initial_state, mask=mask,
                                     training=training)
+
+
+def call_fused(bidirectional, sequences, initial_state, mask):
+    """`bidirectional_call`'s results for a call that `fuses`, computed by one fastrnn call."""
+    calls[type(bidirectional).__name__, "fastrnn"] += 1
+    return _run_bidirectional(bidirectional, sequences, initial_state,
+                              _as_mask(mask, sequences.device))
 
 
 def _run_bidirectional(bidirectional, sequences, initial_state, mask):
