@@ -262,7 +262,7 @@ FASTRNN_CLONES void quantize_rows(const float* x, int64_t rows, int64_t depth, i
 
 void gemm_int8(int64_t rows, int64_t depth, const int8_t* panels, const float* w_scale,
                const int32_t* w_sum, const int8_t* x, int64_t ldx, const float* x_scale,
-               int64_t batch, float* y, int64_t ldy, const float* bias) {
+               int64_t batch, float* y, int64_t ldy, const float* bias, bool backwards) {
   const Int8Isa isa = int8_isa();
   const Tiles* tiles = &kGenericTiles;
 #ifdef FASTRNN_INT8_X86
@@ -272,19 +272,32 @@ void gemm_int8(int64_t rows, int64_t depth, const int8_t* panels, const float* w
   const int64_t quads = (depth + 3) / 4, panel_bytes = int8_panel_bytes(depth);
   const int64_t total = (rows + kPanelRows - 1) / kPanelRows;
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(panel_bytes, 1));
-  for (int64_t c0 = 0; c0 < total; c0 += chunk) {
-    const int64_t c1 = std::min(total, c0 + chunk);
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t c0 = (backwards ? chunks - 1 - i : i) * chunk, c1 = std::min(total, c0 + chunk);
     for (int64_t b = 0; b < batch;) {
       const int height = int(std::min<int64_t>(tiles->max_rows, batch - b));
       const int wide = tiles->panels[height - 1];
-      for (int64_t p = c0; p < c1;) {
+      // panels [p, p + wide) (whole) or p alone
+      const auto tile = [&](int64_t p, bool whole) {
         const int64_t n0 = p * kPanelRows;
         const Epilogue e{y + b * ldy + n0, ldy, rows - n0, w_scale + n0, w_sum + n0,
                          x_scale + b, bias == nullptr ? nullptr : bias + n0};
-        const bool whole = p + wide <= c1;
         (whole ? tiles->wide : tiles->narrow)[height - 1](
             quads, panels + p * panel_bytes, panel_bytes, x + b * ldx, ldx, e);
-        p += whole ? wide : 1;
+      };
+      if (backwards) {
+        for (int64_t p = c1; p > c0;) {
+          const bool whole = p - wide >= c0;
+          p -= whole ? wide : 1;
+          tile(p, whole);
+        }
+      } else {
+        for (int64_t p = c0; p < c1;) {
+          const bool whole = p + wide <= c1;
+          tile(p, whole);
+          p += whole ? wide : 1;
+        }
       }
       b += height;
     }

@@ -221,17 +221,20 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
     };
     // Rows [r0, r1) of a step's block of units: h quantized, the block's rows of W_hh (G ranges
     // of its units) times h, the cell pass.
+    // Odd steps read the gates' rows last to first (serpentine: what one step read last is
+    // still in the L2 cache when the next starts).
     const auto run_rows = [&](const ForwardStep<float>& step, Scratch& work, int64_t r0,
                               int64_t r1) {
       const int64_t units = step.units, first = step.first_unit;
       int8_t* q = work.q.data() + r0 * h_stride;
       float* scale = work.scale.data() + r0;
       quantize_rows(step.h_prev + r0 * P, r1 - r0, P, P, q, h_stride, scale);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t row = g * H + first;
+      const bool backwards = (reverse ? T_ - 1 - step.t : step.t) % 2 == 1;
+      for (int64_t i = 0; i < G; ++i) {
+        const int64_t g = backwards ? G - 1 - i : i, row = g * H + first;
         gemm_int8(units, P, w_d.panels_of(g, first), w_d.scale + row, w_d.sum + row, q,
                   h_stride, scale, r1 - r0, work.gates.data() + r0 * G * units + g * units,
-                  G * units, nullptr);
+                  G * units, nullptr, backwards);
       }
       for (int64_t b = r0; b < r1; ++b) run_segment(info.cell, step, b, first, first + units);
     };
