@@ -23,7 +23,8 @@ CELLS = {"lstm": (nn.LSTMCell, fastrnn.LSTMCell), "gru": (nn.GRUCell, fastrnn.GR
          "rnn_tanh": (nn.RNNCell, fastrnn.RNNCell), "rnn_relu": (nn.RNNCell, fastrnn.RNNCell)}
 # (B, I, H): B <= 4 multiplies by dot products, B >= 12 by packed_gemm, between by ATen; odd
 # sizes, H = 1
-SIZES = [(1, 1, 1), (1, 32, 32), (1, 7, 100), (3, 5, 7), (4, 33, 17), (5, 16, 7), (12, 3, 5),
+SIZES = [(1, 1, 1), (1, 32, 32), (1, 7, 100), (2, 19, 23), (3, 5, 7), (4, 33, 17), (5, 16, 7),
+         (12, 3, 5),
          (17, 9, 40), (33, 64, 20)]
 
 
@@ -131,7 +132,31 @@ def test_cell_step_matches_torch_in_float64(name, size, steps, poisoned_empty):
         assert error <= 2 * torch_error + 2e-6, f"result {index}: {error:.3g} vs torch {torch_error:.3g}"
 
 
-@pytest.mark.parametrize("size", [(1, 7, 100), (3, 33, 17), (4, 64, 64), (8, 9, 40)],
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", CELLS)
+def test_rows_of_a_small_batch_step_are_one_row_steps(name, dtype):
+    """At B <= 4 a step multiplies up to 3 rows at once by each weight it reads: each row's
+    sums are still those of a step of that row alone, bit for bit."""
+    if dtype == torch.bfloat16 and cpu_backend.kernel_isa() != "avx512_bf16":
+        pytest.skip("bfloat16 steps run the layer kernel on CPUs without bfloat16 dot products")
+    torch.manual_seed(list(CELLS).index(name))
+    _, cell = make_cell(name, 37, 45)  # 45 * gates rows: blocks of 8 and a shorter one
+    cell = cell.to(dtype)
+    with torch.no_grad():
+        for batch in (2, 3, 4):
+            x, h, c = (torch.randn(batch, size, dtype=dtype) for size in (37, 45, 45))
+            state = (h, c) if name == "lstm" else h
+            together = cell(x, state)
+            for row in range(batch):
+                alone = cell(x[row:row + 1], (h[row:row + 1], c[row:row + 1])
+                             if name == "lstm" else h[row:row + 1])
+                for got, want in zip(together if name == "lstm" else [together],
+                                     alone if name == "lstm" else [alone]):
+                    assert torch.equal(got[row:row + 1], want), (name, dtype, batch, row)
+
+
+@pytest.mark.parametrize("size", [(1, 7, 100), (2, 19, 23), (3, 33, 17), (4, 64, 64),
+                                  (8, 9, 40)],
                          ids=lambda s: "B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("name", CELLS)
 def test_bfloat16_cell_step_matches_torch(name, size, steps):

@@ -3,6 +3,7 @@
 #include "packed_gemm.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -485,31 +486,47 @@ FASTRNN_AVX512_INLINE void store_row_sums(const __m512 (&acc)[kRows], float* y,
 
 #pragma GCC diagnostic pop
 
-// y[r] = w[r, :K] . x + bias[r] for kRows rows (AVX-512): one accumulator per row, 16 lanes
-// of K at a time; the lanes are summed at the end.
-template <int kRows>
+// y[b][r] = w[r, :K] . x[b] + bias[r] for kRows rows and kBatch rows of x (ldx apart; y ldy
+// apart), AVX-512: one accumulator per row and row of x, 16 lanes of K at a time, each load of
+// w feeding kBatch FMAs (the weights streamed from L2 or L3 overlap the multiply-adds of every
+// row of x); the lanes are summed at the end. kBatch * kRows + kBatch + 1 <= 32 registers.
+template <int kRows, int kBatch>
 __attribute__((target("avx512f"))) void gemv_tile(int64_t depth, const float* w, int64_t ldw,
-                                                  const float* x, float* y, const float* bias) {
-  __m512 acc[kRows];
+                                                  const float* x, int64_t ldx, float* y,
+                                                  int64_t ldy, const float* bias) {
+  __m512 acc[kBatch][kRows];
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < kBatch; ++b) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) acc[b][r] = _mm512_setzero_ps();
+  }
   int64_t k = 0;
   for (; k + 16 <= depth; k += 16) {
-    const __m512 xk = _mm512_loadu_ps(x + k);
+    __m512 xk[kBatch];
+#pragma GCC unroll 8
+    for (int b = 0; b < kBatch; ++b) xk[b] = _mm512_loadu_ps(x + b * ldx + k);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ldw + k), xk, acc[r]);
+      __m512 wr = _mm512_loadu_ps(w + r * ldw + k);
+      if (kBatch > 1) asm("" : "+v"(wr));  // one load: GCC would fold it into every FMA
+#pragma GCC unroll 8
+      for (int b = 0; b < kBatch; ++b) acc[b][r] = _mm512_fmadd_ps(wr, xk[b], acc[b][r]);
     }
   }
   if (k < depth) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (depth - k)) - 1);
-    const __m512 xk = _mm512_maskz_loadu_ps(mask, x + k);
+    __m512 xk[kBatch];
+#pragma GCC unroll 8
+    for (int b = 0; b < kBatch; ++b) xk[b] = _mm512_maskz_loadu_ps(mask, x + b * ldx + k);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + r * ldw + k), xk, acc[r]);
+      const __m512 wr = _mm512_maskz_loadu_ps(mask, w + r * ldw + k);
+#pragma GCC unroll 8
+      for (int b = 0; b < kBatch; ++b) acc[b][r] = _mm512_fmadd_ps(wr, xk[b], acc[b][r]);
     }
   }
-  store_row_sums<kRows>(acc, y, bias);
+#pragma GCC unroll 8
+  for (int b = 0; b < kBatch; ++b) store_row_sums<kRows>(acc[b], y + b * ldy, bias);
 }
 
 // The AVX2/FMA gemv_tile: 8 lanes of K at a time.
@@ -603,10 +620,25 @@ __attribute__((target("avx2,fma"))) void gemv_columns_block_avx2(int64_t rows, i
 }
 
 using GemvTile = void (*)(int64_t, const float*, int64_t, const float*, float*, const float*);
+using GemvBatchTile = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*,
+                               int64_t, const float*);
 constexpr int kGemvRows = 8;
-constexpr GemvTile kGemvTiles[kGemvRows + 1] = {
-    nullptr, gemv_tile<1>, gemv_tile<2>, gemv_tile<3>, gemv_tile<4>,
-    gemv_tile<5>, gemv_tile<6>, gemv_tile<7>, gemv_tile<8>};
+// Rows of x a gemv tile multiplies at once (AVX-512): 8 weight rows by 3 rows of x fill the
+// registers (24 sums, 3 rows of x, a row of w).
+constexpr int kGemvBatchTile = 3;
+// Rows of x for the next gemv tile, of `left`: 4 as 2 and 2 (a tile of 3 would leave a pass
+// of 1, load-bound).
+constexpr int64_t gemv_batch_tile(int64_t left) {
+  return left == 4 ? 2 : std::min<int64_t>(kGemvBatchTile, left);
+}
+template <int kBatch>
+constexpr std::array<GemvBatchTile, kGemvRows + 1> gemv_tiles() {
+  return {nullptr, gemv_tile<1, kBatch>, gemv_tile<2, kBatch>, gemv_tile<3, kBatch>,
+          gemv_tile<4, kBatch>, gemv_tile<5, kBatch>, gemv_tile<6, kBatch>,
+          gemv_tile<7, kBatch>, gemv_tile<8, kBatch>};
+}
+constexpr std::array<GemvBatchTile, kGemvRows + 1> kGemvTiles[kGemvBatchTile + 1] = {
+    {}, gemv_tiles<1>(), gemv_tiles<2>(), gemv_tiles<3>()};
 constexpr GemvTile kGemvTilesAvx2[kGemvRows + 1] = {
     nullptr, gemv_tile_avx2<1>, gemv_tile_avx2<2>, gemv_tile_avx2<3>, gemv_tile_avx2<4>,
     gemv_tile_avx2<5>, gemv_tile_avx2<6>, gemv_tile_avx2<7>, gemv_tile_avx2<8>};
@@ -641,12 +673,21 @@ void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& 
 
 void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x,
                int64_t ldx, int64_t batch, float* y, int64_t ldy, const float* bias) {
-  const GemvTile* tiles = avx512_kernels() ? kGemvTiles : kGemvTilesAvx2;
+  const bool avx512 = avx512_kernels();
   for (int64_t m = 0; m < rows; m += kGemvRows) {
     const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
-    for (int64_t b = 0; b < batch; ++b) {  // the block's rows from L1 after the first
-      tiles[height](depth, w + m * ldw, ldw, x + b * ldx, y + b * ldy + m,
-                    bias == nullptr ? nullptr : bias + m);
+    const float* block_bias = bias == nullptr ? nullptr : bias + m;
+    for (int64_t b = 0; b < batch;) {  // the block's rows from L1 after the first pass
+      if (!avx512) {
+        kGemvTilesAvx2[height](depth, w + m * ldw, ldw, x + b * ldx, y + b * ldy + m,
+                               block_bias);
+        ++b;
+        continue;
+      }
+      const int64_t count = gemv_batch_tile(batch - b);
+      kGemvTiles[count][height](depth, w + m * ldw, ldw, x + b * ldx, ldx, y + b * ldy + m,
+                                ldy, block_bias);
+      b += count;
     }
   }
 }
@@ -746,31 +787,48 @@ namespace {
 
 // y[r] = w[r, :K] . x + bias[r] for kRows rows of bfloat16 w and x: bfloat16 pair products
 // (vdpbf16ps) summed in float32 lanes, 32 of K at a time, the lanes summed at the end.
-template <int kRows>
+template <int kRows, int kBatch>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_tile_bf16(
-    int64_t depth, const uint16_t* w, int64_t ldw, const uint16_t* x, float* y,
-    const float* bias) {
-  __m512 acc[kRows];
+    int64_t depth, const uint16_t* w, int64_t ldw, const uint16_t* x, int64_t ldx, float* y,
+    int64_t ldy, const float* bias) {
+  __m512 acc[kBatch][kRows];
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < kBatch; ++b) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) acc[b][r] = _mm512_setzero_ps();
+  }
   for (int64_t k = 0; k < depth; k += 32) {
     const __mmask32 mask = depth - k >= 32 ? ~__mmask32(0)
                                            : static_cast<__mmask32>((1ull << (depth - k)) - 1);
-    const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
+    __m512bh xk[kBatch];
+#pragma GCC unroll 8
+    for (int b = 0; b < kBatch; ++b) {
+      xk[b] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + b * ldx + k);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ldw + k),
-                                xk);
+      __m512i wr = _mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
+      if (kBatch > 1) asm("" : "+v"(wr));  // one load: GCC would fold it into every product
+#pragma GCC unroll 8
+      for (int b = 0; b < kBatch; ++b) {
+        acc[b][r] = _mm512_dpbf16_ps(acc[b][r], (__m512bh)wr, xk[b]);
+      }
     }
   }
-  store_row_sums<kRows>(acc, y, bias);
+#pragma GCC unroll 8
+  for (int b = 0; b < kBatch; ++b) store_row_sums<kRows>(acc[b], y + b * ldy, bias);
 }
 
-using GemvTileBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, float*,
-                              const float*);
-constexpr GemvTileBf16 kGemvTilesBf16[kGemvRows + 1] = {
-    nullptr, gemv_tile_bf16<1>, gemv_tile_bf16<2>, gemv_tile_bf16<3>, gemv_tile_bf16<4>,
-    gemv_tile_bf16<5>, gemv_tile_bf16<6>, gemv_tile_bf16<7>, gemv_tile_bf16<8>};
+using GemvTileBf16 = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t,
+                              float*, int64_t, const float*);
+template <int kBatch>
+constexpr std::array<GemvTileBf16, kGemvRows + 1> gemv_tiles_bf16() {
+  return {nullptr, gemv_tile_bf16<1, kBatch>, gemv_tile_bf16<2, kBatch>,
+          gemv_tile_bf16<3, kBatch>, gemv_tile_bf16<4, kBatch>, gemv_tile_bf16<5, kBatch>,
+          gemv_tile_bf16<6, kBatch>, gemv_tile_bf16<7, kBatch>, gemv_tile_bf16<8, kBatch>};
+}
+constexpr std::array<GemvTileBf16, kGemvRows + 1> kGemvTilesBf16[kGemvBatchTile + 1] = {
+    {}, gemv_tiles_bf16<1>(), gemv_tiles_bf16<2>(), gemv_tiles_bf16<3>()};
 
 }  // namespace
 
@@ -779,9 +837,11 @@ void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
                     const float* bias) {
   for (int64_t m = 0; m < rows; m += kGemvRows) {
     const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
-    for (int64_t b = 0; b < batch; ++b) {  // the block's rows from L1 after the first
-      kGemvTilesBf16[height](depth, w + m * ldw, ldw, x + b * ldx, y + b * ldy + m,
-                             bias == nullptr ? nullptr : bias + m);
+    for (int64_t b = 0; b < batch;) {  // as gemv_rows
+      const int64_t count = gemv_batch_tile(batch - b);
+      kGemvTilesBf16[count][height](depth, w + m * ldw, ldw, x + b * ldx, ldx, y + b * ldy + m,
+                                    ldy, bias == nullptr ? nullptr : bias + m);
+      b += count;
     }
   }
 }

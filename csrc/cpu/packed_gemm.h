@@ -127,8 +127,8 @@ void packed_gemm(int64_t rows, const float* a, int64_t lda, const PackedMatrix& 
 // y [B, N] (rows ldy apart) = x [B, K] (rows ldx apart) w [N, K]^T + bias [N] (bias may be
 // null) on the calling thread, for a few rows of activations (a step at batch <= 4): each
 // weight read once where it lies (rows of w ldw apart, no packing), in blocks of 8 rows, each
-// block's dot products with every row of x in turn while the block stays in L1; each a sum
-// over K in vector lanes. Only where packed_gemm_supported().
+// block's dot products with up to 3 rows of x at once (AVX-512; AVX2: one), again from L1 for
+// the next rows of x; each a sum over K in vector lanes. Only where packed_gemm_supported().
 void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const float* x,
                int64_t ldx, int64_t batch, float* y, int64_t ldy, const float* bias);
 
