@@ -785,8 +785,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void to_bfloat16
 
 namespace {
 
-// y[r] = w[r, :K] . x + bias[r] for kRows rows of bfloat16 w and x: bfloat16 pair products
-// (vdpbf16ps) summed in float32 lanes, 32 of K at a time, the lanes summed at the end.
+// gemv_tile for bfloat16 w and x: bfloat16 pair products (vdpbf16ps) summed in float32 lanes,
+// 32 of K at a time, each load of w feeding kBatch rows of x; the lanes summed at the end.
 template <int kRows, int kBatch>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_tile_bf16(
     int64_t depth, const uint16_t* w, int64_t ldw, const uint16_t* x, int64_t ldx, float* y,

@@ -2,11 +2,12 @@
 
 Keras has no public way to replace how a recurrent layer runs, so this sets methods on Keras'
 own classes in its private modules (keras.src.layers.rnn): `call` and `inner_loop` of LSTM, GRU
-and SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py), and `__call__` of the
-four layers skips Keras' generic per-call work where it has nothing to do (layer_call.py); `inner_loop` of RNN
-(keras.layers.RNN over any cell) still runs Keras' loop and says so, once per cell class. Every
-instance, existing or new, and every reference to these classes (keras.layers.LSTM, a model
-loaded from a file) then runs on fastrnn; classes, configs and saved files stay Keras' own.
+and SimpleRNN and `call` of Bidirectional become fastrnn's (recurrence.py), `__call__` of the
+four skips Keras' generic per-call work where it has nothing to do (layer_call.py), and
+`inner_loop` of RNN (keras.layers.RNN over any cell) still runs Keras' loop and says so, once per
+cell class. Every instance, existing or new, and every reference to these classes
+(keras.layers.LSTM, a model loaded from a file) then runs on fastrnn; classes, configs and saved
+files stay Keras' own.
 `uninstall()` puts Keras' methods back. Only a tested Keras version is patched: on any other,
 install() raises and changes nothing.
 """

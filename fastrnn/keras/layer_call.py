@@ -6,11 +6,11 @@ builds, resolves `training` and the mask, and sets up name and autocast scopes: 
 a call on this project's CPU, which is 8% of a 2 ms SimpleRNN call. For an eager call that
 fastrnn runs as one call (recurrence.serves_at_once, recurrence.fuses) and that Keras would only
 pass through (a built layer, one torch tensor in its input dtype, `mask` and `training` the only
-keywords, no autocast, distribution or activity regularizer), `layer_call` does what Keras'
-method does for it, in the same order, and nothing else: the input check, the mask taken from
-the input, `training` resolved and passed on to the call context, the torch module call (its
-hooks run), and the output mask. Any other call runs Keras' own method. The steps copied are
-Keras 3.15's, so only the tested Keras versions take this path.
+keywords; no autocast, distribution, activity regularizer, remat, quantization or torch module
+hooks), `layer_call` does what Keras' method does for it, in the same order, and nothing else:
+the input check, the mask taken from the input, `training` resolved and passed on to the call
+context, the call, and the output mask. Any other call runs Keras' own method. The steps copied
+are Keras 3.15's, so only the tested Keras versions take this path.
 """
 
 from __future__ import annotations
