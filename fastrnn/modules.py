@@ -246,8 +246,7 @@ class RNNBase(torch_rnn.RNNBase):
         (output, hidden) as the general path gives them, with none of its per-layer work (~30 us
         of Python at B1). None for any other call, valid or not: the general path then runs it,
         or raises torch.nn's error."""
-        if (self.num_layers != 1 or self.bidirectional or self.proj_size or input.dim() != 3
-                or torch.is_autocast_enabled(input.device.type)):
+        if self.num_layers != 1 or self.bidirectional or self.proj_size or input.dim() != 3:
             return None
         time_dim = 1 if self.batch_first else 0
         batch = input.shape[1 - time_dim]
@@ -281,13 +280,13 @@ class RNNBase(torch_rnn.RNNBase):
                 return None
             h = hx
         cell = CELLS_BY_MODE[self.mode]
-        if not (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (input, h, c, w_ih, w_hh, b_ih, b_hh))):
-            result = inference_step(cell, self.backend, input, h, c, w_ih, w_hh, b_ih, b_hh,
-                                    self.batch_first)
-            if result is not None:
-                output, h_n, c_n = result
-                return output, ((h_n, c_n) if is_lstm else h_n)
+        result = inference_step(cell, self.backend, input, h, c, w_ih, w_hh, b_ih, b_hh,
+                                self.batch_first)  # runs nothing under autocast
+        if result is not None:
+            output, h_n, c_n = result
+            return output, ((h_n, c_n) if is_lstm else h_n)
+        if torch.is_autocast_enabled(input.device.type):
+            return None
         if h is None:
             h = c = input.new_zeros(batch, self.hidden_size)
         else:

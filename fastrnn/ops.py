@@ -339,8 +339,9 @@ def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
     (LSTM) -> (h' [B, H], c' [B, H] or None).
 
     On the CPU one native call, the cpu backend's cell_step: projection, recurrent product and
-    cell, differentiated by a native autograd node (its backward is cell_step_backward). On
-    CUDA, where a step is bound by its kernel launches, torch.nn's own step (`torch._VF.*_cell`:
+    cell, differentiated by a native autograd node (its backward is cell_step_backward); a step
+    that needs no gradient calls the kernel without torch's dispatcher where the call allows
+    (csrc/cpu/step_binding.cpp). On CUDA, where a step is bound by its kernel launches, torch.nn's own step (`torch._VF.*_cell`:
     two GEMMs and one fused cell kernel for LSTM and GRU), which the layer kernels cannot
     undercut at T = 1; so too where the torch backend is asked for, or auto finds no cpu
     kernels. None where the step must run through the layer ops instead: another backend asked
@@ -348,6 +349,11 @@ def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
     forward-mode AD, a tensor subclass, or an empty problem.
     """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if (_CELL_STEP_DIRECT is not None and backends.requested_backend(backend or None) in _CPU
+            and not (torch.compiler.is_compiling() or torch._C._has_torch_function(tensors))):
+        step = _CELL_STEP_DIRECT(cell.name, *tensors)  # None where a gradient is wanted
+        if step is not None:
+            return step
     where = _direct_step_device(backend, tensors)
     if not where or 0 in (x.shape[0], x.shape[1], h.shape[1]):
         return None
@@ -364,8 +370,18 @@ def inference_step(cell: CellSpec, backend: Optional[str], input: Tensor, h0: Op
     """A one-layer, one-direction call of one step that needs no gradient as one native call:
     input [1, B, I] ([B, 1, I] batch_first), h0 and c0 (LSTM) [1, B, H] or None (zeros) ->
     (output like input with H features, h_n [1, B, H], c_n [1, B, H] or None), as the layer
-    path gives them. None where the native step does not run it (see direct_step)."""
+    path gives them. None where a gradient is wanted, autocast is on or the native step does
+    not run it (see direct_step). Where the op would only run its CPU kernel, that kernel is
+    called without torch's dispatcher (csrc/cpu/step_binding.cpp, which checks the rest)."""
     tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    if (_LAYER_STEP_DIRECT is not None and backends.requested_backend(backend or None) in _CPU
+            and not (torch.compiler.is_compiling() or torch._C._has_torch_function(tensors))):
+        result = _LAYER_STEP_DIRECT(cell.name, *tensors, batch_first)
+        if result is not None:
+            return result
+    if torch.is_autocast_enabled(input.device.type) or torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors):
+        return None
     if (_direct_step_device(backend, tensors) != "cpu" or 0 in input.shape
             or w_hh.shape[1] == 0):
         return None
@@ -390,7 +406,7 @@ def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tenso
     first."""
     name = backends.requested_backend(backend or None)
     x = tensors[0]
-    if x.is_cpu and name in ("auto", "cpu") and (_CELL_STEP is not None or _load_step_op()):
+    if x.is_cpu and name in _CPU and (_CELL_STEP is not None or _load_step_op()):
         if x.dtype is not torch.float32 and x.dtype is not torch.bfloat16:
             return ""
         for tensor in tensors:
@@ -413,16 +429,20 @@ def _direct_step_device(backend: Optional[str], tensors: Sequence[Optional[Tenso
 
 
 _CELL_STEP = _LAYER_STEP = None  # the native step ops, once loaded
+# layer_step and cell_step_forward without the dispatcher (once loaded, where they are built)
+_LAYER_STEP_DIRECT = _CELL_STEP_DIRECT = None
+_CPU = ("auto", "cpu")
 
 
 def _load_step_op() -> bool:
     """Look the cpu backend's step op up once; False where its kernels are not available."""
-    global _CELL_STEP, _LAYER_STEP
+    global _CELL_STEP, _LAYER_STEP, _LAYER_STEP_DIRECT, _CELL_STEP_DIRECT
     cpu = backends._load("cpu")
     if cpu is None or not cpu.available()[0]:
         return False
     _CELL_STEP = torch.ops.fastrnn_cpu.cell_step.default
     _LAYER_STEP = torch.ops.fastrnn_cpu.layer_step.default
+    _LAYER_STEP_DIRECT, _CELL_STEP_DIRECT = cpu.direct_steps()
     return True
 
 

@@ -405,6 +405,29 @@ def test_module_matches_reference(case, dtype):
         assert error <= allowed, f"error {error:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_a_step_from_no_state_equals_a_step_from_zeros(mode, dtype, poisoned_empty):
+    """Without hx a T = 1 call multiplies W_hh by one zero row for all batch rows: bit for bit
+    what zeros given as hx give, at every batch size (dot products, ATen, packed GEMMs), an inf
+    and a NaN in W_hh turning the same rows to NaN."""
+    torch.manual_seed(13)
+    for batch in (1, 2, 3, 4, 5, 12, 17):
+        layer = getattr(fastrnn, mode)(9, 20).to(dtype)
+        with torch.no_grad():
+            layer.weight_hh_l0[3, 5] = float("nan")
+            layer.weight_hh_l0[-1, 0] = float("inf")
+        x = torch.randn(1, batch, 9, dtype=dtype)
+        zeros = torch.zeros(1, batch, 20, dtype=dtype)
+        with torch.no_grad():
+            got = layer(x)
+            want = layer(x, (zeros, zeros) if mode == "LSTM" else zeros)
+        leaves = torch.utils._pytree.tree_leaves
+        for g, w in zip(leaves(got), leaves(want)):
+            assert g.isnan().any(), "the NaN reached nothing"
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_layers_large_enough_for_the_onednn_gemms(cell):
     """Per-step GEMMs of B64 x H256 x G*H (over 2^23 multiply-adds) take the oneDNN path where

@@ -6,6 +6,7 @@ ops, and on a GPU, CUDA-graph capture and the kernel count of a step."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -707,3 +708,128 @@ def test_a_cuda_step_launches_no_more_kernels_than_torch(name):
     ours, theirs = _kernels_per_step(fast_cell, x, state), _kernels_per_step(torch_cell, x, state)
     print(f"{name} cell step on CUDA: fastrnn {ours} kernels, torch.nn {theirs}")
     assert ours <= theirs
+
+
+# ---- steps without gradients call the kernel without the dispatcher (step_binding.cpp) -------
+def _no_op_call(*args, **kwargs):
+    raise AssertionError("the step ran the op through the dispatcher")
+
+
+@pytest.fixture
+def direct_steps():
+    """ops' functions that skip the dispatcher, loaded (the extension is a module here)."""
+    assert ops._CELL_STEP is not None or ops._load_step_op()
+    if ops._LAYER_STEP_DIRECT is None:
+        pytest.skip("the kernels were compiled on first use, not built as a module")
+    return ops._LAYER_STEP_DIRECT, ops._CELL_STEP_DIRECT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_steps_without_gradients_skip_the_dispatcher(mode, dtype, direct_steps, monkeypatch,
+                                                     poisoned_empty):
+    """Under no_grad and inference_mode, and on tensors that want no gradient, a T = 1 layer
+    call and a cell step run without the ops (made to raise here) and give what they give;
+    with a gradient wanted they run the ops."""
+    torch.manual_seed(11)
+    layer = getattr(fastrnn, mode)(6, 8).to(dtype)
+    cell = getattr(fastrnn, mode + "Cell")(6, 8).to(dtype)
+    x = torch.randn(1, 3, 6, dtype=dtype)
+    hx = torch.randn(1, 3, 8, dtype=dtype)
+    layer_state = (hx, hx.neg()) if mode == "LSTM" else hx
+    cell_state = (hx[0], hx[0].neg()) if mode == "LSTM" else hx[0]
+    with torch.no_grad():  # through the ops
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+            want = [layer(x, layer_state), layer(x), cell(x[0], cell_state)]
+    monkeypatch.setattr(ops, "_LAYER_STEP", _no_op_call)
+    monkeypatch.setattr(ops, "_CELL_STEP", _no_op_call)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            got = [layer(x, layer_state), layer(x), cell(x[0], cell_state)]
+        assert torch.equal(torch.cat([t.flatten() for t in pytree_leaves(got)]),
+                           torch.cat([t.flatten() for t in pytree_leaves(want)]))
+    for parameter in (*layer.parameters(), *cell.parameters()):
+        parameter.requires_grad_(False)
+    assert torch.equal(layer(x, layer_state)[0], want[0][0])
+    for parameter in (*layer.parameters(), *cell.parameters()):
+        parameter.requires_grad_(True)
+    with pytest.raises(AssertionError, match="through the dispatcher"):
+        layer(x, layer_state)  # a gradient wanted: the differentiable op (here the cell step's)
+
+
+def pytree_leaves(tree):
+    return torch.utils._pytree.tree_leaves(tree)
+
+
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("where", ["grad wanted", "autocast", "dispatch mode", "profiler",
+                                   "torch.func.vmap", "forward-mode AD", "jit.trace",
+                                   "fake tensors", "float64", "two dtypes", "empty batch"])
+def test_direct_steps_leave_calls_to_the_dispatcher(where, direct_steps):
+    """Where anything stands between an op call and its CPU kernel, or the kernel does not take
+    the tensors, the functions return None (the caller runs the op); otherwise what the ops
+    give."""
+    layer_step, cell_step = direct_steps
+    torch.manual_seed(12)
+    x, h, c = torch.randn(3, 5), torch.randn(3, 4), torch.randn(3, 4)
+    w_ih, w_hh, b_ih, b_hh = torch.randn(16, 5), torch.randn(16, 4), torch.randn(16), \
+        torch.randn(16)
+
+    def calls(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return [layer_step("lstm", x[None], h[None], c[None], w_ih, w_hh, b_ih, b_hh, False),
+                layer_step("lstm", x[None], None, None, w_ih, w_hh, b_ih, b_hh, False),
+                cell_step("lstm", x, h, c, w_ih, w_hh, b_ih, b_hh)]
+
+    tensors = [x, h, c, w_ih, w_hh, b_ih, b_hh]
+    with torch.no_grad():
+        plain = calls(*tensors)
+        ops_results = [
+            torch.ops.fastrnn_cpu.layer_step("lstm", x[None], h[None], c[None], w_ih, w_hh, b_ih,
+                                             b_hh, False),
+            torch.ops.fastrnn_cpu.layer_step("lstm", x[None], None, None, w_ih, w_hh, b_ih, b_hh,
+                                             False),
+            torch.ops.fastrnn_cpu.cell_step_forward("lstm", x, h, c, w_ih, w_hh, b_ih, b_hh,
+                                                    False)[:2]]
+    for got, want in zip(plain, ops_results):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+    results = []
+    with contextlib.ExitStack() as stack:
+        if where == "grad wanted":
+            tensors[0] = x.clone().requires_grad_()
+        elif where == "autocast":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        elif where == "dispatch mode":
+            stack.enter_context(_PassThrough())
+        elif where == "profiler":
+            stack.enter_context(torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]))
+        elif where == "forward-mode AD":
+            stack.enter_context(torch.autograd.forward_ad.dual_level())
+            tensors[0] = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        elif where == "fake tensors":
+            mode = torch._subclasses.fake_tensor.FakeTensorMode()
+            tensors = [mode.from_tensor(t) for t in tensors]
+        elif where == "float64":
+            tensors = [t.double() for t in tensors]
+        elif where == "two dtypes":
+            tensors[3] = w_ih.double()
+        elif where == "empty batch":
+            tensors[:3] = [t[:0] for t in tensors[:3]]
+        if where == "torch.func.vmap":
+            def record(x):
+                results.extend(calls(x, *tensors[1:]))
+                return x
+            torch.func.vmap(record)(x[None])
+        elif where == "jit.trace":
+            def record(x):
+                results.extend(calls(x, *tensors[1:]))
+                return x * 1
+            torch.jit.trace(record, (x,), check_trace=False)
+        else:
+            results = calls(*tensors)
+    assert results == [None, None, None]

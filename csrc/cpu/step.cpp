@@ -80,10 +80,13 @@ void step_product(int64_t batch, const float* a, int64_t depth, const PackedMatr
 
 // One step forward, float32. x [B, I], h [B, H], c [B, H] (LSTM), w_ih [G*H, I], w_hh [G*H, H],
 // b_ih, b_hh [G*H] or undefined, all contiguous. Writes h_new [B, H], c_new [B, H] (LSTM) and,
-// when defined, workspace [B, W].
+// when defined, workspace [B, W]. zero_h: h is zeros (a layer's default state), so every row of
+// h W_hh^T is that of row 0, multiplied once and copied (its entries are 0 or, where a row of
+// W_hh holds an inf or NaN, NaN, as a product of every row gives them).
 void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, const Tensor& c,
                       const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
-                      const Tensor& b_hh, Tensor& h_new, Tensor& c_new, Tensor& workspace) {
+                      const Tensor& b_hh, bool zero_h, Tensor& h_new, Tensor& c_new,
+                      Tensor& workspace) {
   const int64_t B = x.size(0), I = x.size(1), H = h.size(1), G = info.gates, GH = G * H;
   const bool lstm = info.cell == Cell::kLstm;
   const bool gemv = B <= kGemvBatch;
@@ -107,10 +110,16 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
     } else {
       at::mm_out(x_gates_t, x, w_ih.t());
     }
-    at::mm_out(h_gates_t, h, w_hh.t());
+    if (zero_h) {
+      Tensor first_row = h_gates_t.narrow(0, 0, 1);
+      at::mm_out(first_row, h.narrow(0, 0, 1), w_hh.t());
+      h_gates_t.narrow(0, 1, B - 1).copy_(first_row.expand({B - 1, GH}));
+    } else {
+      at::mm_out(h_gates_t, h, w_hh.t());
+    }
   } else if (!gemv) {
     x_t.pack(x.data_ptr<float>(), I, B, 1, I);
-    h_t.pack(h.data_ptr<float>(), H, B, 1, H);
+    if (!zero_h) h_t.pack(h.data_ptr<float>(), H, B, 1, H);
   }
   if (lstm) std::memcpy(c_new.data_ptr<float>(), c.data_ptr<float>(), sizeof(float) * B * H);
   ForwardStep<float> step{};
@@ -143,8 +152,11 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
       const int64_t first = g * H + j0;
       step_product(B, x.data_ptr<float>(), I, x_t, w_ih.data_ptr<float>(), bias_ih, first,
                    j1 - j0, x_gates, GH, scratch + first * B);
-      step_product(B, h.data_ptr<float>(), H, h_t, w_hh.data_ptr<float>(), nullptr, first,
-                   j1 - j0, h_gates, GH, scratch + GH * B + first * B);
+      step_product(zero_h ? 1 : B, h.data_ptr<float>(), H, h_t, w_hh.data_ptr<float>(),
+                   nullptr, first, j1 - j0, h_gates, GH, scratch + GH * B + first * B);
+      for (int64_t b = 1; zero_h && b < B; ++b) {
+        std::memcpy(h_gates + b * GH + first, h_gates + first, sizeof(float) * (j1 - j0));
+      }
     }
     for (int64_t b = 0; b < B; ++b) run_segment(info.cell, step, b, j0, j1);
   });
@@ -154,10 +166,11 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
 // w_ih [G*H, I], w_hh [G*H, H] bfloat16, contiguous; b_ih, b_hh [G*H] float32 or undefined;
 // c [B, H] float32 (LSTM). The products are bfloat16 dot products over the weights as they lie
 // (gemv_rows_bf16), summed in float32; the cell runs in float32. Writes h_new, c_new [B, H]
-// float32 and, when defined, workspace [B, W].
+// float32 and, when defined, workspace [B, W]. zero_h as in step_forward_f32.
 void step_forward_bf16(const CellInfo& info, const Tensor& x, const Tensor& h, const Tensor& c,
                        const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
-                       const Tensor& b_hh, Tensor& h_new, Tensor& c_new, Tensor& workspace) {
+                       const Tensor& b_hh, bool zero_h, Tensor& h_new, Tensor& c_new,
+                       Tensor& workspace) {
   const int64_t B = x.size(0), I = x.size(1), H = h.size(1), GH = info.gates * H;
   const bool lstm = info.cell == Cell::kLstm;
   Tensor buffer = at::empty({2 * B * GH + B * H + B * H}, x.options().dtype(at::kFloat));
@@ -170,7 +183,10 @@ void step_forward_bf16(const CellInfo& info, const Tensor& x, const Tensor& h, c
   };
   const float* bias_ih = b_ih.defined() ? b_ih.data_ptr<float>() : nullptr;
   gemv_rows_bf16(GH, I, bits(w_ih), I, bits(x), I, B, x_gates, GH, bias_ih);
-  gemv_rows_bf16(GH, H, bits(w_hh), H, bits(h), H, B, h_gates, GH, nullptr);
+  gemv_rows_bf16(GH, H, bits(w_hh), H, bits(h), H, zero_h ? 1 : B, h_gates, GH, nullptr);
+  for (int64_t b = 1; zero_h && b < B; ++b) {
+    std::memcpy(h_gates + b * GH, h_gates, sizeof(float) * GH);
+  }
   buffer.narrow(0, 2 * B * GH + B * H, B * H).copy_(h.reshape({-1}));
   if (lstm) c_new.copy_(c);
   Tensor zero_bias = b_hh.defined() ? Tensor() : at::zeros({GH}, buffer.options());
@@ -218,15 +234,15 @@ Tensor outer_sum(const Tensor& g, const Tensor& a) {
   return result;
 }
 
-// (h_new [B, H], c_new [B, H] or [0], workspace [B, W] or [0, W]): one step of cell `cell`, see
-// above; the workspace is what cell_step_backward needs (keep_workspace), in the layout of a
-// layer's workspace at T = 1, D = 1.
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
-    std::string_view cell, const Tensor& x, const Tensor& h, const std::optional<Tensor>& c,
-    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-    const std::optional<Tensor>& b_hh, bool keep_workspace) {
+// One step of cell `cell` (see above) into h_new and c_new (LSTM; else unused): B*H contiguous
+// elements each, of x's dtype, in any shape. Returns the workspace [B, W] (in the compute dtype:
+// float32 for the half types, as a layer's) when keep_workspace, what cell_step_backward needs,
+// in the layout of a layer's workspace at T = 1, D = 1; else an undefined tensor. zero_h: h is
+// zeros (step_forward_f32).
+Tensor step_forward(std::string_view cell, const Tensor& x, const Tensor& h,
+                    const std::optional<Tensor>& c, const Tensor& w_ih, const Tensor& w_hh,
+                    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                    bool keep_workspace, bool zero_h, Tensor& h_new, Tensor& c_new) {
   const at::NoGradGuard no_grad;  // the op is differentiated by its callers (ops._EagerStep)
   const CellInfo info = cell_info(cell);
   const bool lstm = info.cell == Cell::kLstm;
@@ -235,38 +251,33 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
                   w_hh.dim() == 2 && w_ih.size(0) == GH && w_ih.size(1) == x.size(1) &&
                   w_hh.size(0) == GH && w_hh.size(1) == H && (!lstm || c.has_value()),
               "fastrnn cpu: cell step shapes do not match");
-  const auto options = x.options();
   const auto dtype = x.scalar_type();
   const int64_t W = info.workspace_gates * H;
-  Tensor h_new = at::empty({B, H}, options);
-  Tensor c_new = lstm ? at::empty({B, H}, options) : at::empty({0}, options);
-  // the workspace in the compute dtype (float32 for the half types), as a layer's
-  const auto ws_options = options.dtype(compute_type(dtype));
-  Tensor workspace = keep_workspace ? at::empty({B, W}, ws_options) : at::empty({0, W}, ws_options);
+  const auto ws_options = x.options().dtype(compute_type(dtype));
+  Tensor workspace = keep_workspace ? at::empty({B, W}, ws_options) : Tensor();
   const auto all_of = [&](at::ScalarType type) {
     return dtype == type && h.scalar_type() == type && w_ih.scalar_type() == type &&
            w_hh.scalar_type() == type && B > 0 && H > 0 && x.size(1) > 0;
   };
   if (all_of(at::kBFloat16) && packed_gemm_bf16_supported() && B <= kGemvBatch) {
-    Tensor ws = keep_workspace ? workspace : Tensor();
     Tensor h_float = at::empty({B, H}, ws_options);
     Tensor c_float = lstm ? at::empty({B, H}, ws_options) : Tensor();
     step_forward_bf16(info, x.contiguous(), h.contiguous(), lstm ? c->to(at::kFloat) : Tensor(),
                       w_ih.contiguous(), w_hh.contiguous(),
                       to_compute(value_or_undefined(b_ih), at::kFloat),
-                      to_compute(value_or_undefined(b_hh), at::kFloat), h_float, c_float, ws);
-    h_new.copy_(h_float);
-    if (lstm) c_new.copy_(c_float);
-    return {h_new, c_new, workspace};
+                      to_compute(value_or_undefined(b_hh), at::kFloat), zero_h, h_float,
+                      c_float, workspace);
+    h_new.view({B, H}).copy_(h_float);
+    if (lstm) c_new.view({B, H}).copy_(c_float);
+    return workspace;
   }
-  const bool direct = all_of(at::kFloat) && use_packed_gemm<float>();
-  if (direct) {
-    Tensor ws = keep_workspace ? workspace : Tensor();
+  if (all_of(at::kFloat) && use_packed_gemm<float>()) {
     step_forward_f32(info, x.contiguous(), h.contiguous(),
                      lstm ? c->contiguous().to(at::kFloat) : Tensor(), w_ih.contiguous(),
                      w_hh.contiguous(), to_compute(value_or_undefined(b_ih), at::kFloat),
-                     to_compute(value_or_undefined(b_hh), at::kFloat), h_new, c_new, ws);
-    return {h_new, c_new, workspace};
+                     to_compute(value_or_undefined(b_hh), at::kFloat), zero_h, h_new, c_new,
+                     workspace);
+    return workspace;
   }
   // elsewhere: the layer kernel at T = 1
   auto [output, h_n, c_n, layer_workspace] = layer_forward_from_input(
@@ -274,13 +285,36 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
       lstm ? std::optional<Tensor>(c->unsqueeze(0)) : std::nullopt, w_hh.unsqueeze(0),
       b_hh.has_value() ? std::optional<Tensor>(b_hh->unsqueeze(0)) : std::nullopt, std::nullopt,
       std::nullopt, keep_workspace);
-  h_new.copy_(h_n[0]);
-  if (lstm) c_new.copy_(c_n[0]);
+  h_new.view({B, H}).copy_(h_n[0]);
+  if (lstm) c_new.view({B, H}).copy_(c_n[0]);
   if (keep_workspace) workspace.copy_(layer_workspace.view({B, W}));
+  return workspace;
+}
+
+}  // namespace
+
+// (h_new [B, H], c_new [B, H] or [0], workspace [B, W] or [0, W]): one step of cell `cell`, see
+// step_forward.
+std::tuple<Tensor, Tensor, Tensor> cell_step_forward(
+    std::string_view cell, const Tensor& x, const Tensor& h, const std::optional<Tensor>& c,
+    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+    const std::optional<Tensor>& b_hh, bool keep_workspace) {
+  const CellInfo info = cell_info(cell);
+  const bool lstm = info.cell == Cell::kLstm;
+  const int64_t B = x.size(0), H = h.size(1);
+  Tensor h_new = at::empty({B, H}, x.options());
+  Tensor c_new = lstm ? at::empty({B, H}, x.options()) : at::empty({0}, x.options());
+  Tensor workspace = step_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace, false,
+                                  h_new, c_new);
+  if (!keep_workspace) {
+    workspace = at::empty({0, info.workspace_gates * H},
+                          x.options().dtype(compute_type(x.scalar_type())));
+  }
   return {h_new, c_new, workspace};
 }
 
-// layer_step (rnn_ops.h): cell_step_forward with a layer's shapes around it.
+// layer_step (rnn_ops.h): step_forward with a layer's shapes around it; without h0 the recurrent
+// product is that of one zero row.
 std::vector<Tensor> layer_step(std::string_view cell, const Tensor& input,
                                const std::optional<Tensor>& h0, const std::optional<Tensor>& c0,
                                const Tensor& w_ih, const Tensor& w_hh,
@@ -290,20 +324,23 @@ std::vector<Tensor> layer_step(std::string_view cell, const Tensor& input,
   TORCH_CHECK(input.dim() == 3 && input.size(batch_first ? 1 : 0) == 1 && w_hh.dim() == 2,
               "fastrnn cpu: layer_step takes one step of a batched input");
   const int64_t B = input.size(batch_first ? 0 : 1), H = w_hh.size(1);
+  const auto options = input.options();
   const auto state = [&](const std::optional<Tensor>& given) {  // [1, B, H] or zeros -> [B, H]
-    if (!given.has_value()) return at::zeros({B, H}, input.options());
+    if (!given.has_value()) return at::zeros({B, H}, options);
     TORCH_CHECK(given->dim() == 3 && given->size(0) == 1 && given->size(1) == B &&
                     given->size(2) == H, "fastrnn cpu: layer_step state shapes do not match");
     return given->reshape({B, H});
   };
-  const Tensor h = state(h0);
-  auto [h_new, c_new, workspace] = cell_step_forward(
-      cell, input.reshape({B, input.size(2)}), h,
-      lstm ? std::optional<Tensor>(state(c0)) : std::nullopt, w_ih, w_hh,
-      b_ih, b_hh, false);
-  Tensor h_n = h_new.unsqueeze(0);
-  std::vector<Tensor> result{batch_first ? h_new.unsqueeze(1).clone() : h_n.clone(), h_n};
-  if (lstm) result.push_back(c_new.unsqueeze(0));
+  std::vector<Tensor> result{at::empty(batch_first ? at::IntArrayRef{B, 1, H}
+                                                   : at::IntArrayRef{1, B, H}, options),
+                             at::empty({1, B, H}, options)};
+  Tensor c_n = lstm ? at::empty({1, B, H}, options) : Tensor();
+  step_forward(cell, input.reshape({B, input.size(2)}), state(h0),
+               lstm ? std::optional<Tensor>(state(c0)) : std::nullopt, w_ih, w_hh, b_ih, b_hh,
+               false, !h0.has_value(), result[1], c_n);
+  // the output a tensor of its own, as torch.nn's ([B, 1, H] and [1, B, H] lie alike)
+  std::memcpy(result[0].data_ptr(), result[1].data_ptr(), result[1].nbytes());
+  if (lstm) result.push_back(c_n);
   return result;
 }
 
