@@ -209,9 +209,38 @@ def test_steps_equal_one_step_calls():
     check_steps_equal_one_step_calls()
 
 
+def check_zero_states_read_no_weights():
+    """A step whose rows of h are all zero (the first from a zero state) does not read W_hh: a
+    zero row's results are bit for bit those the kernels give it beside a nonzero row (which
+    reads W_hh), and a weight row with an infinity (a scale of inf) is NaN in both."""
+    torch.manual_seed(4)
+    for kind, hidden in (("LSTM", 40), ("GRU", 33), ("RNN", 17)):
+        float_module = getattr(fastrnn, kind)(12, hidden)
+        with torch.no_grad():
+            float_module.weight_hh_l0[1, 2] = float("inf")
+        module = quantized.int8_module(float_module)
+        x = torch.randn(1, 2, 12)
+        zeros = torch.zeros(1, 2, hidden)
+        mixed = zeros.clone()
+        mixed[0, 1] = torch.randn(hidden)
+        with torch.no_grad():
+            skipped = module(x, (zeros, zeros) if kind == "LSTM" else zeros)
+            read = module(x, (mixed, zeros) if kind == "LSTM" else mixed)
+        for a, b in zip(torch.utils._pytree.tree_leaves(skipped),
+                        torch.utils._pytree.tree_leaves(read)):
+            assert a[..., 0, 1].isnan().all() and not a[..., 0, 0].isnan().any()
+            torch.testing.assert_close(a[..., 0, :], b[..., 0, :], rtol=0, atol=0,
+                                       equal_nan=True)
+
+
+def test_zero_states_read_no_weights():
+    check_zero_states_read_no_weights()
+
+
 def check_all_cases() -> int:
     """Every case as the test above checks them; the number checked."""
     check_steps_equal_one_step_calls()
+    check_zero_states_read_no_weights()
     count = 0
     for case in CASES:
         for packed in (False, True):

@@ -44,7 +44,9 @@ void quantize_rows(const float* x, int64_t rows, int64_t depth, int64_t ldx, int
 // w_scale [rows], w_sum [rows] (the sum of each row of w); x: int8 rows ldx apart (quantize_rows,
 // ldx >= depth rounded up to 4), x_scale [batch]. backwards: the panels are read last to first
 // (the sums are exact, so y is the same): a recurrence that reads its weights in turns, each turn
-// from where the last one ended, finds the part it read last still in the L2 cache.
+// from where the last one ended, finds the part it read last still in the L2 cache. Where every
+// row of x is zero (x_scale 0) the weights are not read: y is 0 * (0 * w_scale) (+ bias), as the
+// kernels give it (NaN where a scale is not finite).
 void gemm_int8(int64_t rows, int64_t depth, const int8_t* panels, const float* w_scale,
                const int32_t* w_sum, const int8_t* x, int64_t ldx, const float* x_scale,
                int64_t batch, float* y, int64_t ldy, const float* bias, bool backwards = false);
