@@ -154,8 +154,13 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
   const int64_t groups =
       projects ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                              B / kRowsPerGroup));
+  // A single step from a zero state has no product to split (gemm_int8 reads no weights).
+  const Tensor h_initial = h0.contiguous();
+  const float* h_first = h_initial.data_ptr<float>();
+  const bool cells_only =
+      T_ == 1 && std::all_of(h_first, h_first + D * B * P, [](float v) { return v == 0.0f; });
   const int64_t block_units =
-      projects || groups > 1 || GH * P < kSplitBytes ? H : units_per_block(H);
+      projects || groups > 1 || cells_only || GH * P < kSplitBytes ? H : units_per_block(H);
   const int64_t blocks = (H + block_units - 1) / block_units;
   const int64_t h_stride = int8_row_stride(P);
   // What one block of units (or group of rows) works in: W_hh h of its units [B, G*units], h
@@ -177,7 +182,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_forward_int8(std::string_view cell, con
   std::vector<float> h_unprojected(projects ? B * H : 0), projected(projects ? B * P : 0);
   std::vector<int8_t> u_q(projects ? B * int8_row_stride(H) : 0);
   std::vector<float> u_scale(projects ? B : 0);
-  const Tensor h_initial = h0.contiguous();
   const Tensor c_initial = lstm ? c0->contiguous() : Tensor();
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = d == 1;
