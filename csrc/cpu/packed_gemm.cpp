@@ -529,48 +529,67 @@ __attribute__((target("avx512f"))) void gemv_tile(int64_t depth, const float* w,
   for (int b = 0; b < kBatch; ++b) store_row_sums<kRows>(acc[b], y + b * ldy, bias);
 }
 
-// The AVX2/FMA gemv_tile: 8 lanes of K at a time.
-template <int kRows>
+// The sums of the 8 lanes of acc[0 .. 4) as 4 floats, each ((l0 + l1) + (l2 + l3)) +
+// ((l4 + l5) + (l6 + l7)): the order of every AVX2 gemv tile, whatever its rows, so that a row's
+// sum does not depend on the tile it falls in.
+__attribute__((target("avx2,fma"))) inline __m128 row_sums4_avx2(__m256 a0, __m256 a1,
+                                                                 __m256 a2, __m256 a3) {
+  const __m256 quads = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1));
+}
+
+// The AVX2/FMA gemv_tile: 8 lanes of K at a time, kRows rows of w by kBatch rows of x (each
+// load of w feeding kBatch FMAs; kBatch * kRows + kBatch + 1 <= 16 registers).
+template <int kRows, int kBatch>
 __attribute__((target("avx2,fma"))) void gemv_tile_avx2(int64_t depth, const float* w,
-                                                        int64_t ldw, const float* x, float* y,
+                                                        int64_t ldw, const float* x,
+                                                        int64_t ldx, float* y, int64_t ldy,
                                                         const float* bias) {
-  __m256 acc[kRows];
+  __m256 acc[kBatch][kRows];
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  for (int b = 0; b < kBatch; ++b) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) acc[b][r] = _mm256_setzero_ps();
+  }
   int64_t k = 0;
   for (; k + 8 <= depth; k += 8) {
-    const __m256 xk = _mm256_loadu_ps(x + k);
+    __m256 xk[kBatch];
+#pragma GCC unroll 8
+    for (int b = 0; b < kBatch; ++b) xk[b] = _mm256_loadu_ps(x + b * ldx + k);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * ldw + k), xk, acc[r]);
+      __m256 wr = _mm256_loadu_ps(w + r * ldw + k);
+      if (kBatch > 1) asm("" : "+x"(wr));  // one load: GCC would fold it into every FMA
+#pragma GCC unroll 8
+      for (int b = 0; b < kBatch; ++b) acc[b][r] = _mm256_fmadd_ps(wr, xk[b], acc[b][r]);
     }
   }
   if (k < depth) {
     const __m256i mask = lane_mask(depth - k);
-    const __m256 xk = _mm256_maskload_ps(x + k, mask);
+    __m256 xk[kBatch];
+#pragma GCC unroll 8
+    for (int b = 0; b < kBatch; ++b) xk[b] = _mm256_maskload_ps(x + b * ldx + k, mask);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w + r * ldw + k, mask), xk, acc[r]);
+      const __m256 wr = _mm256_maskload_ps(w + r * ldw + k, mask);
+#pragma GCC unroll 8
+      for (int b = 0; b < kBatch; ++b) acc[b][r] = _mm256_fmadd_ps(wr, xk[b], acc[b][r]);
     }
   }
-  if constexpr (kRows == 8) {  // 8 sums at once: horizontal adds across the accumulators
-    const __m256 first = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]),
-                                        _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 second = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]),
-                                         _mm256_hadd_ps(acc[6], acc[7]));
-    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(first, second, 0x20),
-                                _mm256_permute2f128_ps(first, second, 0x31));
-    if (bias != nullptr) sums = _mm256_add_ps(sums, _mm256_loadu_ps(bias));
-    _mm256_storeu_ps(y, sums);
-  } else {
 #pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const __m128 quad =
-          _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-      const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-      const __m128 one = _mm_add_ss(pair, _mm_movehdup_ps(pair));
-      y[r] = _mm_cvtss_f32(one) + (bias == nullptr ? 0.0f : bias[r]);
+  for (int b = 0; b < kBatch; ++b) {
+    float sums[8];
+    const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 2
+    for (int r0 = 0; r0 < kRows; r0 += 4) {  // rows past kRows as zeros
+      const __m256 a1 = r0 + 1 < kRows ? acc[b][std::min(r0 + 1, kRows - 1)] : zero;
+      const __m256 a2 = r0 + 2 < kRows ? acc[b][std::min(r0 + 2, kRows - 1)] : zero;
+      const __m256 a3 = r0 + 3 < kRows ? acc[b][std::min(r0 + 3, kRows - 1)] : zero;
+      _mm_storeu_ps(sums + r0, row_sums4_avx2(acc[b][r0], a1, a2, a3));
     }
+    float* out = y + b * ldy;
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) out[r] = sums[r] + (bias == nullptr ? 0.0f : bias[r]);
   }
 }
 
@@ -619,7 +638,6 @@ __attribute__((target("avx2,fma"))) void gemv_columns_block_avx2(int64_t rows, i
   for (int j = 0; j < 8; ++j) _mm256_maskstore_ps(y + 8 * j, masks[j], acc[j]);
 }
 
-using GemvTile = void (*)(int64_t, const float*, int64_t, const float*, float*, const float*);
 using GemvBatchTile = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*,
                                int64_t, const float*);
 constexpr int kGemvRows = 8;
@@ -639,9 +657,24 @@ constexpr std::array<GemvBatchTile, kGemvRows + 1> gemv_tiles() {
 }
 constexpr std::array<GemvBatchTile, kGemvRows + 1> kGemvTiles[kGemvBatchTile + 1] = {
     {}, gemv_tiles<1>(), gemv_tiles<2>(), gemv_tiles<3>()};
-constexpr GemvTile kGemvTilesAvx2[kGemvRows + 1] = {
-    nullptr, gemv_tile_avx2<1>, gemv_tile_avx2<2>, gemv_tile_avx2<3>, gemv_tile_avx2<4>,
-    gemv_tile_avx2<5>, gemv_tile_avx2<6>, gemv_tile_avx2<7>, gemv_tile_avx2<8>};
+// AVX2: a block of 8 rows of w runs as two tiles of 4 by 2 rows of x, and by 1 row of x whole.
+constexpr int kGemvRowsAvx2Pair = 4;
+template <int kBatch, int kMaxRows>
+constexpr std::array<GemvBatchTile, kGemvRows + 1> gemv_tiles_avx2() {
+  std::array<GemvBatchTile, kGemvRows + 1> tiles{nullptr, gemv_tile_avx2<1, kBatch>,
+                                                 gemv_tile_avx2<2, kBatch>,
+                                                 gemv_tile_avx2<3, kBatch>,
+                                                 gemv_tile_avx2<4, kBatch>};
+  if constexpr (kMaxRows == 8) {
+    tiles[5] = gemv_tile_avx2<5, kBatch>;
+    tiles[6] = gemv_tile_avx2<6, kBatch>;
+    tiles[7] = gemv_tile_avx2<7, kBatch>;
+    tiles[8] = gemv_tile_avx2<8, kBatch>;
+  }
+  return tiles;
+}
+constexpr std::array<GemvBatchTile, kGemvRows + 1> kGemvTilesAvx2[3] = {
+    {}, gemv_tiles_avx2<1, kGemvRows>(), gemv_tiles_avx2<2, kGemvRowsAvx2Pair>()};
 
 }  // namespace
 
@@ -678,10 +711,20 @@ void gemv_rows(int64_t rows, int64_t depth, const float* w, int64_t ldw, const f
     const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
     const float* block_bias = bias == nullptr ? nullptr : bias + m;
     for (int64_t b = 0; b < batch;) {  // the block's rows from L1 after the first pass
-      if (!avx512) {
-        kGemvTilesAvx2[height](depth, w + m * ldw, ldw, x + b * ldx, y + b * ldy + m,
-                               block_bias);
+      if (!avx512 && batch - b == 1) {
+        kGemvTilesAvx2[1][height](depth, w + m * ldw, ldw, x + b * ldx, ldx, y + b * ldy + m,
+                                  ldy, block_bias);
         ++b;
+        continue;
+      }
+      if (!avx512) {  // two rows of x, the block as tiles of up to 4 rows of w
+        for (int64_t r = 0; r < height; r += kGemvRowsAvx2Pair) {
+          const int64_t rows_r = std::min<int64_t>(kGemvRowsAvx2Pair, height - r);
+          kGemvTilesAvx2[2][rows_r](depth, w + (m + r) * ldw, ldw, x + b * ldx, ldx,
+                                    y + b * ldy + m + r, ldy,
+                                    block_bias == nullptr ? nullptr : block_bias + r);
+        }
+        b += 2;
         continue;
       }
       const int64_t count = gemv_batch_tile(batch - b);
