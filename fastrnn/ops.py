@@ -341,7 +341,7 @@ def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
     On the CPU one native call, the cpu backend's cell_step: projection, recurrent product and
     cell, differentiated by a native autograd node (its backward is cell_step_backward); a step
     that needs no gradient calls the kernel without torch's dispatcher where the call allows
-    (csrc/cpu/step_binding.cpp). On CUDA, where a step is bound by its kernel launches, torch.nn's own step (`torch._VF.*_cell`:
+    (csrc/cpu/direct_calls.cpp). On CUDA, where a step is bound by its kernel launches, torch.nn's own step (`torch._VF.*_cell`:
     two GEMMs and one fused cell kernel for LSTM and GRU), which the layer kernels cannot
     undercut at T = 1; so too where the torch backend is asked for, or auto finds no cpu
     kernels. None where the step must run through the layer ops instead: another backend asked
@@ -372,7 +372,7 @@ def inference_step(cell: CellSpec, backend: Optional[str], input: Tensor, h0: Op
     (output like input with H features, h_n [1, B, H], c_n [1, B, H] or None), as the layer
     path gives them. None where a gradient is wanted, autocast is on or the native step does
     not run it (see direct_step). Where the op would only run its CPU kernel, that kernel is
-    called without torch's dispatcher (csrc/cpu/step_binding.cpp, which checks the rest)."""
+    called without torch's dispatcher (csrc/cpu/direct_calls.cpp, which checks the rest)."""
     tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if (_LAYER_STEP_DIRECT is not None and backends.requested_backend(backend or None) in _CPU
             and not (torch.compiler.is_compiling() or torch._C._has_torch_function(tensors))):
@@ -442,7 +442,9 @@ def _load_step_op() -> bool:
         return False
     _CELL_STEP = torch.ops.fastrnn_cpu.cell_step.default
     _LAYER_STEP = torch.ops.fastrnn_cpu.layer_step.default
-    _LAYER_STEP_DIRECT, _CELL_STEP_DIRECT = cpu.direct_steps()
+    direct = cpu.direct_calls()
+    if direct is not None:
+        _LAYER_STEP_DIRECT, _CELL_STEP_DIRECT = direct.layer_step_direct, direct.cell_step_direct
     return True
 
 

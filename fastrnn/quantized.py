@@ -62,10 +62,14 @@ def _kernels_loaded() -> None:
     available, why = cpu.BACKEND.available()
     if not available:
         raise RuntimeError(f"fastrnn int8 modules need the fused CPU kernels: {why}")
+    direct = cpu.BACKEND.direct_calls()
+    if direct is not None:
+        _DIRECT.append(direct.layer_forward_int8_direct)
     _LOADED.append(True)
 
 
 _LOADED: list[bool] = []  # [True] once the kernels are there
+_DIRECT: list = []  # [the op without the dispatcher] once loaded, where it is built
 
 
 def int8_kernels() -> str:
@@ -80,11 +84,16 @@ def layer_int8(cell: str, x: Tensor, h0: Tensor, c0: Tensor | None, weights: lis
     """One int8 layer (the CPU op fastrnn_cpu::layer_forward_int8): x [T, B, I], h0 [D, B, P],
     c0 [D, B, H] (LSTM), weights as RNNBase._layer_weights gives them, lengths [B] or None ->
     (output [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or empty). In eager mode and under
-    torch.jit.trace the op itself; under torch.compile and torch.export, `fastrnn::layer_int8`,
-    which loads the kernels when it runs."""
+    torch.jit.trace the op itself (its kernel called without the dispatcher where the call
+    allows: csrc/cpu/direct_calls.cpp); under torch.compile and torch.export,
+    `fastrnn::layer_int8`, which loads the kernels when it runs."""
     if torch.compiler.is_compiling():
         return _layer_int8_op(cell, x, h0, c0, weights, has_biases, lengths)
     _kernels_loaded()
+    if _DIRECT and not torch._C._has_torch_function((x, h0, c0, lengths, *weights)):
+        result = _DIRECT[0](cell, x, h0, c0, weights, has_biases, lengths)
+        if result is not None:
+            return result
     return torch.ops.fastrnn_cpu.layer_forward_int8(cell, x, h0, c0, weights, has_biases,
                                                     lengths)
 

@@ -5,6 +5,7 @@ torch's quantize_dynamic); saving, loading, tracing, compiling; errors."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -271,6 +272,58 @@ def test_every_isa_path(isa, kernels, threads):
                            text=True, env=env, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     assert child.stdout.split()[-2:] == [kernels, str(4 * len(CASES))]
+
+
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("where", ["plain", "inference_mode", "grad wanted", "autocast",
+                                   "dispatch mode", "profiler", "jit.trace", "fake tensors"])
+def test_calls_skip_the_dispatcher_only_where_it_would_run_the_kernel(where):
+    """The int8 op's kernel called without the dispatcher (csrc/cpu/direct_calls.cpp) gives
+    what the op gives, and leaves every call that something stands in front of to the op
+    (None)."""
+    quantized._kernels_loaded()
+    if not quantized._DIRECT:
+        pytest.skip("the kernels were compiled on first use, not built as a module")
+    direct = quantized._DIRECT[0]
+    torch.manual_seed(5)
+    module = quantized.int8_module(fastrnn.LSTM(6, 8))
+    x = torch.randn(3, 2, 6)
+    h0, c0 = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    weights = module._layer_weights(0)
+    want = torch.ops.fastrnn_cpu.layer_forward_int8("lstm", x, h0, c0, weights, True, None)
+    tensors = [x, h0, c0]
+    results = []
+    with contextlib.ExitStack() as stack:
+        if where == "inference_mode":
+            stack.enter_context(torch.inference_mode())
+        elif where == "grad wanted":
+            tensors[0] = x.clone().requires_grad_()
+        elif where == "autocast":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        elif where == "dispatch mode":
+            stack.enter_context(_PassThrough())
+        elif where == "profiler":
+            stack.enter_context(torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU]))
+        elif where == "fake tensors":
+            mode = torch._subclasses.fake_tensor.FakeTensorMode()
+            tensors = [mode.from_tensor(t) for t in tensors]
+        if where == "jit.trace":
+            def record(x):
+                results.append(direct("lstm", x, *tensors[1:], weights, True, None))
+                return x * 1
+            torch.jit.trace(record, (x,), check_trace=False)
+            got = results[0]
+        else:
+            got = direct("lstm", *tensors, weights, True, None)
+    if where in ("plain", "inference_mode"):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    else:
+        assert got is None
 
 
 @pytest.mark.parametrize("case", ["lstm", "gru", "rnn_tanh", "lstm_2layer_bi"])

@@ -710,7 +710,7 @@ def test_a_cuda_step_launches_no_more_kernels_than_torch(name):
     assert ours <= theirs
 
 
-# ---- steps without gradients call the kernel without the dispatcher (step_binding.cpp) -------
+# ---- steps without gradients call the kernel without the dispatcher (direct_calls.cpp) -------
 def _no_op_call(*args, **kwargs):
     raise AssertionError("the step ran the op through the dispatcher")
 

@@ -93,17 +93,17 @@ class CpuBackend(Backend):
             return False, f"dtype {config.dtype} is not one of float32, float64, bfloat16, float16"
         return True, ""
 
-    def direct_steps(self):
-        """(layer_step, cell_step_forward) as plain functions that skip torch's dispatcher where
-        a call allows (csrc/cpu/step_binding.cpp), or (None, None) where the kernels were
+    def direct_calls(self):
+        """The built extension as a Python module, whose functions run ops without torch's
+        dispatcher where a call allows (csrc/cpu/direct_calls.cpp); None where the kernels were
         compiled on first use (not as a Python module) or are not available."""
         if not self.available()[0]:
-            return None, None
+            return None
         try:
             module = importlib.import_module("fastrnn._C_cpu")
-            return module.layer_step_direct, module.cell_step_direct
-        except (ImportError, AttributeError):
-            return None, None
+        except ImportError:
+            return None
+        return module if hasattr(module, "layer_forward_int8_direct") else None
 
     def forward(self, cell, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, keep_workspace=True):
         return tuple(torch.ops.fastrnn_cpu.layer_forward(cell.name, x_gates, h0, c0, w_hh, b_hh,

@@ -1,12 +1,13 @@
-// layer_step and cell_step_forward as plain Python functions (fastrnn._C_cpu.layer_step_direct
-// and cell_step_direct) for the steps without gradients of fastrnn/ops.py: a call through
-// torch's dispatcher costs ~1 us more (the arguments boxed against the op's schema, the results
-// unboxed), and the same checks in Python ~2 us more, against ~7 us for a whole LSTM step at B1
-// H128. They run the kernel only where the dispatcher would run it straight away: plain, dense
-// CPU tensors of one dtype (no subclass, functorch wrapper or forward-mode tangent), no gradient
+// Three ops as plain Python functions that skip torch's dispatcher (fastrnn._C_cpu's
+// layer_step_direct, cell_step_direct and layer_forward_int8_direct), for the calls without
+// gradients of fastrnn/ops.py and fastrnn/quantized.py. A call through the dispatcher costs ~1 us
+// more (its arguments boxed against the op's schema, the results unboxed; ~2 us with the int8
+// op's list of weights), and the same checks in Python ~2 us more, against ~7 us for a whole
+// LSTM step at B1 H128. They run the kernel only where the dispatcher would run it straight away:
+// plain, dense CPU tensors (no subclass, functorch wrapper or forward-mode tangent), no gradient
 // wanted, and no autocast, tracer, functorch transform, dispatch mode or profiler in effect.
-// Otherwise they return None and the caller runs the op. torch.compile never reaches them
-// (ops.py checks first).
+// Otherwise they return None and the caller runs the op. torch.compile never reaches them (their
+// callers check first).
 
 #include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
@@ -14,6 +15,8 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <tuple>
+#include <vector>
 #include <optional>
 #include <string_view>
 
@@ -24,18 +27,18 @@ namespace {
 
 // A tensor the CPU kernel may read directly: dense, strided, on the CPU, none of the dispatch
 // keys of subclasses, functorch, conjugate or negative views, and no forward-mode tangent.
-bool plain_cpu(const Tensor& t, at::ScalarType dtype) {
+bool plain_cpu(const Tensor& t) {
   static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
                                           c10::DispatchKey::AutogradCPU,
                                           c10::DispatchKey::AutocastCPU});
-  return t.scalar_type() == dtype && t.layout() == at::kStrided &&
-         plain.isSupersetOf(t.key_set()) && !t._fw_grad(/*level=*/0).defined();
+  return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set()) &&
+         !t._fw_grad(/*level=*/0).defined();
 }
 
 // Whether this thread runs ops as plain kernels now: no gradient wanted of these tensors, and
 // nothing (autocast, a functorch transform, a Python dispatch mode, the tracer) between an op
 // call and its CPU kernel, nor anything recording op calls (the profiler), which then sees the op.
-bool plain_call(const std::array<const Tensor*, 7>& tensors) {
+bool plain_call(at::ArrayRef<const Tensor*> tensors) {
   static const c10::DispatchKeySet always({c10::DispatchKey::BackendSelect,
                                            c10::DispatchKey::ADInplaceOrView});
   if (!always.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_) ||
@@ -63,7 +66,7 @@ bool direct(const std::array<const Tensor*, 7>& tensors) {
     return false;
   }
   for (const Tensor* t : tensors) {
-    if (t != nullptr && !plain_cpu(*t, dtype)) return false;
+    if (t != nullptr && (t->scalar_type() != dtype || !plain_cpu(*t))) return false;
   }
   return plain_call(tensors);
 }
@@ -106,12 +109,35 @@ py::object cell_step_direct(std::string_view cell, const Tensor& x, const Tensor
   return py::make_tuple(h_new, c.has_value() ? py::cast(c_new) : py::none());
 }
 
+// layer_forward_int8 (x, h0 and c0 float32) as a Python tuple (output, h_n, c_n), or None where
+// the op must run instead.
+py::object layer_forward_int8_direct(std::string_view cell, const Tensor& x, const Tensor& h0,
+                                     const std::optional<Tensor>& c0,
+                                     const std::vector<Tensor>& weights, bool has_biases,
+                                     const std::optional<Tensor>& lengths) {
+  std::vector<const Tensor*> tensors{&x, &h0, pointer(c0), pointer(lengths)};
+  for (const Tensor& w : weights) tensors.push_back(&w);
+  for (const Tensor* t : tensors) {
+    if (t != nullptr && !plain_cpu(*t)) return py::none();
+  }
+  if (x.scalar_type() != at::kFloat || !plain_call(tensors)) return py::none();
+  Tensor output, h_n, c_n;
+  {
+    const py::gil_scoped_release no_gil;
+    std::tie(output, h_n, c_n) = layer_forward_int8(cell, x, h0, c0, weights, has_biases, lengths);
+  }
+  return py::make_tuple(output, h_n, c_n);
+}
+
 }  // namespace
 }  // namespace fastrnn_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_step_direct", &fastrnn_cpu::layer_step_direct,
         "layer_step without the dispatcher where it would only run the CPU kernel, else None");
+  m.def("layer_forward_int8_direct", &fastrnn_cpu::layer_forward_int8_direct,
+        "layer_forward_int8 without the dispatcher where it would only run the CPU kernel, else "
+        "None");
   m.def("cell_step_direct", &fastrnn_cpu::cell_step_direct,
         "cell_step_forward without the dispatcher where it would only run the CPU kernel, else "
         "None");
