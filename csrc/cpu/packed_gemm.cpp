@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #include <stdexcept>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -593,6 +594,59 @@ __attribute__((target("avx2,fma"))) void gemv_tile_avx2(int64_t depth, const flo
   }
 }
 
+// 8 bfloat16 values (their bits) as float32 lanes: exact.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 bf16_lanes(const uint16_t* w) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// gemv_tile_avx2 with kBatch 1 for bfloat16 w (each value made float32 as it is loaded) and
+// float32 x: float32 products of the bfloat16 values, summed as gemv_tile_avx2 sums them.
+template <int kRows>
+__attribute__((target("avx2,fma"))) void gemv_tile_bf16_avx2(int64_t depth, const uint16_t* w,
+                                                             int64_t ldw, const float* x,
+                                                             float* y, const float* bias) {
+  __m256 acc[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= depth; k += 8) {
+    const __m256 xk = _mm256_loadu_ps(x + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_fmadd_ps(bf16_lanes(w + r * ldw + k), xk, acc[r]);
+    }
+  }
+  if (k < depth) {  // the last entries through a zero-padded copy
+    const __m256i mask = lane_mask(depth - k);
+    const __m256 xk = _mm256_maskload_ps(x + k, mask);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      uint16_t tail[8] = {};
+      std::memcpy(tail, w + r * ldw + k, sizeof(uint16_t) * (depth - k));
+      acc[r] = _mm256_fmadd_ps(bf16_lanes(tail), xk, acc[r]);
+    }
+  }
+  float sums[8];
+  const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 2
+  for (int r0 = 0; r0 < kRows; r0 += 4) {  // rows past kRows as zeros
+    const __m256 a1 = r0 + 1 < kRows ? acc[std::min(r0 + 1, kRows - 1)] : zero;
+    const __m256 a2 = r0 + 2 < kRows ? acc[std::min(r0 + 2, kRows - 1)] : zero;
+    const __m256 a3 = r0 + 3 < kRows ? acc[std::min(r0 + 3, kRows - 1)] : zero;
+    _mm_storeu_ps(sums + r0, row_sums4_avx2(acc[r0], a1, a2, a3));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) y[r] = sums[r] + (bias == nullptr ? 0.0f : bias[r]);
+}
+
+using GemvTileBf16Avx2 = void (*)(int64_t, const uint16_t*, int64_t, const float*, float*,
+                                  const float*);
+constexpr GemvTileBf16Avx2 kGemvTilesBf16Avx2[] = {
+    nullptr, gemv_tile_bf16_avx2<1>, gemv_tile_bf16_avx2<2>, gemv_tile_bf16_avx2<3>,
+    gemv_tile_bf16_avx2<4>, gemv_tile_bf16_avx2<5>, gemv_tile_bf16_avx2<6>,
+    gemv_tile_bf16_avx2<7>, gemv_tile_bf16_avx2<8>};
+
 // y[k0 .. k0+width) (+)= sum over n of g[n] w[n, k0 .. k0+width), width <= 128 (AVX-512).
 __attribute__((target("avx512f"))) void gemv_columns_block(int64_t rows, int64_t width,
                                                            const float* w, int64_t ldw,
@@ -749,6 +803,8 @@ void gemv_columns(int64_t rows, int64_t depth, const float* w, int64_t ldw, cons
   }
 }
 
+bool gemv_bf16_supported() { return packed_gemm_bf16_supported() || packed_gemm_supported(); }
+
 bool packed_gemm_bf16_supported() {
   static const bool supported =
       avx512_kernels() && __builtin_cpu_supports("avx512bw") &&
@@ -878,6 +934,21 @@ constexpr std::array<GemvTileBf16, kGemvRows + 1> kGemvTilesBf16[kGemvBatchTile 
 void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
                     const uint16_t* x, int64_t ldx, int64_t batch, float* y, int64_t ldy,
                     const float* bias) {
+  if (!packed_gemm_bf16_supported()) {  // AVX2: x as float32, a row at a time
+    std::vector<float> x_float(depth);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t k = 0; k < depth; ++k) {
+        const uint32_t value = uint32_t(x[b * ldx + k]) << 16;
+        std::memcpy(&x_float[k], &value, sizeof(float));
+      }
+      for (int64_t m = 0; m < rows; m += kGemvRows) {
+        const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
+        kGemvTilesBf16Avx2[height](depth, w + m * ldw, ldw, x_float.data(), y + b * ldy + m,
+                                   bias == nullptr ? nullptr : bias + m);
+      }
+    }
+    return;
+  }
   for (int64_t m = 0; m < rows; m += kGemvRows) {
     const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
     for (int64_t b = 0; b < batch;) {  // as gemv_rows
@@ -922,6 +993,7 @@ void PackedMatrixBf16::pack_panel(const float* const*, uint16_t*) const {
 bool packed_gemm_supported() { return false; }
 bool avx512_kernels() { return false; }
 bool packed_gemm_bf16_supported() { return false; }
+bool gemv_bf16_supported() { return false; }
 void gemv_rows_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t,
                     float*, int64_t, const float*) {
   throw std::runtime_error("fastrnn cpu: bfloat16 dot products need an x86-64 CPU with AVX512_BF16");

@@ -139,8 +139,9 @@ void gemv_columns(int64_t rows, int64_t depth, const float* w, int64_t ldw, cons
                   float* y, bool accumulate);
 
 // gemv_rows for bfloat16 w (rows ldw apart) and x [B, K] (rows ldx apart): bfloat16 products
-// summed in float32 into y [B, N] (rows ldy apart), + bias [N] (or null). Only where
-// packed_gemm_bf16_supported().
+// summed in float32 into y [B, N] (rows ldy apart), + bias [N] (or null): vdpbf16ps where
+// packed_gemm_bf16_supported(), else (AVX2) float32 FMAs of the values made float32 as they
+// are loaded, a row of x at a time. Only where gemv_bf16_supported().
 void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
                     const uint16_t* x, int64_t ldx, int64_t batch, float* y, int64_t ldy,
                     const float* bias);
@@ -148,6 +149,9 @@ void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
 // Whether this CPU runs packed_gemm_bf16 and to_bfloat16_rows (avx512_kernels(), and AVX-512
 // BW, VL and BF16).
 bool packed_gemm_bf16_supported();
+
+// Whether this CPU runs gemv_rows_bf16: packed_gemm_bf16_supported() or packed_gemm_supported().
+bool gemv_bf16_supported();
 
 // dst [M, even(K)] = bfloat16 of src [M, K] (rows src_stride and dst_stride apart), rounded to
 // nearest even, with a zero column appended when K is odd: the a operand of packed_gemm_bf16.

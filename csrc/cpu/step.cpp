@@ -162,11 +162,11 @@ void step_forward_f32(const CellInfo& info, const Tensor& x, const Tensor& h, co
   });
 }
 
-// One step forward of a bfloat16 cell at B <= kGemvBatch (AVX512_BF16): x [B, I], h [B, H],
-// w_ih [G*H, I], w_hh [G*H, H] bfloat16, contiguous; b_ih, b_hh [G*H] float32 or undefined;
-// c [B, H] float32 (LSTM). The products are bfloat16 dot products over the weights as they lie
-// (gemv_rows_bf16), summed in float32; the cell runs in float32. Writes h_new, c_new [B, H]
-// float32 and, when defined, workspace [B, W]. zero_h as in step_forward_f32.
+// One step forward of a bfloat16 cell at B <= kGemvBatch (AVX512_BF16 or AVX2): x [B, I],
+// h [B, H], w_ih [G*H, I], w_hh [G*H, H] bfloat16, contiguous; b_ih, b_hh [G*H] float32 or
+// undefined; c [B, H] float32 (LSTM). The products are bfloat16 dot products over the weights
+// as they lie (gemv_rows_bf16), summed in float32; the cell runs in float32. Writes h_new,
+// c_new [B, H] float32 and, when defined, workspace [B, W]. zero_h as in step_forward_f32.
 void step_forward_bf16(const CellInfo& info, const Tensor& x, const Tensor& h, const Tensor& c,
                        const Tensor& w_ih, const Tensor& w_hh, const Tensor& b_ih,
                        const Tensor& b_hh, bool zero_h, Tensor& h_new, Tensor& c_new,
@@ -259,7 +259,7 @@ Tensor step_forward(std::string_view cell, const Tensor& x, const Tensor& h,
     return dtype == type && h.scalar_type() == type && w_ih.scalar_type() == type &&
            w_hh.scalar_type() == type && B > 0 && H > 0 && x.size(1) > 0;
   };
-  if (all_of(at::kBFloat16) && packed_gemm_bf16_supported() && B <= kGemvBatch) {
+  if (all_of(at::kBFloat16) && gemv_bf16_supported() && B <= kGemvBatch) {
     Tensor h_float = at::empty({B, H}, ws_options);
     Tensor c_float = lstm ? at::empty({B, H}, ws_options) : Tensor();
     step_forward_bf16(info, x.contiguous(), h.contiguous(), lstm ? c->to(at::kFloat) : Tensor(),
