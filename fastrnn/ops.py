@@ -341,12 +341,12 @@ def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
     On the CPU one native call, the cpu backend's cell_step: projection, recurrent product and
     cell, differentiated by a native autograd node (its backward is cell_step_backward); a step
     that needs no gradient calls the kernel without torch's dispatcher where the call allows
-    (csrc/cpu/direct_calls.cpp). On CUDA, where a step is bound by its kernel launches, torch.nn's own step (`torch._VF.*_cell`:
-    two GEMMs and one fused cell kernel for LSTM and GRU), which the layer kernels cannot
-    undercut at T = 1; so too where the torch backend is asked for, or auto finds no cpu
-    kernels. None where the step must run through the layer ops instead: another backend asked
-    for, another dtype or device, a compiler, tracer, ONNX export, torch.func transform or
-    forward-mode AD, a tensor subclass, or an empty problem.
+    (csrc/cpu/direct_calls.cpp). On CUDA, where a step is bound by its kernel launches,
+    torch.nn's own step (`torch._VF.*_cell`: two GEMMs and one fused cell kernel for LSTM and
+    GRU), which the layer kernels cannot undercut at T = 1; so too where the torch backend is
+    asked for, or auto finds no cpu kernels. None where the step must run through the layer
+    ops instead: another backend asked for, another dtype or device, a compiler, tracer, ONNX
+    export, torch.func transform or forward-mode AD, a tensor subclass, or an empty problem.
     """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
     if (_CELL_STEP_DIRECT is not None and backends.requested_backend(backend or None) in _CPU

@@ -27,7 +27,8 @@
 //
 // Files: cell_pass (the cells on a segment of units), activations, layer_plan (the split over
 // threads), layer_forward, layer_forward_int8, layer_backward, step, step_autograd; the products
-// in packed_gemm, int8_gemm, linear_cpu and matmul; rnn_ops.h declares the ops.
+// in packed_gemm, int8_gemm, linear_cpu and matmul; rnn_ops.h declares the ops; direct_calls
+// binds three of them as Python functions that skip the dispatcher where a call allows.
 
 #include <torch/library.h>
 

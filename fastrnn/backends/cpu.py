@@ -11,8 +11,10 @@ it where W_ih exceeds 2 MiB per direction), as does that of bfloat16 layers on C
 bfloat16 dot products (its x_gates then stay in float32).
 A float32 or bfloat16 step of a cell, or a layer call with T = 1, is one call of cell_step (made
 by fastrnn.ops.direct_step): projection, recurrent product and cell over the weights as they lie
-(bfloat16 dot products for bfloat16 at B <= 4 on CPUs with them), nothing of them kept between
-calls, differentiated by a native autograd node whose backward is cell_step_backward.
+(for bfloat16 at B <= 4 bfloat16 dot products, or on AVX2 float32 products of the bfloat16
+values), nothing of them kept between calls, differentiated by a native autograd node whose
+backward is cell_step_backward. Without gradients the step ops' kernels (and the int8 layer's)
+are called without torch's dispatcher where nothing stands between them (`direct_calls`).
 Layers of fewer than 8 rows run their input projection before the recurrence, as one GEMM over
 all steps (bfloat16: in bfloat16 products, kept in float32): a step of a few rows is bound by
 reading its weights, and W_ih read at every step would double that.
