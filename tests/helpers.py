@@ -170,3 +170,37 @@ def compare_with_torch(case: Case, dtype: torch.dtype, backend: str, seed: int =
         errors[name] = ((ours[name].double() - expected).abs().max().item(),
                         (theirs[name].double() - expected).abs().max().item())
     return errors
+
+
+class _PassThroughMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+# What may stand between an op call and its CPU kernel (the calls that must keep the op)
+IN_FRONT_OF_THE_KERNEL = ["grad wanted", "autocast", "dispatch mode", "profiler",
+                          "forward-mode AD", "fake tensors"]
+
+
+def in_front_of_the_kernel(where: str, stack, tensors: list) -> list:
+    """Enter on `stack` what `where` (one of IN_FRONT_OF_THE_KERNEL, or "inference_mode") puts
+    in front of ops called on `tensors` (a list, the input first); the tensors to call with."""
+    tensors = list(tensors)
+    if where == "inference_mode":
+        stack.enter_context(torch.inference_mode())
+    elif where == "grad wanted":
+        tensors[0] = tensors[0].clone().requires_grad_()
+    elif where == "autocast":
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    elif where == "dispatch mode":
+        stack.enter_context(_PassThroughMode())
+    elif where == "profiler":
+        stack.enter_context(torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]))
+    elif where == "forward-mode AD":
+        stack.enter_context(torch.autograd.forward_ad.dual_level())
+        tensors[0] = torch.autograd.forward_ad.make_dual(tensors[0], torch.randn_like(tensors[0]))
+    elif where == "fake tensors":
+        mode = torch._subclasses.fake_tensor.FakeTensorMode()
+        tensors = [mode.from_tensor(t) for t in tensors]
+    return tensors

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
 from fastrnn import quantized
+from helpers import IN_FRONT_OF_THE_KERNEL, in_front_of_the_kernel
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torchao.*", "ignore:.*torch.ao.quantization.*")
 
@@ -274,13 +275,8 @@ def test_every_isa_path(isa, kernels, threads):
     assert child.stdout.split()[-2:] == [kernels, str(4 * len(CASES))]
 
 
-class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("where", ["plain", "inference_mode", "grad wanted", "autocast",
-                                   "dispatch mode", "profiler", "jit.trace", "fake tensors"])
+@pytest.mark.parametrize("where", ["plain", "inference_mode", *IN_FRONT_OF_THE_KERNEL,
+                                   "jit.trace"])
 def test_calls_skip_the_dispatcher_only_where_it_would_run_the_kernel(where):
     """The int8 op's kernel called without the dispatcher (csrc/cpu/direct_calls.cpp) gives
     what the op gives, and leaves every call that something stands in front of to the op
@@ -298,20 +294,7 @@ def test_calls_skip_the_dispatcher_only_where_it_would_run_the_kernel(where):
     tensors = [x, h0, c0]
     results = []
     with contextlib.ExitStack() as stack:
-        if where == "inference_mode":
-            stack.enter_context(torch.inference_mode())
-        elif where == "grad wanted":
-            tensors[0] = x.clone().requires_grad_()
-        elif where == "autocast":
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        elif where == "dispatch mode":
-            stack.enter_context(_PassThrough())
-        elif where == "profiler":
-            stack.enter_context(torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU]))
-        elif where == "fake tensors":
-            mode = torch._subclasses.fake_tensor.FakeTensorMode()
-            tensors = [mode.from_tensor(t) for t in tensors]
+        tensors = in_front_of_the_kernel(where, stack, tensors)
         if where == "jit.trace":
             def record(x):
                 results.append(direct("lstm", x, *tensors[1:], weights, True, None))

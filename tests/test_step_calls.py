@@ -16,6 +16,7 @@ from torch import nn
 import fastrnn
 from fastrnn import ops
 from fastrnn.backends import cpu as cpu_backend
+from helpers import IN_FRONT_OF_THE_KERNEL, in_front_of_the_kernel
 
 pytestmark = pytest.mark.skipif(fastrnn.available_backends().get("cpu") != "",
                                 reason="the cpu backend is not built here")
@@ -761,14 +762,8 @@ def pytree_leaves(tree):
     return torch.utils._pytree.tree_leaves(tree)
 
 
-class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("where", ["grad wanted", "autocast", "dispatch mode", "profiler",
-                                   "torch.func.vmap", "forward-mode AD", "jit.trace",
-                                   "fake tensors", "float64", "two dtypes", "empty batch"])
+@pytest.mark.parametrize("where", [*IN_FRONT_OF_THE_KERNEL, "torch.func.vmap", "jit.trace",
+                                   "float64", "two dtypes", "empty batch"])
 def test_direct_steps_leave_calls_to_the_dispatcher(where, direct_steps):
     """Where anything stands between an op call and its CPU kernel, or the kernel does not take
     the tensors, the functions return None (the caller runs the op); otherwise what the ops
@@ -799,22 +794,8 @@ def test_direct_steps_leave_calls_to_the_dispatcher(where, direct_steps):
 
     results = []
     with contextlib.ExitStack() as stack:
-        if where == "grad wanted":
-            tensors[0] = x.clone().requires_grad_()
-        elif where == "autocast":
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        elif where == "dispatch mode":
-            stack.enter_context(_PassThrough())
-        elif where == "profiler":
-            stack.enter_context(torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU]))
-        elif where == "forward-mode AD":
-            stack.enter_context(torch.autograd.forward_ad.dual_level())
-            tensors[0] = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
-        elif where == "fake tensors":
-            mode = torch._subclasses.fake_tensor.FakeTensorMode()
-            tensors = [mode.from_tensor(t) for t in tensors]
-        elif where == "float64":
+        tensors = in_front_of_the_kernel(where, stack, tensors)
+        if where == "float64":
             tensors = [t.double() for t in tensors]
         elif where == "two dtypes":
             tensors[3] = w_ih.double()
