@@ -349,8 +349,7 @@ def direct_step(cell: CellSpec, backend: Optional[str], x: Tensor, h: Tensor,
     export, torch.func transform or forward-mode AD, a tensor subclass, or an empty problem.
     """
     tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if (_CELL_STEP_DIRECT is not None and backends.requested_backend(backend or None) in _CPU
-            and not (torch.compiler.is_compiling() or torch._C._has_torch_function(tensors))):
+    if _CELL_STEP_DIRECT is not None and _may_call_directly(backend, tensors):
         step = _CELL_STEP_DIRECT(cell.name, *tensors)  # None where a gradient is wanted
         if step is not None:
             return step
@@ -374,8 +373,7 @@ def inference_step(cell: CellSpec, backend: Optional[str], input: Tensor, h0: Op
     not run it (see direct_step). Where the op would only run its CPU kernel, that kernel is
     called without torch's dispatcher (csrc/cpu/direct_calls.cpp, which checks the rest)."""
     tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if (_LAYER_STEP_DIRECT is not None and backends.requested_backend(backend or None) in _CPU
-            and not (torch.compiler.is_compiling() or torch._C._has_torch_function(tensors))):
+    if _LAYER_STEP_DIRECT is not None and _may_call_directly(backend, tensors):
         result = _LAYER_STEP_DIRECT(cell.name, *tensors, batch_first)
         if result is not None:
             return result
@@ -387,6 +385,13 @@ def inference_step(cell: CellSpec, backend: Optional[str], input: Tensor, h0: Op
         return None
     output, h_n, *c_n = _LAYER_STEP(cell.name, input, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_first)
     return output, h_n, (c_n[0] if c_n else None)
+
+
+def _may_call_directly(backend: Optional[str], tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a step may try the cpu kernels without the dispatcher (direct_calls.cpp checks
+    the rest): the cpu backend asked for (or auto), no compiler and no __torch_function__."""
+    return (backends.requested_backend(backend or None) in _CPU
+            and not (torch.compiler.is_compiling() or torch._C._has_torch_function(tensors)))
 
 
 def torch_step(cell: CellSpec, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor,

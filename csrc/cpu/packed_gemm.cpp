@@ -6,8 +6,8 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 #include <stdexcept>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -539,6 +539,24 @@ __attribute__((target("avx2,fma"))) inline __m128 row_sums4_avx2(__m256 a0, __m2
   return _mm_add_ps(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1));
 }
 
+// y[r] = the sum of acc[r]'s lanes (row_sums4_avx2's order) + bias[r] (bias may be null),
+// r < kRows: the AVX2 store_row_sums.
+template <int kRows>
+__attribute__((target("avx2,fma"), always_inline)) inline void store_row_sums_avx2(
+    const __m256 (&acc)[kRows], float* y, const float* bias) {
+  float sums[8];
+  const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 2
+  for (int r0 = 0; r0 < kRows; r0 += 4) {  // rows past kRows as zeros
+    const __m256 a1 = r0 + 1 < kRows ? acc[std::min(r0 + 1, kRows - 1)] : zero;
+    const __m256 a2 = r0 + 2 < kRows ? acc[std::min(r0 + 2, kRows - 1)] : zero;
+    const __m256 a3 = r0 + 3 < kRows ? acc[std::min(r0 + 3, kRows - 1)] : zero;
+    _mm_storeu_ps(sums + r0, row_sums4_avx2(acc[r0], a1, a2, a3));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) y[r] = sums[r] + (bias == nullptr ? 0.0f : bias[r]);
+}
+
 // The AVX2/FMA gemv_tile: 8 lanes of K at a time, kRows rows of w by kBatch rows of x (each
 // load of w feeding kBatch FMAs; kBatch * kRows + kBatch + 1 <= 16 registers).
 template <int kRows, int kBatch>
@@ -578,20 +596,7 @@ __attribute__((target("avx2,fma"))) void gemv_tile_avx2(int64_t depth, const flo
     }
   }
 #pragma GCC unroll 8
-  for (int b = 0; b < kBatch; ++b) {
-    float sums[8];
-    const __m256 zero = _mm256_setzero_ps();
-#pragma GCC unroll 2
-    for (int r0 = 0; r0 < kRows; r0 += 4) {  // rows past kRows as zeros
-      const __m256 a1 = r0 + 1 < kRows ? acc[b][std::min(r0 + 1, kRows - 1)] : zero;
-      const __m256 a2 = r0 + 2 < kRows ? acc[b][std::min(r0 + 2, kRows - 1)] : zero;
-      const __m256 a3 = r0 + 3 < kRows ? acc[b][std::min(r0 + 3, kRows - 1)] : zero;
-      _mm_storeu_ps(sums + r0, row_sums4_avx2(acc[b][r0], a1, a2, a3));
-    }
-    float* out = y + b * ldy;
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) out[r] = sums[r] + (bias == nullptr ? 0.0f : bias[r]);
-  }
+  for (int b = 0; b < kBatch; ++b) store_row_sums_avx2<kRows>(acc[b], y + b * ldy, bias);
 }
 
 // 8 bfloat16 values (their bits) as float32 lanes: exact.
@@ -627,17 +632,7 @@ __attribute__((target("avx2,fma"))) void gemv_tile_bf16_avx2(int64_t depth, cons
       acc[r] = _mm256_fmadd_ps(bf16_lanes(tail), xk, acc[r]);
     }
   }
-  float sums[8];
-  const __m256 zero = _mm256_setzero_ps();
-#pragma GCC unroll 2
-  for (int r0 = 0; r0 < kRows; r0 += 4) {  // rows past kRows as zeros
-    const __m256 a1 = r0 + 1 < kRows ? acc[std::min(r0 + 1, kRows - 1)] : zero;
-    const __m256 a2 = r0 + 2 < kRows ? acc[std::min(r0 + 2, kRows - 1)] : zero;
-    const __m256 a3 = r0 + 3 < kRows ? acc[std::min(r0 + 3, kRows - 1)] : zero;
-    _mm_storeu_ps(sums + r0, row_sums4_avx2(acc[r0], a1, a2, a3));
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) y[r] = sums[r] + (bias == nullptr ? 0.0f : bias[r]);
+  store_row_sums_avx2<kRows>(acc, y, bias);
 }
 
 using GemvTileBf16Avx2 = void (*)(int64_t, const uint16_t*, int64_t, const float*, float*,
@@ -934,17 +929,19 @@ constexpr std::array<GemvTileBf16, kGemvRows + 1> kGemvTilesBf16[kGemvBatchTile 
 void gemv_rows_bf16(int64_t rows, int64_t depth, const uint16_t* w, int64_t ldw,
                     const uint16_t* x, int64_t ldx, int64_t batch, float* y, int64_t ldy,
                     const float* bias) {
-  if (!packed_gemm_bf16_supported()) {  // AVX2: x as float32, a row at a time
-    std::vector<float> x_float(depth);
+  if (!packed_gemm_bf16_supported()) {  // AVX2: x as float32, a row of x at a time
+    std::vector<float> x_float(batch * depth);
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t k = 0; k < depth; ++k) {
         const uint32_t value = uint32_t(x[b * ldx + k]) << 16;
-        std::memcpy(&x_float[k], &value, sizeof(float));
+        std::memcpy(&x_float[b * depth + k], &value, sizeof(float));
       }
-      for (int64_t m = 0; m < rows; m += kGemvRows) {
-        const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
-        kGemvTilesBf16Avx2[height](depth, w + m * ldw, ldw, x_float.data(), y + b * ldy + m,
-                                   bias == nullptr ? nullptr : bias + m);
+    }
+    for (int64_t m = 0; m < rows; m += kGemvRows) {
+      const int64_t height = std::min<int64_t>(kGemvRows, rows - m);
+      for (int64_t b = 0; b < batch; ++b) {  // the block's rows from L1 after the first
+        kGemvTilesBf16Avx2[height](depth, w + m * ldw, ldw, x_float.data() + b * depth,
+                                   y + b * ldy + m, bias == nullptr ? nullptr : bias + m);
       }
     }
     return;
